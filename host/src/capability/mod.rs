@@ -1,0 +1,52 @@
+//! What a plugin may do, one module per import of the WIT world. Each capability works on
+//! the [`Invocation`] under way; its effects are committed by [`crate::commit`] only if the
+//! handler succeeds.
+
+pub mod config;
+pub mod log;
+pub mod publish;
+pub mod store;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use crate::commit::{Effects, OutboxRow};
+use crate::config::Secret;
+use crate::db::Readers;
+use crate::event::Event;
+
+/// What stays the same for every invocation of one loaded plugin version.
+pub struct PluginContext {
+    pub name: Arc<str>,
+    pub readers: Readers,
+    /// (collection, field) pairs the plugin declared as indexed.
+    pub indexes: HashSet<(String, String)>,
+    pub config: BTreeMap<String, Secret>,
+}
+
+/// The capability state of one invocation: what the handler read, wrote and published.
+pub struct Invocation {
+    pub event_id: String,
+    /// The correlation id events published by this invocation carry.
+    pub correlation_id: String,
+    pub store: store::Session,
+    pub outbox: Vec<OutboxRow>,
+}
+
+impl Invocation {
+    pub fn new(plugin: &PluginContext, event: &Event) -> Self {
+        Invocation {
+            event_id: event.id.0.clone(),
+            // A flow's first event starts the correlation with its own id.
+            correlation_id: event.correlation_id.clone().unwrap_or_else(|| event.id.0.clone()),
+            store: store::Session::new(plugin.name.clone(), plugin.readers.clone()),
+            outbox: Vec::new(),
+        }
+    }
+
+    /// The effects to commit.
+    pub fn into_effects(self) -> Effects {
+        let (reads, writes) = self.store.into_parts();
+        Effects { reads, writes, outbox: self.outbox }
+    }
+}

@@ -1,0 +1,448 @@
+//! The single SQLite writer: commits each invocation's effects (store writes, outbox rows and
+//! the processed-marker) atomically, many invocations per transaction (group commit), one
+//! savepoint each, so that one invocation's conflict never undoes another's.
+//!
+//! It runs on its own thread; callers send [`Job`]s and await the outcome, and only then
+//! acknowledge the message to the broker.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::config::StoreConfig;
+use crate::db::{self, DbError};
+use crate::event::Millis;
+
+/// One document write of an invocation, in the order the plugin made it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    Put { collection: String, key: String, body: String, version: Option<u64> },
+    /// With a version, leaves a tombstone carrying it.
+    Delete { collection: String, key: String, version: Option<u64> },
+}
+
+/// A document the invocation read, with the revision it saw (0: absent). The commit fails with
+/// [`Outcome::Conflict`] if any of them changed since.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadCheck {
+    pub collection: String,
+    pub key: String,
+    pub rev: i64,
+}
+
+/// An event a plugin published, waiting in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: String,
+    pub name: String,
+    pub source: String,
+    pub key: Option<String>,
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    /// Headers as a JSON array of `[name, value]` pairs.
+    pub headers: String,
+    pub payload: Vec<u8>,
+    pub delay_ms: u64,
+}
+
+/// Everything one successful invocation wants committed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Effects {
+    pub reads: Vec<ReadCheck>,
+    pub writes: Vec<Write>,
+    pub outbox: Vec<OutboxRow>,
+}
+
+/// What became of a commit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Committed,
+    /// The (plugin, event id) marker already existed: nothing was applied.
+    Duplicate,
+    /// A document the invocation read changed concurrently: nothing was applied; run again.
+    Conflict,
+    /// The database failed: nothing was applied.
+    Failed(String),
+}
+
+/// A message that could not be handled, kept with its reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub plugin: String,
+    pub event_id: Option<String>,
+    pub name: Option<String>,
+    pub reason: String,
+    pub attempts: u32,
+    pub first_failed_at: Millis,
+    /// The transport metadata as JSON (routing key, content type, headers).
+    pub transport: String,
+    /// The original bytes.
+    pub body: Vec<u8>,
+    /// Also write the processed-marker, so a redelivery is not handled again.
+    pub mark_processed: bool,
+}
+
+/// Work for the writer thread.
+#[derive(Debug)]
+enum Job {
+    Commit { plugin: Arc<str>, event_id: String, effects: Effects, reply: oneshot::Sender<Outcome> },
+    DeadLetter { letter: DeadLetter, reply: oneshot::Sender<Result<(), String>> },
+    OutboxSent { seqs: Vec<i64>, reply: oneshot::Sender<Result<(), String>> },
+    Journal { op: JournalOp, reply: oneshot::Sender<Result<(), String>> },
+    Execute { sql: String, reply: oneshot::Sender<Result<(), String>> },
+}
+
+/// Ingress journal changes (see [`crate::source::rabbitmq`]).
+#[derive(Debug)]
+pub enum JournalOp {
+    Insert(Vec<JournalEntry>),
+    Delete(Vec<String>),
+}
+
+/// An id the router assigned to an ingress message that carried none.
+#[derive(Debug, Clone)]
+pub struct JournalEntry {
+    pub id: String,
+    pub queue: String,
+    pub digest: String,
+    pub received_at: Millis,
+}
+
+/// The writer's failure to accept work: it has stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("the store writer has stopped")]
+pub struct WriterGone;
+
+/// Handle to the writer thread.
+#[derive(Clone)]
+pub struct Writer {
+    jobs: mpsc::Sender<Job>,
+    /// Signalled after every transaction that added outbox rows.
+    pub outbox_ready: Arc<Notify>,
+}
+
+impl Writer {
+    /// Open the database and start the writer thread.
+    pub fn start(data_dir: &Path, config: &StoreConfig) -> Result<Writer, DbError> {
+        let conn = db::open_writer(data_dir, config.synchronous)?;
+        let (jobs, rx) = mpsc::channel(config.batch_max * 4);
+        let outbox_ready = Arc::new(Notify::new());
+        let notify = outbox_ready.clone();
+        let batch_max = config.batch_max;
+        thread::Builder::new()
+            .name("switchyard-writer".into())
+            .spawn(move || run(conn, rx, batch_max, &notify))
+            .map_err(|e| DbError(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        Ok(Writer { jobs, outbox_ready })
+    }
+
+    /// Commit an invocation's effects with its processed-marker.
+    pub async fn commit(&self, plugin: Arc<str>, event_id: String, effects: Effects) -> Result<Outcome, WriterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job::Commit { plugin, event_id, effects, reply }).await.map_err(|_| WriterGone)?;
+        rx.await.map_err(|_| WriterGone)
+    }
+
+    /// Keep a message that could not be handled.
+    pub async fn dead_letter(&self, letter: DeadLetter) -> Result<Result<(), String>, WriterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job::DeadLetter { letter, reply }).await.map_err(|_| WriterGone)?;
+        rx.await.map_err(|_| WriterGone)
+    }
+
+    /// Delete outbox rows the broker confirmed, and wait until that is committed.
+    pub async fn outbox_sent(&self, seqs: Vec<i64>) -> Result<Result<(), String>, WriterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job::OutboxSent { seqs, reply }).await.map_err(|_| WriterGone)?;
+        rx.await.map_err(|_| WriterGone)
+    }
+
+    /// Change the ingress journal and wait until it is durable.
+    pub async fn journal(&self, op: JournalOp) -> Result<Result<(), String>, WriterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job::Journal { op, reply }).await.map_err(|_| WriterGone)?;
+        rx.await.map_err(|_| WriterGone)
+    }
+
+    /// Run DDL (index creation) on the writer connection.
+    pub async fn execute(&self, sql: String) -> Result<Result<(), String>, WriterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job::Execute { sql, reply }).await.map_err(|_| WriterGone)?;
+        rx.await.map_err(|_| WriterGone)
+    }
+}
+
+/// A job's reply, sent once its transaction's fate is known.
+enum Reply {
+    Commit(oneshot::Sender<Outcome>, Outcome),
+    Done(oneshot::Sender<Result<(), String>>, Result<(), String>),
+}
+
+fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_max: usize, outbox_ready: &Notify) {
+    let mut batch = Vec::with_capacity(batch_max);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < batch_max {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut outbox_added = false;
+        let replies = match apply_batch(&mut conn, &mut batch, &mut outbox_added) {
+            Ok(replies) => replies,
+            Err(e) => {
+                tracing::error!(error = %e, jobs = batch.len(), "store transaction failed; the batch is retried by its senders");
+                outbox_added = false;
+                batch.drain(..).map(|job| failed_reply(job, &e.to_string())).collect()
+            }
+        };
+        for reply in replies {
+            match reply {
+                Reply::Commit(tx, outcome) => drop(tx.send(outcome)),
+                Reply::Done(tx, result) => drop(tx.send(result)),
+            }
+        }
+        if outbox_added {
+            outbox_ready.notify_one();
+        }
+    }
+}
+
+fn failed_reply(job: Job, error: &str) -> Reply {
+    match job {
+        Job::Commit { reply, .. } => Reply::Commit(reply, Outcome::Failed(error.into())),
+        Job::DeadLetter { reply, .. }
+        | Job::Journal { reply, .. }
+        | Job::Execute { reply, .. }
+        | Job::OutboxSent { reply, .. } => Reply::Done(reply, Err(error.into())),
+    }
+}
+
+fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut bool) -> rusqlite::Result<Vec<Reply>> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let now = Millis::now();
+    let mut replies = Vec::with_capacity(batch.len());
+    for job in batch.drain(..) {
+        match job {
+            Job::Commit { plugin, event_id, effects, reply } => {
+                let adds_outbox = !effects.outbox.is_empty();
+                let outcome = in_savepoint(&tx, |c| commit_one(c, &plugin, &event_id, &effects, now))?;
+                *outbox_added |= adds_outbox && outcome == Outcome::Committed;
+                replies.push(Reply::Commit(reply, outcome));
+            }
+            Job::DeadLetter { letter, reply } => {
+                let result = in_savepoint(&tx, |c| insert_dead_letter(c, &letter, now).map(Ok))?;
+                replies.push(Reply::Done(reply, result));
+            }
+            Job::OutboxSent { seqs, reply } => {
+                let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+                for seq in seqs {
+                    stmt.execute([seq])?;
+                }
+                replies.push(Reply::Done(reply, Ok(())));
+            }
+            Job::Journal { op, reply } => {
+                match op {
+                    JournalOp::Insert(entries) => {
+                        let mut stmt = tx.prepare_cached(
+                            "INSERT OR REPLACE INTO ingress_journal (id, queue, digest, received_at) VALUES (?1, ?2, ?3, ?4)",
+                        )?;
+                        for e in entries {
+                            stmt.execute(params![e.id, e.queue, e.digest, e.received_at.0 as i64])?;
+                        }
+                    }
+                    JournalOp::Delete(ids) => {
+                        let mut stmt = tx.prepare_cached("DELETE FROM ingress_journal WHERE id = ?1")?;
+                        for id in ids {
+                            stmt.execute([id])?;
+                        }
+                    }
+                }
+                replies.push(Reply::Done(reply, Ok(())));
+            }
+            Job::Execute { sql, reply } => {
+                let result = tx.execute_batch(&sql).map_err(|e| e.to_string());
+                replies.push(Reply::Done(reply, result));
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(replies)
+}
+
+/// Run `f` in a savepoint: keep its changes when it returns `Committed`/`Ok`, roll them back
+/// otherwise. A database error aborts the whole batch.
+fn in_savepoint<T: SavepointResult>(tx: &Connection, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    tx.execute_batch("SAVEPOINT invocation")?;
+    match f(tx) {
+        Ok(result) if result.keep() => {
+            tx.execute_batch("RELEASE invocation")?;
+            Ok(result)
+        }
+        Ok(result) => {
+            tx.execute_batch("ROLLBACK TO invocation; RELEASE invocation")?;
+            Ok(result)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+trait SavepointResult {
+    fn keep(&self) -> bool;
+}
+
+impl SavepointResult for Outcome {
+    fn keep(&self) -> bool {
+        *self == Outcome::Committed
+    }
+}
+
+impl SavepointResult for Result<(), String> {
+    fn keep(&self) -> bool {
+        self.is_ok()
+    }
+}
+
+fn commit_one(c: &Connection, plugin: &str, event_id: &str, effects: &Effects, now: Millis) -> rusqlite::Result<Outcome> {
+    let inserted = c
+        .prepare_cached("INSERT OR IGNORE INTO processed (plugin, event_id, processed_at) VALUES (?1, ?2, ?3)")?
+        .execute(params![plugin, event_id, now.0 as i64])?;
+    if inserted == 0 {
+        return Ok(Outcome::Duplicate);
+    }
+    {
+        let mut rev = c.prepare_cached("SELECT rev FROM documents WHERE plugin = ?1 AND collection = ?2 AND key = ?3")?;
+        for read in &effects.reads {
+            let current: i64 = rev.query_row(params![plugin, read.collection, read.key], |r| r.get(0)).optional()?.unwrap_or(0);
+            if current != read.rev {
+                return Ok(Outcome::Conflict);
+            }
+        }
+    }
+    for write in &effects.writes {
+        match write {
+            Write::Put { collection, key, body, version } => {
+                c.prepare_cached(
+                    "INSERT INTO documents (plugin, collection, key, body, version, rev) VALUES (?1, ?2, ?3, ?4, ?5, 1)
+                     ON CONFLICT (plugin, collection, key) DO UPDATE SET body = excluded.body, version = excluded.version, rev = rev + 1",
+                )?
+                .execute(params![plugin, collection, key, body, version.map(|v| v as i64)])?;
+            }
+            Write::Delete { collection, key, version: Some(v) } => {
+                c.prepare_cached(
+                    "INSERT INTO documents (plugin, collection, key, body, version, rev) VALUES (?1, ?2, ?3, NULL, ?4, 1)
+                     ON CONFLICT (plugin, collection, key) DO UPDATE SET body = NULL, version = excluded.version, rev = rev + 1",
+                )?
+                .execute(params![plugin, collection, key, *v as i64])?;
+            }
+            Write::Delete { collection, key, version: None } => {
+                c.prepare_cached("DELETE FROM documents WHERE plugin = ?1 AND collection = ?2 AND key = ?3")?
+                    .execute(params![plugin, collection, key])?;
+            }
+        }
+    }
+    let mut insert = c.prepare_cached(
+        "INSERT INTO outbox (id, name, source, key, correlation_id, causation_id, headers, payload, created_at, deliver_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?;
+    for row in &effects.outbox {
+        insert.execute(params![
+            row.id,
+            row.name,
+            row.source,
+            row.key,
+            row.correlation_id,
+            row.causation_id,
+            row.headers,
+            row.payload,
+            now.0 as i64,
+            now.0.saturating_add(row.delay_ms) as i64
+        ])?;
+    }
+    Ok(Outcome::Committed)
+}
+
+fn insert_dead_letter(c: &Connection, letter: &DeadLetter, now: Millis) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO dead_letters (plugin, event_id, name, reason, attempts, first_failed_at, last_failed_at, transport, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        letter.plugin,
+        letter.event_id,
+        letter.name,
+        letter.reason,
+        letter.attempts,
+        letter.first_failed_at.0 as i64,
+        now.0 as i64,
+        letter.transport,
+        letter.body
+    ])?;
+    if letter.mark_processed
+        && let Some(id) = &letter.event_id
+    {
+        c.prepare_cached("INSERT OR IGNORE INTO processed (plugin, event_id, processed_at) VALUES (?1, ?2, ?3)")?
+            .execute(params![letter.plugin, id, now.0 as i64])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::Readers;
+
+    fn writer() -> (tempfile::TempDir, Writer, Readers) {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Writer::start(dir.path(), &StoreConfig::default()).unwrap();
+        let r = Readers::new(dir.path());
+        (dir, w, r)
+    }
+
+    fn put(key: &str, body: &str) -> Write {
+        Write::Put { collection: "c".into(), key: key.into(), body: body.into(), version: None }
+    }
+
+    #[tokio::test]
+    async fn effects_and_marker_commit_together_and_duplicates_apply_nothing() {
+        let (_d, w, r) = writer();
+        let p: Arc<str> = "p".into();
+        let effects = Effects { writes: vec![put("k", r#"{"n":1}"#)], ..Default::default() };
+        assert_eq!(w.commit(p.clone(), "e1".into(), effects).await.unwrap(), Outcome::Committed);
+        assert!(r.processed("p", "e1").unwrap());
+        let again = Effects { writes: vec![put("k", r#"{"n":2}"#)], ..Default::default() };
+        assert_eq!(w.commit(p, "e1".into(), again).await.unwrap(), Outcome::Duplicate);
+        assert_eq!(r.get("p", "c", "k").unwrap().unwrap().body.as_deref(), Some(r#"{"n":1}"#));
+    }
+
+    #[tokio::test]
+    async fn a_stale_read_conflicts_and_rolls_back_only_that_invocation() {
+        let (_d, w, r) = writer();
+        let p: Arc<str> = "p".into();
+        w.commit(p.clone(), "e1".into(), Effects { writes: vec![put("k", "{}")], ..Default::default() }).await.unwrap();
+        let stale = Effects {
+            reads: vec![ReadCheck { collection: "c".into(), key: "k".into(), rev: 0 }],
+            writes: vec![put("other", "{}")],
+            outbox: vec![],
+        };
+        assert_eq!(w.commit(p.clone(), "e2".into(), stale).await.unwrap(), Outcome::Conflict);
+        assert!(!r.processed("p", "e2").unwrap(), "a conflict leaves no marker");
+        assert!(r.get("p", "c", "other").unwrap().is_none(), "and no write");
+        let fresh = Effects { reads: vec![ReadCheck { collection: "c".into(), key: "k".into(), rev: 1 }], ..Default::default() };
+        assert_eq!(w.commit(p, "e2".into(), fresh).await.unwrap(), Outcome::Committed);
+    }
+
+    #[tokio::test]
+    async fn versioned_delete_leaves_a_tombstone() {
+        let (_d, w, r) = writer();
+        let p: Arc<str> = "p".into();
+        let del = Write::Delete { collection: "c".into(), key: "k".into(), version: Some(7) };
+        w.commit(p, "e".into(), Effects { writes: vec![put("k", "{}"), del], ..Default::default() }).await.unwrap();
+        assert_eq!(r.get("p", "c", "k").unwrap(), Some(db::Stored { body: None, version: Some(7), rev: 2 }));
+        assert!(r.scan("p", "c", "", 10).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,562 @@
+//! `router.toml`: the whole configuration as types, validated before anything starts.
+//!
+//! Every field's `///` doc is its user documentation; `router.toml` at the repository root
+//! is the commented example. Unknown keys are errors; secrets may come from `SWITCHYARD_*`
+//! environment variables or `{ env = "NAME" }` values, and are never printed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::envelope::SinkFormat;
+use crate::route::Pattern;
+
+/// Environment variable that overrides (or supplies) `rabbitmq.url`.
+pub const ENV_RABBITMQ_URL: &str = "SWITCHYARD_RABBITMQ_URL";
+/// Environment variable that overrides `router.data_dir`.
+pub const ENV_DATA_DIR: &str = "SWITCHYARD_DATA_DIR";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Router-wide settings.
+    #[serde(default)]
+    pub router: RouterConfig,
+    /// Consume from and publish to RabbitMQ. Absent: the router runs on its in-process bus.
+    pub rabbitmq: Option<RabbitMqConfig>,
+    /// The embedded SQLite store that holds plugin documents, the outbox and markers.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// One table per plugin.
+    #[serde(default, rename = "plugin")]
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// Router-wide settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Directory for the SQLite database; relative paths are relative to the config file.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Log filter in `tracing` syntax, e.g. `info` or `switchyard=debug`; `RUST_LOG` wins.
+    #[serde(default = "default_log")]
+    pub log: String,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(".switchyard")
+}
+
+fn default_log() -> String {
+    "info".into()
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig { data_dir: default_data_dir(), log: default_log() }
+    }
+}
+
+/// A secret string: shown as `***` in logs and debug output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// RabbitMQ source and sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitMqConfig {
+    /// AMQP URL with credentials, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// `SWITCHYARD_RABBITMQ_URL` overrides it.
+    pub url: Secret,
+    /// Durable topic exchange the router binds plugin queues to and publishes to; routing
+    /// key = event name.
+    #[serde(default = "default_exchange")]
+    pub exchange: String,
+    /// Each plugin consumes its own durable queue, named this prefix + the plugin name.
+    #[serde(default = "default_queue_prefix")]
+    pub queue_prefix: String,
+    /// Unacknowledged messages per consumer. Higher keeps the plugin busy while commits are in
+    /// flight; lower bounds redelivery after a crash. Around 2-4x the plugin's concurrency.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Plain durable queues that NestJS services `emit` to (e.g. `riff_queue`). The router
+    /// forwards each message to the exchange under its event name, so every subscribed plugin
+    /// gets it. They are declared without arguments, as NestJS declares them.
+    #[serde(default)]
+    pub ingress_queues: Vec<String>,
+    /// Envelope of the events plugins publish: `nestjs` (`{pattern, data}`) or `cloudevents`.
+    #[serde(default)]
+    pub sink_format: SinkFormat,
+}
+
+fn default_exchange() -> String {
+    "switchyard.events".into()
+}
+
+fn default_queue_prefix() -> String {
+    "switchyard.".into()
+}
+
+fn default_prefetch() -> u16 {
+    256
+}
+
+/// SQLite durability mode.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Survives a crash of the router, may lose the last commits on power loss.
+    Normal,
+    /// Each group commit waits for fsync: survives power loss.
+    #[default]
+    Full,
+}
+
+/// The embedded store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite `synchronous` mode: `full` (default) or `normal`.
+    #[serde(default)]
+    pub synchronous: Synchronous,
+    /// Most invocations committed in one transaction (group commit).
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+}
+
+fn default_batch_max() -> usize {
+    512
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { synchronous: Synchronous::default(), batch_max: default_batch_max() }
+    }
+}
+
+/// A plugin name: lowercase ASCII letters, digits and `-`, 1 to 64 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(into = "String")]
+pub struct PluginName(String);
+
+impl PluginName {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-');
+        if ok { Ok(PluginName(s.into())) } else { Err(format!("invalid plugin name {s:?}: use 1-64 of a-z, 0-9 and `-`")) }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PluginName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<PluginName> for String {
+    fn from(n: PluginName) -> String {
+        n.0
+    }
+}
+
+impl<'de> Deserialize<'de> for PluginName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        PluginName::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// How a plugin's instances are used across events.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InstancePolicy {
+    /// One instance per lane, reused for events until `recycle_after` events, a trap or a
+    /// swap; ~20-50x cheaper than a fresh instance. Guest globals may survive between events.
+    #[default]
+    Reuse,
+    /// A fresh instance for every event: nothing survives between events.
+    Fresh,
+}
+
+/// One plugin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Must equal the name the component reports in its metadata.
+    pub name: PluginName,
+    /// The compiled component (`.wasm`); relative to the config file.
+    pub path: PathBuf,
+    /// Event-name patterns (`*` one word, `#` zero or more); default: the plugin's metadata.
+    pub subscriptions: Option<Vec<Pattern>>,
+    /// Dotted payload paths tried in order for the ordering key; default: the metadata.
+    pub ordering_key: Option<Vec<String>>,
+    /// Events of this plugin handled at once, each in its own lane; events with the same
+    /// ordering key always go to the same lane, so they are handled in order.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// `reuse` (default) or `fresh`.
+    #[serde(default)]
+    pub instances: InstancePolicy,
+    /// With `reuse`: replace an instance after this many events.
+    #[serde(default = "default_recycle_after")]
+    pub recycle_after: u64,
+    /// Hard limits per invocation.
+    #[serde(default)]
+    pub limits: Limits,
+    /// What happens when an invocation fails.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Values the plugin reads through the `config` import; `{ env = "NAME" }` reads the
+    /// environment at start (for secrets).
+    #[serde(default)]
+    pub config: BTreeMap<String, ConfigValue>,
+}
+
+fn default_concurrency() -> usize {
+    8
+}
+
+fn default_recycle_after() -> u64 {
+    10_000
+}
+
+/// Hard limits per invocation.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Linear memory a plugin instance may grow to, in MiB; growing past it traps.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    /// Wall time one invocation may take, in milliseconds; past it the invocation traps.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_memory_mb() -> u64 {
+    64
+}
+
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { memory_mb: default_memory_mb(), timeout_ms: default_timeout_ms() }
+    }
+}
+
+/// Retries of failed invocations (a `retry` error, a trap, a timeout). A `reject` error is
+/// dead-lettered at once.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; after the last the event is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Wait before the second attempt, in milliseconds.
+    #[serde(default = "default_initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    /// Each further wait is the previous one times this.
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    /// Longest wait, in milliseconds.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+
+fn default_initial_backoff_ms() -> u64 {
+    200
+}
+
+fn default_multiplier() -> f64 {
+    2.0
+}
+
+fn default_max_backoff_ms() -> u64 {
+    10_000
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: default_max_attempts(),
+            initial_backoff_ms: default_initial_backoff_ms(),
+            multiplier: default_multiplier(),
+            max_backoff_ms: default_max_backoff_ms(),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `next` (2 for the first retry).
+    pub fn backoff(&self, next: u32) -> std::time::Duration {
+        let exp = i32::try_from(next.saturating_sub(2)).unwrap_or(i32::MAX);
+        let ms = (self.initial_backoff_ms as f64) * self.multiplier.powi(exp);
+        std::time::Duration::from_millis(ms.min(self.max_backoff_ms as f64) as u64)
+    }
+}
+
+/// A plugin config value: text, or the name of an environment variable holding it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum ConfigValue {
+    Text(String),
+    Env { env: String },
+}
+
+/// Why a config could not be used. Every problem found is listed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {key}: {message}")]
+    Parse { path: PathBuf, key: String, message: String },
+    #[error("{path}:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+impl Config {
+    /// Read, parse and validate a config file, applying environment overrides.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::from_toml(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Parse and validate `text` as if read from `path`; `env` looks up environment variables.
+    pub fn from_toml(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            key: "(syntax)".into(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Parse { path: path.into(), key, message: e.into_inner().message().trim().to_string() }
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.apply_env(env);
+        config.resolve_paths(&base);
+        let problems = config.problems(env);
+        if problems.is_empty() { Ok(config) } else { Err(ConfigError::Invalid { path: path.into(), problems }) }
+    }
+
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        if let Some(url) = env(ENV_RABBITMQ_URL).filter(|u| !u.is_empty()) {
+            match &mut self.rabbitmq {
+                Some(r) => r.url = Secret(url),
+                None => {
+                    self.rabbitmq = Some(RabbitMqConfig {
+                        url: Secret(url),
+                        exchange: default_exchange(),
+                        queue_prefix: default_queue_prefix(),
+                        prefetch: default_prefetch(),
+                        ingress_queues: vec![],
+                        sink_format: SinkFormat::default(),
+                    })
+                }
+            }
+        }
+        if let Some(dir) = env(ENV_DATA_DIR).filter(|d| !d.is_empty()) {
+            self.router.data_dir = PathBuf::from(dir);
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if self.router.data_dir.is_relative() {
+            self.router.data_dir = base.join(&self.router.data_dir);
+        }
+        for plugin in &mut self.plugins {
+            if plugin.path.is_relative() {
+                plugin.path = base.join(&plugin.path);
+            }
+        }
+    }
+
+    /// Every cross-field problem, each naming its key.
+    fn problems(&self, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(r) = &self.rabbitmq {
+            if !r.url.expose().starts_with("amqp://") && !r.url.expose().starts_with("amqps://") {
+                problems.push("rabbitmq.url: must start with amqp:// or amqps://".into());
+            }
+            if r.exchange.is_empty() {
+                problems.push("rabbitmq.exchange: must not be empty".into());
+            }
+            if r.prefetch == 0 {
+                problems.push("rabbitmq.prefetch: must be at least 1".into());
+            }
+        }
+        if self.store.batch_max == 0 {
+            problems.push("store.batch_max: must be at least 1".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.plugins.iter().enumerate() {
+            let at = format!("plugin[{i}] ({})", p.name);
+            if !seen.insert(&p.name) {
+                problems.push(format!("{at}.name: another plugin has the same name"));
+            }
+            if !p.path.is_file() {
+                problems.push(format!("{at}.path: no file at {}", p.path.display()));
+            }
+            if p.concurrency == 0 || p.concurrency > 1024 {
+                problems.push(format!("{at}.concurrency: must be between 1 and 1024"));
+            }
+            if p.recycle_after == 0 {
+                problems.push(format!("{at}.recycle_after: must be at least 1"));
+            }
+            if p.limits.memory_mb == 0 || p.limits.memory_mb > 4096 {
+                problems.push(format!("{at}.limits.memory_mb: must be between 1 and 4096"));
+            }
+            if p.limits.timeout_ms == 0 {
+                problems.push(format!("{at}.limits.timeout_ms: must be at least 1"));
+            }
+            if p.retry.max_attempts == 0 {
+                problems.push(format!("{at}.retry.max_attempts: must be at least 1"));
+            }
+            if !(p.retry.multiplier >= 1.0 && p.retry.multiplier.is_finite()) {
+                problems.push(format!("{at}.retry.multiplier: must be a finite number >= 1"));
+            }
+            for (key, value) in &p.config {
+                if let ConfigValue::Env { env: var } = value
+                    && env(var).is_none()
+                {
+                    problems.push(format!("{at}.config.{key}: environment variable {var} is not set"));
+                }
+            }
+        }
+        problems
+    }
+}
+
+impl PluginConfig {
+    /// The plugin's config values with environment references resolved (checked at load).
+    pub fn resolved_values(&self, env: &dyn Fn(&str) -> Option<String>) -> BTreeMap<String, Secret> {
+        self.config
+            .iter()
+            .filter_map(|(k, v)| {
+                let value = match v {
+                    ConfigValue::Text(t) => Some(t.clone()),
+                    ConfigValue::Env { env: var } => env(var),
+                };
+                value.map(|v| (k.clone(), Secret(v)))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        parse_env(text, &|_| None)
+    }
+
+    fn parse_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/switchyard/router.toml"), env)
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).expect_err("should fail").to_string()
+    }
+
+    #[test]
+    fn an_empty_file_runs_on_the_bus_with_defaults() {
+        let c = parse("").unwrap();
+        assert!(c.rabbitmq.is_none());
+        assert_eq!(c.router.data_dir, PathBuf::from("/etc/switchyard/.switchyard"));
+        assert_eq!(c.store.synchronous, Synchronous::Full);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        let e = error("[router]\ndata_dir = \"d\"\nadmin_adress = \"x\"\n");
+        assert!(e.starts_with("/etc/switchyard/router.toml: router.admin_adress: unknown field `admin_adress`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_are_named_with_their_path() {
+        let e = error("[rabbitmq]\nurl = \"amqp://x\"\nprefetch = \"lots\"\n");
+        assert!(e.starts_with("/etc/switchyard/router.toml: rabbitmq.prefetch: invalid type: string \"lots\""), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file_and_line() {
+        let e = error("[router\n");
+        assert!(e.contains("/etc/switchyard/router.toml: (syntax)") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn invalid_patterns_and_names_are_refused_on_parse() {
+        let e = error("[[plugin]]\nname = \"p\"\npath = \"p.wasm\"\nsubscriptions = [\"a..b\"]\n");
+        assert!(e.contains("plugin[0].subscriptions[0]") && e.contains("empty word"), "{e}");
+        let e = error("[[plugin]]\nname = \"Bad_Name\"\npath = \"p.wasm\"\n");
+        assert!(e.contains("plugin[0].name") && e.contains("invalid plugin name"), "{e}");
+    }
+
+    #[test]
+    fn all_cross_field_problems_are_reported_at_once() {
+        let text = "[rabbitmq]\nurl = \"http://x\"\nprefetch = 0\n\
+            [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\nconcurrency = 0\n[plugin.config]\nkey = { env = \"NOPE\" }\n\
+            [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\n";
+        let e = error(text);
+        for expected in [
+            "rabbitmq.url: must start with amqp://",
+            "rabbitmq.prefetch: must be at least 1",
+            "plugin[0] (a).path: no file at /etc/switchyard/missing.wasm",
+            "plugin[0] (a).concurrency",
+            "plugin[0] (a).config.key: environment variable NOPE is not set",
+            "plugin[1] (a).name: another plugin has the same name",
+        ] {
+            assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn environment_supplies_the_broker_url_and_secrets_never_print() {
+        let env = |name: &str| (name == ENV_RABBITMQ_URL).then(|| "amqp://user:hunter2@h:5672/%2f".to_string());
+        let c = parse_env("", &env).unwrap();
+        let r = c.rabbitmq.expect("env enables RabbitMQ");
+        assert_eq!(r.url.expose(), "amqp://user:hunter2@h:5672/%2f");
+        assert!(!format!("{r:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = RetryPolicy { max_attempts: 5, initial_backoff_ms: 100, multiplier: 2.0, max_backoff_ms: 300 };
+        assert_eq!(p.backoff(2).as_millis(), 100);
+        assert_eq!(p.backoff(3).as_millis(), 200);
+        assert_eq!(p.backoff(4).as_millis(), 300);
+    }
+}

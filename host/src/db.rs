@@ -1,0 +1,342 @@
+//! The embedded SQLite database: schema, connections and the read queries. Writes go through
+//! the single writer in [`crate::commit`]; reads use a small pool of WAL readers.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use crate::config::Synchronous;
+use crate::event::Millis;
+
+/// Database file name under the data dir.
+pub const FILE_NAME: &str = "switchyard.db";
+
+/// A database failure. Callers treat it as transient.
+#[derive(Debug, thiserror::Error)]
+#[error("database: {0}")]
+pub struct DbError(#[from] pub rusqlite::Error);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS documents (
+    plugin TEXT NOT NULL,
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    body TEXT,               -- NULL: a tombstone left by a versioned delete
+    version INTEGER,         -- the `if-newer` version of the last write
+    rev INTEGER NOT NULL,    -- bumped by every write; optimistic concurrency checks it
+    PRIMARY KEY (plugin, collection, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS processed (
+    plugin TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    processed_at INTEGER NOT NULL,
+    PRIMARY KEY (plugin, event_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    source TEXT NOT NULL,
+    key TEXT,
+    correlation_id TEXT,
+    causation_id TEXT,
+    headers TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    deliver_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (deliver_at, seq);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    plugin TEXT NOT NULL,
+    event_id TEXT,
+    name TEXT,
+    reason TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    first_failed_at INTEGER NOT NULL,
+    last_failed_at INTEGER NOT NULL,
+    transport TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_plugin ON dead_letters (plugin, seq);
+CREATE TABLE IF NOT EXISTS ingress_journal (
+    id TEXT PRIMARY KEY,
+    queue TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    received_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ingress_journal_digest ON ingress_journal (queue, digest);
+";
+
+/// Open (creating if needed) the database under `data_dir` and apply the schema.
+pub fn open_writer(data_dir: &Path, synchronous: Synchronous) -> Result<Connection, DbError> {
+    std::fs::create_dir_all(data_dir).map_err(|e| {
+        DbError(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!("cannot create data dir {}: {e}", data_dir.display())),
+        ))
+    })?;
+    let conn = Connection::open(path(data_dir))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let sync = match synchronous {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+/// The database file under a data dir.
+pub fn path(data_dir: &Path) -> PathBuf {
+    data_dir.join(FILE_NAME)
+}
+
+/// SQL name of the expression index that serves `lookup` on `field`.
+pub fn index_name(field: &str) -> String {
+    format!("documents_by_{field}")
+}
+
+/// DDL for the index on a top-level field; `field` must be validated as `[A-Za-z0-9_]+`.
+pub fn index_ddl(field: &str) -> String {
+    format!(
+        "CREATE INDEX IF NOT EXISTS {} ON documents (plugin, collection, json_extract(body, '$.{field}'), key) WHERE body IS NOT NULL",
+        index_name(field)
+    )
+}
+
+/// Whether `field` can be indexed (and safely named in SQL).
+pub fn valid_field(field: &str) -> bool {
+    !field.is_empty() && field.len() <= 64 && field.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// A stored document row, tombstones included.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    /// None for a tombstone.
+    pub body: Option<String>,
+    pub version: Option<u64>,
+    pub rev: i64,
+}
+
+/// A live document, as listed by lookups and scans.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub key: String,
+    pub body: String,
+    pub version: Option<u64>,
+    pub rev: i64,
+}
+
+/// A scalar to match an indexed field against.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldValue {
+    Text(String),
+    Integer(i64),
+    Boolean(bool),
+}
+
+impl FieldValue {
+    /// Whether a JSON value equals this scalar the way SQLite's `json_extract` compares.
+    pub fn matches(&self, json: &serde_json::Value) -> bool {
+        match (self, json) {
+            (FieldValue::Text(t), serde_json::Value::String(s)) => t == s,
+            (FieldValue::Integer(i), serde_json::Value::Number(n)) => n.as_i64() == Some(*i),
+            (FieldValue::Boolean(b), serde_json::Value::Bool(v)) => b == v,
+            _ => false,
+        }
+    }
+
+    fn to_sql(&self) -> rusqlite::types::Value {
+        match self {
+            FieldValue::Text(t) => rusqlite::types::Value::Text(t.clone()),
+            FieldValue::Integer(i) => rusqlite::types::Value::Integer(*i),
+            FieldValue::Boolean(b) => rusqlite::types::Value::Integer(i64::from(*b)),
+        }
+    }
+}
+
+/// A pool of read-only connections (WAL readers never block the writer).
+#[derive(Clone)]
+pub struct Readers {
+    path: PathBuf,
+    idle: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl Readers {
+    /// Readers for the database under `data_dir`; it must exist (open the writer first).
+    pub fn new(data_dir: &Path) -> Self {
+        Readers { path: path(data_dir), idle: Arc::new(Mutex::new(Vec::new())) }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
+        let pooled = self.idle.lock().map(|mut idle| idle.pop()).unwrap_or(None);
+        let conn = match pooled {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+                c.busy_timeout(std::time::Duration::from_secs(5))?;
+                c
+            }
+        };
+        let result = f(&conn);
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < 64
+        {
+            idle.push(conn);
+        }
+        result.map_err(DbError)
+    }
+
+    /// The row under a key, tombstones included.
+    pub fn get(&self, plugin: &str, collection: &str, key: &str) -> Result<Option<Stored>, DbError> {
+        self.with(|c| {
+            c.prepare_cached("SELECT body, version, rev FROM documents WHERE plugin = ?1 AND collection = ?2 AND key = ?3")?
+                .query_row(params![plugin, collection, key], |r| {
+                    Ok(Stored { body: r.get(0)?, version: r.get::<_, Option<i64>>(1)?.map(|v| v as u64), rev: r.get(2)? })
+                })
+                .optional()
+        })
+    }
+
+    /// Live documents of a collection with key > `after`, by key, at most `limit`.
+    pub fn scan(&self, plugin: &str, collection: &str, after: &str, limit: usize) -> Result<Vec<Row>, DbError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT key, body, version, rev FROM documents
+                 WHERE plugin = ?1 AND collection = ?2 AND key > ?3 AND body IS NOT NULL ORDER BY key LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(params![plugin, collection, after, limit as i64], row)?;
+            rows.collect()
+        })
+    }
+
+    /// Live documents whose indexed `field` equals `value`, key > `after`, by key.
+    pub fn lookup(
+        &self,
+        plugin: &str,
+        collection: &str,
+        field: &str,
+        value: &FieldValue,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<Row>, DbError> {
+        debug_assert!(valid_field(field));
+        let sql = format!(
+            "SELECT key, body, version, rev FROM documents INDEXED BY {}
+             WHERE plugin = ?1 AND collection = ?2 AND json_extract(body, '$.{field}') = ?3 AND body IS NOT NULL
+               AND key > ?4 ORDER BY key LIMIT ?5",
+            index_name(field)
+        );
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![plugin, collection, value.to_sql(), after, limit as i64], row)?;
+            rows.collect()
+        })
+    }
+
+    /// Whether `plugin` has committed the effects of `event_id`.
+    pub fn processed(&self, plugin: &str, event_id: &str) -> Result<bool, DbError> {
+        self.with(|c| {
+            c.prepare_cached("SELECT 1 FROM processed WHERE plugin = ?1 AND event_id = ?2")?
+                .query_row(params![plugin, event_id], |_| Ok(()))
+                .optional()
+                .map(|r| r.is_some())
+        })
+    }
+
+    /// Number of outbox rows not yet published.
+    pub fn outbox_backlog(&self) -> Result<u64, DbError> {
+        self.with(|c| c.query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0)).map(|n| n as u64))
+    }
+
+    /// Ingress journal ids of a queue for a digest, oldest first.
+    pub fn journal(&self, queue: &str, digest: &str) -> Result<Vec<(String, Millis)>, DbError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, received_at FROM ingress_journal WHERE queue = ?1 AND digest = ?2 ORDER BY received_at, id",
+            )?;
+            let rows = stmt.query_map(params![queue, digest], |r| Ok((r.get::<_, String>(0)?, Millis(r.get::<_, i64>(1)? as u64))))?;
+            rows.collect()
+        })
+    }
+
+    /// Outbox rows due at `now`, oldest first.
+    pub fn due_outbox(&self, now: Millis, limit: usize) -> Result<Vec<OutboxEntry>, DbError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, id, name, source, key, correlation_id, causation_id, headers, payload, created_at
+                 FROM outbox WHERE deliver_at <= ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![now.0 as i64, limit as i64], |r| {
+                Ok(OutboxEntry {
+                    seq: r.get(0)?,
+                    id: r.get(1)?,
+                    name: r.get(2)?,
+                    source: r.get(3)?,
+                    key: r.get(4)?,
+                    correlation_id: r.get(5)?,
+                    causation_id: r.get(6)?,
+                    headers: r.get(7)?,
+                    payload: r.get(8)?,
+                    created_at: Millis(r.get::<_, i64>(9)? as u64),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// When the next delayed outbox row falls due, if any.
+    pub fn next_outbox_due(&self) -> Result<Option<Millis>, DbError> {
+        self.with(|c| {
+            c.query_row("SELECT min(deliver_at) FROM outbox", [], |r| r.get::<_, Option<i64>>(0))
+                .map(|v| v.map(|ms| Millis(ms as u64)))
+        })
+    }
+
+    /// Dead letters of a plugin, oldest first.
+    pub fn dead_letters(&self, plugin: &str, limit: usize) -> Result<Vec<DeadLetterRow>, DbError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, event_id, name, reason, attempts FROM dead_letters WHERE plugin = ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![plugin, limit as i64], |r| {
+                Ok(DeadLetterRow { seq: r.get(0)?, event_id: r.get(1)?, name: r.get(2)?, reason: r.get(3)?, attempts: r.get(4)? })
+            })?;
+            rows.collect()
+        })
+    }
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row { key: r.get(0)?, body: r.get(1)?, version: r.get::<_, Option<i64>>(2)?.map(|v| v as u64), rev: r.get(3)? })
+}
+
+/// A committed outbox row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEntry {
+    pub seq: i64,
+    pub id: String,
+    pub name: String,
+    pub source: String,
+    pub key: Option<String>,
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    /// JSON array of `[name, value]` pairs.
+    pub headers: String,
+    pub payload: Vec<u8>,
+    /// Commit time: the published event's occurred-at.
+    pub created_at: Millis,
+}
+
+/// A dead letter, as listed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterRow {
+    pub seq: i64,
+    pub event_id: Option<String>,
+    pub name: Option<String>,
+    pub reason: String,
+    pub attempts: u32,
+}

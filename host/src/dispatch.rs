@@ -1,0 +1,242 @@
+//! Dispatch: each plugin's events spread over lanes, by ordering key, so that events with the
+//! same key are handled one after another and different keys in parallel. A lane runs an
+//! event through the plugin, retries failures, commits the effects and only then acks.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::commit::{DeadLetter, Outcome, Writer};
+use crate::db::Readers;
+use crate::event::{Event, Millis};
+use crate::runtime::{Instance, InvokeError, LoadedPlugin};
+use crate::source::{Ack, Received};
+
+/// Re-runs of one event after commit conflicts before it counts as a failed attempt.
+const MAX_CONFLICT_RERUNS: u32 = 20;
+/// Events waiting per lane; a full lane holds back the source (and so the broker's prefetch).
+const LANE_DEPTH: usize = 64;
+
+/// A decoded event on its way to one plugin.
+pub struct Inbound {
+    pub event: Event,
+    pub received: Received,
+    pub ack: Ack,
+}
+
+/// The current version of a plugin; replaced on swap, read by lanes before each event.
+pub struct PluginSlot {
+    current: RwLock<Arc<LoadedPlugin>>,
+}
+
+impl PluginSlot {
+    pub fn new(plugin: LoadedPlugin) -> Self {
+        PluginSlot { current: RwLock::new(Arc::new(plugin)) }
+    }
+
+    pub fn current(&self) -> Arc<LoadedPlugin> {
+        match self.current.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+/// The lanes of one plugin.
+#[derive(Clone)]
+pub struct Dispatch {
+    slot: Arc<PluginSlot>,
+    lanes: Vec<mpsc::Sender<Inbound>>,
+}
+
+impl Dispatch {
+    /// Start the lanes of a plugin.
+    pub fn start(slot: Arc<PluginSlot>, writer: Writer, readers: Readers) -> Self {
+        let count = slot.current().settings.concurrency.max(1);
+        let lanes = (0..count)
+            .map(|index| {
+                let (tx, rx) = mpsc::channel(LANE_DEPTH);
+                let lane = Lane { slot: slot.clone(), writer: writer.clone(), readers: readers.clone(), instance: None };
+                tokio::spawn(lane.run(rx).instrument(tracing::info_span!("lane", plugin = %slot.current().name, index)));
+                tx
+            })
+            .collect();
+        Dispatch { slot, lanes }
+    }
+
+    pub fn slot(&self) -> &Arc<PluginSlot> {
+        &self.slot
+    }
+
+    /// Queue an event on the lane of its ordering key; waits while that lane is full.
+    pub async fn submit(&self, inbound: Inbound) {
+        let plugin = self.slot.current();
+        let spread = inbound.event.ordering_key(&plugin.settings.ordering_key).unwrap_or_else(|| inbound.event.id.0.clone());
+        let mut hasher = DefaultHasher::new();
+        spread.hash(&mut hasher);
+        let lane = (hasher.finish() % self.lanes.len() as u64) as usize;
+        if self.lanes[lane].send(inbound).await.is_err() {
+            tracing::error!(plugin = %plugin.name, "lane stopped; the message will be redelivered");
+        }
+    }
+}
+
+/// Keep an undecodable message, then ack it: it can never be handled, and the reason is kept.
+pub async fn dead_letter_undecodable(writer: &Writer, owner: &str, received: Received, ack: Ack, reason: String) {
+    tracing::warn!(owner, reason = %reason, "undecodable message dead-lettered");
+    let letter = DeadLetter {
+        plugin: owner.to_string(),
+        event_id: None,
+        name: None,
+        reason,
+        attempts: 0,
+        first_failed_at: Millis::now(),
+        transport: received.transport_json(),
+        body: received.body,
+        mark_processed: false,
+    };
+    match writer.dead_letter(letter).await {
+        Ok(Ok(())) => ack.ack().await,
+        Ok(Err(e)) => tracing::error!(owner, error = %e, "could not keep a dead letter; the message will be redelivered"),
+        Err(e) => tracing::error!(owner, error = %e, "could not keep a dead letter; the message will be redelivered"),
+    }
+}
+
+struct Lane {
+    slot: Arc<PluginSlot>,
+    writer: Writer,
+    readers: Readers,
+    instance: Option<Instance>,
+}
+
+/// How one event ended in a lane.
+enum Settled {
+    Committed,
+    Duplicate,
+    DeadLettered,
+    /// Left unacknowledged: the broker redelivers it.
+    Abandoned,
+}
+
+impl Lane {
+    async fn run(mut self, mut rx: mpsc::Receiver<Inbound>) {
+        while let Some(inbound) = rx.recv().await {
+            let span = tracing::info_span!(
+                "event",
+                event_id = %inbound.event.id,
+                name = %inbound.event.name,
+                correlation_id = inbound.event.correlation_id.as_deref().unwrap_or(""),
+            );
+            let settled = self.handle(&inbound.event, &inbound.received).instrument(span).await;
+            match settled {
+                Settled::Committed | Settled::Duplicate | Settled::DeadLettered => inbound.ack.ack().await,
+                Settled::Abandoned => inbound.ack.requeue().await,
+            }
+        }
+    }
+
+    /// An instance of the current plugin version, reusing the lane's when the policy allows.
+    async fn instance(&mut self, plugin: &Arc<LoadedPlugin>) -> Result<&mut Instance, InvokeError> {
+        let reusable = self.instance.as_ref().is_some_and(|i| {
+            Arc::ptr_eq(i.plugin(), plugin)
+                && plugin.settings.instances == crate::config::InstancePolicy::Reuse
+                && i.uses < plugin.settings.recycle_after
+        });
+        if !reusable {
+            self.instance = None;
+            self.instance = Some(Instance::new(plugin.clone()).await?);
+        }
+        Ok(self.instance.as_mut().expect("instance was just set"))
+    }
+
+    async fn handle(&mut self, event: &Event, received: &Received) -> Settled {
+        let plugin = self.slot.current();
+        let name: Arc<str> = Arc::from(plugin.name.as_str());
+        match self.readers.processed(&name, &event.id.0) {
+            Ok(true) => {
+                tracing::debug!("already processed; acknowledged without running");
+                return Settled::Duplicate;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot check the processed-marker; the commit will"),
+        }
+        let key = event.ordering_key(&plugin.settings.ordering_key);
+        let retry = plugin.settings.retry;
+        let first_failed_at = Millis::now();
+        let mut attempt = 1;
+        let mut conflicts = 0;
+        loop {
+            let result = match self.instance(&plugin).await {
+                Ok(instance) => instance.handle(event, key.clone(), attempt).await,
+                Err(e) => Err(e),
+            };
+            let failure = match result {
+                Ok(effects) => match self.writer.commit(name.clone(), event.id.0.clone(), effects).await {
+                    Ok(Outcome::Committed) => {
+                        tracing::debug!(attempt, "committed");
+                        return Settled::Committed;
+                    }
+                    Ok(Outcome::Duplicate) => return Settled::Duplicate,
+                    Ok(Outcome::Conflict) if conflicts < MAX_CONFLICT_RERUNS => {
+                        conflicts += 1;
+                        tracing::debug!(conflicts, "read a document that changed meanwhile; running again");
+                        continue;
+                    }
+                    Ok(Outcome::Conflict) => InvokeError::Retry("too many concurrent conflicts".into()),
+                    Ok(Outcome::Failed(e)) => InvokeError::Retry(format!("commit failed: {e}")),
+                    Err(e) => {
+                        tracing::error!(error = %e, "store writer stopped; leaving the message to the broker");
+                        return Settled::Abandoned;
+                    }
+                },
+                Err(e) => e,
+            };
+            if failure.poisons_instance() {
+                self.instance = None;
+            }
+            let last = attempt >= retry.max_attempts || matches!(failure, InvokeError::Reject(_));
+            tracing::warn!(plugin = %plugin.name, attempt, error = %failure, will_retry = !last, "invocation failed");
+            if last {
+                return Self::dead_letter(&self.writer, &plugin, event, received, &failure, attempt, first_failed_at).await;
+            }
+            attempt += 1;
+            tokio::time::sleep(retry.backoff(attempt)).await;
+        }
+    }
+
+    async fn dead_letter(
+        writer: &Writer,
+        plugin: &LoadedPlugin,
+        event: &Event,
+        received: &Received,
+        failure: &InvokeError,
+        attempts: u32,
+        first_failed_at: Millis,
+    ) -> Settled {
+        let letter = DeadLetter {
+            plugin: plugin.name.to_string(),
+            event_id: Some(event.id.0.clone()),
+            name: Some(event.name.clone()),
+            reason: failure.to_string(),
+            attempts,
+            first_failed_at,
+            transport: received.transport_json(),
+            body: received.body.clone(),
+            mark_processed: true,
+        };
+        match writer.dead_letter(letter).await {
+            Ok(Ok(())) => Settled::DeadLettered,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not keep the dead letter; leaving the message to the broker");
+                Settled::Abandoned
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store writer stopped; leaving the message to the broker");
+                Settled::Abandoned
+            }
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! Envelopes: how real producers wrap events on the wire, decoded into [`Event`]s and encoded
+//! back for the outbox.
+//!
+//! Accepted, in this order of detection:
+//! 1. CloudEvents 1.0 structured mode: content type `application/cloudevents+json`, or a JSON
+//!    object with `specversion`, `id`, `type` and `source`;
+//! 2. CloudEvents binary mode: `type` in a `cloudEvents:`, `cloudEvents_`, `ce-` or `ce_`
+//!    header, the body is the data;
+//! 3. NestJS `{"pattern": ..., "data": ...}` (optionally with `id`); an object pattern is named
+//!    by its JSON text with sorted keys, as NestJS does;
+//! 4. raw JSON, named by the `x-event-name` header or else the routing key.
+//!
+//! Bodies must be UTF-8 JSON: invalid UTF-8 or JSON is an error (dead-lettered), never
+//! repaired. A duplicated object key keeps its last value, as Node's parser does.
+
+use base64::Engine as _;
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::event::{Event, EventId, Header, Millis};
+
+/// The content type of a structured-mode CloudEvent.
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+/// The content type of every payload the router decodes from JSON.
+pub const JSON: &str = "application/json";
+/// Header naming a raw JSON event when the routing key cannot (e.g. on an ingress queue).
+pub const NAME_HEADER: &str = "x-event-name";
+/// Header carrying an ordering key.
+pub const KEY_HEADER: &str = "x-key";
+/// Header carrying the correlation id when the transport has no property for it.
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+/// Header carrying the causation id.
+pub const CAUSATION_HEADER: &str = "x-causation-id";
+/// Header naming the producer when the envelope cannot (NestJS, raw JSON).
+pub const SOURCE_HEADER: &str = "x-source";
+/// Header carrying occurred-at in milliseconds, stamped by the router on ingress.
+pub const OCCURRED_AT_HEADER: &str = "x-occurred-at";
+
+/// A header value as a transport carries it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderValue {
+    Text(String),
+    Integer(i64),
+    /// An AMQP timestamp: seconds since the epoch.
+    Timestamp(u64),
+    Boolean(bool),
+}
+
+impl HeaderValue {
+    fn as_text(&self) -> String {
+        match self {
+            HeaderValue::Text(s) => s.clone(),
+            HeaderValue::Integer(i) => i.to_string(),
+            HeaderValue::Timestamp(t) => t.to_string(),
+            HeaderValue::Boolean(b) => b.to_string(),
+        }
+    }
+}
+
+/// What the envelope decoder needs to know about how a message travelled.
+#[derive(Debug, Clone, Default)]
+pub struct Transport {
+    /// AMQP routing key, Redis channel or stream name.
+    pub routing_key: String,
+    /// Where the message came from, e.g. `amqp:switchyard.events`; the event's source
+    /// unless the envelope names one.
+    pub origin: String,
+    pub content_type: Option<String>,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    /// AMQP `timestamp` property, in seconds.
+    pub timestamp: Option<u64>,
+    pub headers: Vec<(String, HeaderValue)>,
+    /// When the router received the message; occurred-at when nothing better is known.
+    pub received_at: Millis,
+}
+
+impl Transport {
+    fn header(&self, name: &str) -> Option<&HeaderValue> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+    }
+
+    fn header_text(&self, name: &str) -> Option<String> {
+        self.header(name).map(HeaderValue::as_text).filter(|s| !s.is_empty())
+    }
+}
+
+/// Why a message could not be decoded into an event. The message is dead-lettered with this
+/// reason.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("body is not valid UTF-8 at byte {0}")]
+    NotUtf8(usize),
+    #[error("body is not JSON: {0}")]
+    NotJson(String),
+    #[error("CloudEvent is missing required attribute `{0}`")]
+    MissingAttribute(&'static str),
+    #[error("CloudEvent attribute `{attribute}` is invalid: {reason}")]
+    InvalidAttribute { attribute: &'static str, reason: String },
+    #[error("unsupported CloudEvents specversion {0:?} (1.0 is supported)")]
+    SpecVersion(String),
+    #[error("NestJS envelope has an invalid pattern: {0}")]
+    InvalidPattern(String),
+    #[error("raw JSON message has no event name: no `x-event-name` header and no routing key")]
+    NoName,
+}
+
+/// Which envelope a message used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    CloudEventsStructured,
+    CloudEventsBinary,
+    NestJs,
+    Raw,
+}
+
+/// A decoded message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    pub envelope: Envelope,
+    pub event: Event,
+    /// False when the message carried no id and the event's is its [`content_id`].
+    pub id_carried: bool,
+}
+
+/// Decode one message. A message that carries no id gets [`content_id`].
+pub fn decode(body: &[u8], transport: &Transport) -> Result<Decoded, DecodeError> {
+    let (envelope, event) = decode_event(body, transport)?;
+    let id_carried = event.id != content_id(&event.name, body);
+    Ok(Decoded { envelope, event, id_carried })
+}
+
+fn decode_event(body: &[u8], transport: &Transport) -> Result<(Envelope, Event), DecodeError> {
+    let text = std::str::from_utf8(body).map_err(|e| DecodeError::NotUtf8(e.valid_up_to()))?;
+    if let Some(ty) = binary_ce_attribute(transport, "type") {
+        serde_json::from_str::<&RawValue>(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        return decode_binary_cloudevent(ty, body, transport).map(|e| (Envelope::CloudEventsBinary, e));
+    }
+    let structured_ce = transport.content_type.as_deref().is_some_and(|ct| ct.starts_with(CLOUDEVENTS_JSON));
+    let members = match serde_json::from_str::<BTreeMap<String, &RawValue>>(text) {
+        Ok(members) => Some(members),
+        Err(_) => {
+            // Not an object: either invalid JSON or a raw non-object payload.
+            serde_json::from_str::<&RawValue>(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+            None
+        }
+    };
+    match members {
+        Some(m) if structured_ce || is_structured_cloudevent(&m) => {
+            decode_structured_cloudevent(&m, transport).map(|e| (Envelope::CloudEventsStructured, e))
+        }
+        Some(m) if is_nestjs(&m) => decode_nestjs(&m, body, transport).map(|e| (Envelope::NestJs, e)),
+        _ => decode_raw(body, transport).map(|e| (Envelope::Raw, e)),
+    }
+}
+
+/// The id given to a message that carries none: a digest of its name and bytes.
+///
+/// Byte-identical messages without ids are therefore one event to the deduplication. Producers
+/// that send the same bytes twice meaning two events must give them ids (AMQP `message_id`,
+/// an `id` member, CloudEvents `id`), or send them through an ingress queue, which assigns ids.
+pub fn content_id(name: &str, body: &[u8]) -> EventId {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(name.as_bytes());
+    hasher.update([0]);
+    hasher.update(body);
+    let digest = hasher.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    EventId(format!("sha256:{hex}"))
+}
+
+fn is_structured_cloudevent(m: &BTreeMap<String, &RawValue>) -> bool {
+    ["specversion", "id", "type", "source"].iter().all(|k| m.contains_key(*k))
+}
+
+fn is_nestjs(m: &BTreeMap<String, &RawValue>) -> bool {
+    m.contains_key("pattern") && m.keys().all(|k| matches!(k.as_str(), "pattern" | "data" | "id"))
+}
+
+fn string_member(
+    m: &BTreeMap<String, &RawValue>,
+    name: &'static str,
+) -> Result<Option<String>, DecodeError> {
+    match m.get(name) {
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) => serde_json::from_str::<String>(raw.get())
+            .map(Some)
+            .map_err(|_| DecodeError::InvalidAttribute { attribute: name, reason: "must be a string".into() }),
+    }
+}
+
+fn required(m: &BTreeMap<String, &RawValue>, name: &'static str) -> Result<String, DecodeError> {
+    string_member(m, name)?.filter(|s| !s.is_empty()).ok_or(DecodeError::MissingAttribute(name))
+}
+
+fn decode_structured_cloudevent(
+    m: &BTreeMap<String, &RawValue>,
+    transport: &Transport,
+) -> Result<Event, DecodeError> {
+    let spec = required(m, "specversion")?;
+    if spec != "1.0" {
+        return Err(DecodeError::SpecVersion(spec));
+    }
+    let occurred_at = match m.get("time") {
+        Some(raw) if raw.get() != "null" => parse_time_json(raw.get())?,
+        _ => fallback_time(transport),
+    };
+    let (payload, content_type) = if let Some(b64) = string_member(m, "data_base64")? {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()).map_err(|e| {
+            DecodeError::InvalidAttribute { attribute: "data_base64", reason: e.to_string() }
+        })?;
+        let ct = string_member(m, "datacontenttype")?.unwrap_or_else(|| "application/octet-stream".into());
+        (bytes, ct)
+    } else {
+        let data = m.get("data").map(|raw| raw.get()).unwrap_or("null");
+        (data.as_bytes().to_vec(), JSON.to_string())
+    };
+    let mut headers = Vec::new();
+    for (name, raw) in m {
+        let known = matches!(
+            name.as_str(),
+            "specversion"
+                | "id"
+                | "type"
+                | "source"
+                | "time"
+                | "data"
+                | "data_base64"
+                | "datacontenttype"
+                | "partitionkey"
+                | "correlationid"
+                | "causationid"
+        );
+        if !known && let Ok(value) = serde_json::from_str::<serde_json::Value>(raw.get()) {
+            let text = match value {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            headers.push(Header::new(name.clone(), text));
+        }
+    }
+    Ok(Event {
+        id: EventId(required(m, "id")?),
+        name: required(m, "type")?,
+        source: required(m, "source")?,
+        key: string_member(m, "partitionkey")?.or_else(|| transport.header_text(KEY_HEADER)),
+        correlation_id: string_member(m, "correlationid")?.or_else(|| transport_correlation(transport)),
+        causation_id: string_member(m, "causationid")?.or_else(|| transport.header_text(CAUSATION_HEADER)),
+        occurred_at,
+        content_type,
+        headers,
+        payload,
+    })
+}
+
+/// The header prefixes CloudEvents binary mode uses in the wild: the AMQP binding, the Python
+/// SDK, and the Knative RabbitMQ binding (and its underscore variant).
+const CE_PREFIXES: [&str; 4] = ["cloudEvents:", "cloudEvents_", "ce-", "ce_"];
+
+fn binary_ce_attribute<'t>(transport: &'t Transport, attribute: &str) -> Option<&'t HeaderValue> {
+    transport.headers.iter().find_map(|(name, value)| {
+        CE_PREFIXES
+            .iter()
+            .any(|p| {
+                name.len() == p.len() + attribute.len()
+                    && name[..p.len()].eq_ignore_ascii_case(p)
+                    && name[p.len()..].eq_ignore_ascii_case(attribute)
+            })
+            .then_some(value)
+    })
+}
+
+fn binary_text(transport: &Transport, attribute: &'static str) -> Option<String> {
+    binary_ce_attribute(transport, attribute).map(HeaderValue::as_text).filter(|s| !s.is_empty())
+}
+
+fn decode_binary_cloudevent(ty: &HeaderValue, body: &[u8], transport: &Transport) -> Result<Event, DecodeError> {
+    if let Some(spec) = binary_text(transport, "specversion")
+        && spec != "1.0"
+    {
+        return Err(DecodeError::SpecVersion(spec));
+    }
+    let occurred_at = match binary_ce_attribute(transport, "time") {
+        Some(HeaderValue::Text(s)) => parse_rfc3339(s)?,
+        // The Python SDK sends epoch milliseconds as an int64.
+        Some(HeaderValue::Integer(ms)) => Millis(u64::try_from(*ms).unwrap_or(0)),
+        Some(HeaderValue::Timestamp(secs)) => Millis(secs.saturating_mul(1000)),
+        Some(HeaderValue::Boolean(_)) => {
+            return Err(DecodeError::InvalidAttribute { attribute: "time", reason: "is a boolean".into() });
+        }
+        None => fallback_time(transport),
+    };
+    let headers = transport
+        .headers
+        .iter()
+        .filter(|(name, _)| !CE_PREFIXES.iter().any(|p| name.len() > p.len() && name[..p.len()].eq_ignore_ascii_case(p)))
+        .map(|(name, value)| Header::new(name.clone(), value.as_text()))
+        .collect();
+    Ok(Event {
+        id: EventId(binary_text(transport, "id").ok_or(DecodeError::MissingAttribute("id"))?),
+        name: ty.as_text(),
+        source: binary_text(transport, "source").ok_or(DecodeError::MissingAttribute("source"))?,
+        key: binary_text(transport, "partitionkey").or_else(|| transport.header_text(KEY_HEADER)),
+        correlation_id: binary_text(transport, "correlationid").or_else(|| transport_correlation(transport)),
+        causation_id: binary_text(transport, "causationid").or_else(|| transport.header_text(CAUSATION_HEADER)),
+        occurred_at,
+        content_type: JSON.to_string(),
+        headers,
+        payload: body.to_vec(),
+    })
+}
+
+fn decode_nestjs(m: &BTreeMap<String, &RawValue>, body: &[u8], transport: &Transport) -> Result<Event, DecodeError> {
+    let pattern = m.get("pattern").map(|raw| raw.get()).unwrap_or("null");
+    let name = match serde_json::from_str::<serde_json::Value>(pattern) {
+        Ok(serde_json::Value::String(s)) if !s.is_empty() => s,
+        // NestJS routes object patterns by their JSON text with keys sorted.
+        Ok(v @ serde_json::Value::Object(_)) => v.to_string(),
+        _ => return Err(DecodeError::InvalidPattern(format!("expected a non-empty string or an object, got {pattern}"))),
+    };
+    let data = m.get("data").map(|raw| raw.get()).unwrap_or("null");
+    let id = transport
+        .message_id
+        .clone()
+        .filter(|s| !s.is_empty())
+        .or(string_member(m, "id").ok().flatten())
+        .map(EventId)
+        .unwrap_or_else(|| content_id(&name, body));
+    Ok(event_from_transport(id, name, data.as_bytes().to_vec(), transport))
+}
+
+fn decode_raw(body: &[u8], transport: &Transport) -> Result<Event, DecodeError> {
+    let name = transport
+        .header_text(NAME_HEADER)
+        .or_else(|| Some(transport.routing_key.clone()).filter(|k| !k.is_empty()))
+        .ok_or(DecodeError::NoName)?;
+    let id = transport.message_id.clone().filter(|s| !s.is_empty()).map(EventId).unwrap_or_else(|| content_id(&name, body));
+    Ok(event_from_transport(id, name, body.to_vec(), transport))
+}
+
+fn event_from_transport(id: EventId, name: String, payload: Vec<u8>, transport: &Transport) -> Event {
+    Event {
+        id,
+        name,
+        source: transport.header_text(SOURCE_HEADER).unwrap_or_else(|| transport.origin.clone()),
+        key: transport.header_text(KEY_HEADER),
+        correlation_id: transport_correlation(transport),
+        causation_id: transport.header_text(CAUSATION_HEADER),
+        occurred_at: fallback_time(transport),
+        content_type: JSON.to_string(),
+        headers: transport.headers.iter().map(|(n, v)| Header::new(n.clone(), v.as_text())).collect(),
+        payload,
+    }
+}
+
+fn transport_correlation(transport: &Transport) -> Option<String> {
+    transport.correlation_id.clone().filter(|s| !s.is_empty()).or_else(|| transport.header_text(CORRELATION_HEADER))
+}
+
+/// Occurred-at when the envelope has no time: the router's ingress stamp, the AMQP timestamp,
+/// or the moment of receipt.
+fn fallback_time(transport: &Transport) -> Millis {
+    match transport.header(OCCURRED_AT_HEADER) {
+        Some(HeaderValue::Integer(ms)) if *ms >= 0 => return Millis(*ms as u64),
+        Some(HeaderValue::Text(s)) => {
+            if let Ok(ms) = s.parse::<u64>() {
+                return Millis(ms);
+            }
+        }
+        _ => {}
+    }
+    transport.timestamp.map(|s| Millis(s.saturating_mul(1000))).unwrap_or(transport.received_at)
+}
+
+fn parse_time_json(raw: &str) -> Result<Millis, DecodeError> {
+    match serde_json::from_str::<serde_json::Value>(raw) {
+        Ok(serde_json::Value::String(s)) => parse_rfc3339(&s),
+        Ok(serde_json::Value::Number(n)) if n.as_u64().is_some() => Ok(Millis(n.as_u64().unwrap_or(0))),
+        _ => Err(DecodeError::InvalidAttribute { attribute: "time", reason: format!("expected an RFC 3339 string, got {raw}") }),
+    }
+}
+
+fn parse_rfc3339(s: &str) -> Result<Millis, DecodeError> {
+    let t = OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| DecodeError::InvalidAttribute { attribute: "time", reason: format!("{s:?}: {e}") })?;
+    let ms = t.unix_timestamp_nanos() / 1_000_000;
+    Ok(Millis(u64::try_from(ms).unwrap_or(0)))
+}
+
+/// Format milliseconds since the epoch as RFC 3339 (CloudEvents `time`).
+pub fn format_rfc3339(at: Millis) -> String {
+    let nanos = i128::from(at.0) * 1_000_000;
+    OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+}
+
+/// How the outbox relay writes events for the services around the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkFormat {
+    /// `{"pattern": name, "data": payload}`, consumed unchanged by NestJS services.
+    #[default]
+    Nestjs,
+    /// CloudEvents 1.0 structured mode (`application/cloudevents+json`).
+    Cloudevents,
+}
+
+/// An event encoded for a broker: the body and its content type. Ids, correlation and
+/// causation also travel as transport properties and headers (see [`crate::outbox`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub body: Vec<u8>,
+    pub content_type: &'static str,
+}
+
+/// Encode an event the router publishes. The payload must be JSON (checked at publish time).
+pub fn encode(event: &Event, format: SinkFormat) -> Encoded {
+    let data = std::str::from_utf8(&event.payload).ok().and_then(|s| RawValue::from_string(s.to_string()).ok());
+    let data = data.unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"));
+    match format {
+        SinkFormat::Nestjs => {
+            let body = serde_json::json!({ "pattern": event.name, "data": data });
+            Encoded { body: body.to_string().into_bytes(), content_type: JSON }
+        }
+        SinkFormat::Cloudevents => {
+            let mut body = serde_json::json!({
+                "specversion": "1.0",
+                "id": event.id.0,
+                "type": event.name,
+                "source": event.source,
+                "time": format_rfc3339(event.occurred_at),
+                "datacontenttype": JSON,
+                "data": data,
+            });
+            let ext = [("correlationid", &event.correlation_id), ("causationid", &event.causation_id), ("partitionkey", &event.key)];
+            for (name, value) in ext {
+                if let Some(v) = value {
+                    body[name] = serde_json::Value::String(v.clone());
+                }
+            }
+            Encoded { body: body.to_string().into_bytes(), content_type: CLOUDEVENTS_JSON }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transport(routing_key: &str) -> Transport {
+        Transport {
+            routing_key: routing_key.into(),
+            origin: "amqp:test".into(),
+            received_at: Millis(1_700_000_000_000),
+            ..Default::default()
+        }
+    }
+
+    fn decoded(body: &str, t: &Transport) -> (Envelope, Event) {
+        let d = decode(body.as_bytes(), t).expect("decodes");
+        (d.envelope, d.event)
+    }
+
+    #[test]
+    fn nestjs_envelope_names_by_pattern_and_carries_data() {
+        let (kind, e) = decoded(r#"{"pattern":"user.updated","data":{"user":{"user_id":"u1"}}}"#, &transport("riff_queue"));
+        assert_eq!(kind, Envelope::NestJs);
+        assert_eq!(e.name, "user.updated");
+        assert_eq!(e.payload, br#"{"user":{"user_id":"u1"}}"#);
+        assert_eq!(e.source, "amqp:test");
+        assert_eq!(e.occurred_at, Millis(1_700_000_000_000));
+        assert!(e.id.0.starts_with("sha256:"));
+        assert!(!decode(br#"{"pattern":"a","data":1}"#, &transport("q")).unwrap().id_carried);
+        assert!(decode(br#"{"pattern":"a","data":1,"id":"x"}"#, &transport("q")).unwrap().id_carried);
+    }
+
+    #[test]
+    fn nestjs_object_pattern_is_named_by_sorted_json() {
+        let (_, e) = decoded(r#"{"pattern":{"cmd":"sum","b":1},"data":null}"#, &transport("q"));
+        assert_eq!(e.name, r#"{"b":1,"cmd":"sum"}"#);
+        assert_eq!(e.payload, b"null");
+    }
+
+    #[test]
+    fn nestjs_id_comes_from_message_id_then_envelope() {
+        let mut t = transport("q");
+        let (_, e) = decoded(r#"{"pattern":"a","data":1,"id":"env-id"}"#, &t);
+        assert_eq!(e.id, EventId("env-id".into()));
+        t.message_id = Some("amqp-id".into());
+        let (_, e) = decoded(r#"{"pattern":"a","data":1,"id":"env-id"}"#, &t);
+        assert_eq!(e.id, EventId("amqp-id".into()));
+    }
+
+    #[test]
+    fn nestjs_rejects_an_empty_or_numeric_pattern() {
+        for body in [r#"{"pattern":"","data":1}"#, r#"{"pattern":5,"data":1}"#] {
+            assert!(matches!(decode(body.as_bytes(), &transport("q")), Err(DecodeError::InvalidPattern(_))), "{body}");
+        }
+    }
+
+    #[test]
+    fn structured_cloudevent_is_decoded_with_extensions() {
+        let body = r#"{"specversion":"1.0","id":"ce-1","type":"order.created","source":"/orders",
+            "time":"2024-05-01T10:00:00.250Z","data":{"orderId":"o1"},"correlationid":"c-9","partitionkey":"o1","tenant":"acme"}"#;
+        let (kind, e) = decoded(body, &transport("ignored"));
+        assert_eq!(kind, Envelope::CloudEventsStructured);
+        assert_eq!(e.id, EventId("ce-1".into()));
+        assert_eq!(e.name, "order.created");
+        assert_eq!(e.source, "/orders");
+        assert_eq!(e.occurred_at, Millis(1_714_557_600_250));
+        assert_eq!(e.payload, br#"{"orderId":"o1"}"#);
+        assert_eq!(e.correlation_id.as_deref(), Some("c-9"));
+        assert_eq!(e.key.as_deref(), Some("o1"));
+        assert!(e.headers.contains(&Header::new("tenant", "acme")));
+    }
+
+    #[test]
+    fn structured_cloudevent_with_base64_data() {
+        let mut t = transport("x");
+        t.content_type = Some(CLOUDEVENTS_JSON.into());
+        let body = r#"{"specversion":"1.0","id":"1","type":"blob","source":"s","data_base64":"aGk=","datacontenttype":"text/plain"}"#;
+        let (_, e) = decoded(body, &t);
+        assert_eq!(e.payload, b"hi");
+        assert_eq!(e.content_type, "text/plain");
+    }
+
+    #[test]
+    fn structured_cloudevent_errors_name_the_attribute() {
+        let mut t = transport("x");
+        t.content_type = Some(CLOUDEVENTS_JSON.into());
+        let missing = r#"{"specversion":"1.0","type":"a","source":"s"}"#;
+        assert_eq!(decode(missing.as_bytes(), &t).unwrap_err(), DecodeError::MissingAttribute("id"));
+        let version = r#"{"specversion":"0.3","id":"1","type":"a","source":"s"}"#;
+        assert_eq!(decode(version.as_bytes(), &t).unwrap_err(), DecodeError::SpecVersion("0.3".into()));
+        let time = r#"{"specversion":"1.0","id":"1","type":"a","source":"s","time":"yesterday"}"#;
+        assert!(matches!(decode(time.as_bytes(), &t), Err(DecodeError::InvalidAttribute { attribute: "time", .. })));
+    }
+
+    #[test]
+    fn binary_cloudevents_in_all_three_header_conventions() {
+        let conventions: [(&str, HeaderValue, u64); 3] = [
+            ("cloudEvents:", HeaderValue::Text("2024-05-01T10:00:00Z".into()), 1_714_557_600_000),
+            ("cloudEvents_", HeaderValue::Integer(1_714_557_600_123), 1_714_557_600_123),
+            ("ce-", HeaderValue::Timestamp(1_714_557_600), 1_714_557_600_000),
+        ];
+        for (prefix, time, expected) in conventions {
+            let mut t = transport("rk");
+            t.headers = vec![
+                (format!("{prefix}specversion"), HeaderValue::Text("1.0".into())),
+                (format!("{prefix}id"), HeaderValue::Text("b-1".into())),
+                (format!("{prefix}type"), HeaderValue::Text("user.updated".into())),
+                (format!("{prefix}source"), HeaderValue::Text("/users".into())),
+                (format!("{prefix}time"), time),
+                ("other".into(), HeaderValue::Integer(7)),
+            ];
+            let (kind, e) = decoded(r#"{"user_id":"u"}"#, &t);
+            assert_eq!(kind, Envelope::CloudEventsBinary, "{prefix}");
+            assert_eq!((e.id.0.as_str(), e.name.as_str(), e.source.as_str()), ("b-1", "user.updated", "/users"));
+            assert_eq!(e.occurred_at, Millis(expected), "{prefix}");
+            assert_eq!(e.headers, vec![Header::new("other", "7")]);
+            assert_eq!(e.payload, br#"{"user_id":"u"}"#);
+        }
+    }
+
+    #[test]
+    fn raw_json_is_named_by_header_then_routing_key() {
+        let (kind, e) = decoded(r#"{"user_id":"u1"}"#, &transport("user.deleted"));
+        assert_eq!((kind, e.name.as_str()), (Envelope::Raw, "user.deleted"));
+        let mut t = transport("ingress");
+        t.headers.push((NAME_HEADER.into(), HeaderValue::Text("user.updated".into())));
+        assert_eq!(decoded("[1,2]", &t).1.name, "user.updated");
+        assert_eq!(decode(b"{}", &transport("")).unwrap_err(), DecodeError::NoName);
+    }
+
+    #[test]
+    fn raw_id_is_message_id_or_a_content_digest() {
+        let mut t = transport("a.b");
+        let first = decoded(r#"{"x":1}"#, &t).1.id;
+        assert_eq!(first, decoded(r#"{"x":1}"#, &t).1.id, "same bytes, same id");
+        assert_ne!(first, decoded(r#"{"x":2}"#, &t).1.id);
+        t.message_id = Some("m-1".into());
+        assert_eq!(decoded(r#"{"x":1}"#, &t).1.id, EventId("m-1".into()));
+    }
+
+    #[test]
+    fn occurred_at_prefers_router_stamp_then_amqp_timestamp() {
+        let mut t = transport("a");
+        t.timestamp = Some(1_600_000_000);
+        assert_eq!(decoded("{}", &t).1.occurred_at, Millis(1_600_000_000_000));
+        t.headers.push((OCCURRED_AT_HEADER.into(), HeaderValue::Integer(1_650_000_000_001)));
+        assert_eq!(decoded("{}", &t).1.occurred_at, Millis(1_650_000_000_001));
+    }
+
+    #[test]
+    fn invalid_bodies_are_errors_not_repairs() {
+        assert_eq!(decode(b"{\"a\":\"\xff\"}", &transport("a")).unwrap_err(), DecodeError::NotUtf8(6));
+        assert!(matches!(decode(b"{\"pattern\":", &transport("a")), Err(DecodeError::NotJson(_))));
+        assert!(matches!(decode(b"", &transport("a")), Err(DecodeError::NotJson(_))));
+    }
+
+    #[test]
+    fn duplicated_keys_keep_the_last_value() {
+        let (_, e) = decoded(r#"{"pattern":"first","pattern":"second","data":1}"#, &transport("q"));
+        assert_eq!(e.name, "second");
+    }
+
+    #[test]
+    fn encode_then_decode_round_trips_in_both_formats() {
+        let event = Event {
+            id: EventId("e-1".into()),
+            name: "stock.reserved".into(),
+            source: "inventory".into(),
+            key: Some("o1".into()),
+            correlation_id: Some("c-1".into()),
+            causation_id: Some("cause".into()),
+            occurred_at: Millis(1_714_557_600_250),
+            content_type: JSON.into(),
+            headers: vec![],
+            payload: br#"{"orderId":"o1"}"#.to_vec(),
+        };
+        let ce = encode(&event, SinkFormat::Cloudevents);
+        let mut t = transport("stock.reserved");
+        t.content_type = Some(ce.content_type.into());
+        let (_, back) = decoded(std::str::from_utf8(&ce.body).unwrap(), &t);
+        assert_eq!(back, event);
+
+        let nest = encode(&event, SinkFormat::Nestjs);
+        assert_eq!(nest.body, br#"{"data":{"orderId":"o1"},"pattern":"stock.reserved"}"#);
+    }
+}

@@ -1,0 +1,25 @@
+//! switchyard: an event router that hosts WebAssembly handler plugins.
+//!
+//! # Layout
+//! The modules follow the data flow:
+//! `source` (RabbitMQ, in-process bus) → `envelope` (NestJS, CloudEvents, raw JSON → [`event::Event`])
+//! → `route` (event name → subscribed plugins) → `dispatch` (lanes per plugin, per-key order,
+//! retries) → `runtime` (wasmtime components, limits, instances) → `capability` (store,
+//! publish, log, config: what a plugin may do) → `commit` (one SQLite transaction per batch of
+//! invocations, then ack) → `outbox` (publishes committed events).
+//! `config` is `router.toml` as types; `db` is the SQLite schema and reads; `router` wires it
+//! all together.
+
+pub mod commit;
+pub mod config;
+pub mod db;
+pub mod envelope;
+pub mod event;
+pub mod route;
+pub mod capability;
+pub mod runtime;
+pub mod dispatch;
+pub mod outbox;
+pub mod router;
+pub mod source;
+pub mod telemetry;

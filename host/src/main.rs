@@ -1,0 +1,178 @@
+//! The `switchyard` binary: run the router, feed it events, inspect its store.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use switchyard::config::{Config, ENV_RABBITMQ_URL};
+use switchyard::db::Readers;
+use switchyard::router::{self, Router};
+use switchyard::source::rabbitmq::RabbitMqSource;
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "An event router that hosts WebAssembly handler plugins")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the router.
+    Run {
+        /// The configuration file.
+        #[arg(long, default_value = "router.toml")]
+        config: PathBuf,
+        /// Consume from this RabbitMQ instead of what the config says (e.g.
+        /// amqp://guest:guest@127.0.0.1:5672/%2f); same as SWITCHYARD_RABBITMQ_URL.
+        #[arg(long)]
+        rabbitmq: Option<String>,
+        /// Publish every line of this JSONL file (one envelope per line) once started: onto
+        /// the in-process bus, or to the RabbitMQ exchange under each event's name.
+        #[arg(long)]
+        feed: Option<PathBuf>,
+        /// Exit once every event (and every event they caused) has been handled.
+        #[arg(long)]
+        exit_when_idle: bool,
+    },
+    /// Print the documents of a plugin's collection as JSON lines.
+    Store {
+        #[arg(long, default_value = "router.toml")]
+        config: PathBuf,
+        plugin: String,
+        collection: String,
+    },
+    /// Print a plugin's dead letters as JSON lines.
+    DeadLetters {
+        #[arg(long, default_value = "router.toml")]
+        config: PathBuf,
+        plugin: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config, rabbitmq, feed, exit_when_idle } => {
+            if let Some(url) = rabbitmq {
+                // SAFETY: set before any other thread reads the environment.
+                unsafe { std::env::set_var(ENV_RABBITMQ_URL, url) };
+            }
+            let config = Config::load(&config)?;
+            switchyard::telemetry::init(&config.router.log);
+            serve(config, feed, exit_when_idle).await
+        }
+        Command::Store { config, plugin, collection } => {
+            let config = Config::load(&config)?;
+            let readers = open_readers(&config)?;
+            let mut cursor = String::new();
+            loop {
+                let rows = readers.scan(&plugin, &collection, &cursor, 1000)?;
+                let Some(last) = rows.last() else { break };
+                cursor = last.key.clone();
+                for row in rows {
+                    println!("{}", row.body);
+                }
+            }
+            Ok(())
+        }
+        Command::DeadLetters { config, plugin } => {
+            let config = Config::load(&config)?;
+            let readers = open_readers(&config)?;
+            for d in readers.dead_letters(&plugin, 10_000)? {
+                let line = serde_json::json!({
+                    "seq": d.seq, "event_id": d.event_id, "name": d.name, "reason": d.reason, "attempts": d.attempts,
+                });
+                println!("{line}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn open_readers(config: &Config) -> anyhow::Result<Readers> {
+    let dir = &config.router.data_dir;
+    anyhow::ensure!(router::has_database(dir), "no database under {}: run the router first", dir.display());
+    Ok(Readers::new(dir))
+}
+
+async fn serve(config: Config, feed: Option<PathBuf>, exit_when_idle: bool) -> anyhow::Result<()> {
+    let rabbit = config.rabbitmq.clone();
+    let router = Router::start(config).await?;
+    if let Some(path) = &feed {
+        let count = match (&router.bus, &rabbit) {
+            (Some(bus), _) => bus.feed_jsonl(path).await.with_context(|| format!("feeding {}", path.display()))?,
+            (None, Some(r)) => {
+                switchyard::source::rabbitmq::publish_jsonl(r, path).await.with_context(|| format!("feeding {}", path.display()))?
+            }
+            (None, None) => 0,
+        };
+        tracing::info!(count, file = %path.display(), "fed events");
+    }
+    if exit_when_idle {
+        let queues: Vec<String> = match &rabbit {
+            Some(r) => router
+                .plugins
+                .iter()
+                .map(|p| RabbitMqSource::queue_name(r, p.current().name.as_str()))
+                .chain(r.ingress_queues.iter().cloned())
+                .collect(),
+            None => Vec::new(),
+        };
+        let url = rabbit.as_ref().map(|r| r.url.expose().to_string()).unwrap_or_default();
+        router
+            .wait_idle(async || {
+                for q in &queues {
+                    if router::queue_depth(&url, q).await != Some(0) {
+                        return false;
+                    }
+                }
+                true
+            })
+            .await;
+        tracing::info!("idle: every event handled");
+    } else {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+    }
+    router.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

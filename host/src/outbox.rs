@@ -1,0 +1,196 @@
+//! The outbox relay: publishes committed outbox rows to the configured sink and deletes each
+//! row only after the sink confirmed it (RabbitMQ publisher confirms, or the in-process bus
+//! accepting it). Rows survive restarts; a row may be sent twice if the router dies between
+//! the confirm and the delete, and consumers deduplicate it by its id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::commit::Writer;
+use crate::config::Secret;
+use crate::db::{OutboxEntry, Readers};
+use crate::envelope::{
+    self, CAUSATION_HEADER, CORRELATION_HEADER, HeaderValue, KEY_HEADER, OCCURRED_AT_HEADER, SOURCE_HEADER, SinkFormat,
+    Transport,
+};
+use crate::event::{Event, EventId, Header, Millis};
+use crate::source::Received;
+use crate::source::bus::Bus;
+use crate::source::rabbitmq::field_table;
+
+/// Rows sent per round.
+const BATCH: usize = 256;
+/// Longest wait after a failed send.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
+
+/// Where published events go.
+pub enum Sink {
+    Bus(Arc<Bus>),
+    RabbitMq(RabbitSink),
+}
+
+/// Publishes to the topic exchange with confirms, reconnecting when needed.
+pub struct RabbitSink {
+    url: Secret,
+    exchange: String,
+    format: SinkFormat,
+    channel: Option<(Connection, Channel)>,
+}
+
+impl RabbitSink {
+    pub fn new(url: Secret, exchange: String, format: SinkFormat) -> Self {
+        RabbitSink { url, exchange, format, channel: None }
+    }
+
+    async fn channel(&mut self) -> Result<&Channel, lapin::Error> {
+        if self.channel.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
+            let conn = Connection::connect(self.url.expose(), ConnectionProperties::default()).await?;
+            let channel = conn.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            let options = ExchangeDeclareOptions { durable: true, ..Default::default() };
+            channel.exchange_declare(self.exchange.as_str().into(), ExchangeKind::Topic, options, FieldTable::default()).await?;
+            self.channel = Some((conn, channel));
+        }
+        Ok(&self.channel.as_ref().expect("channel was just opened").1)
+    }
+
+    async fn send(&mut self, events: &[Event]) -> Result<(), String> {
+        let format = self.format;
+        let exchange = self.exchange.clone();
+        let channel = self.channel().await.map_err(|e| e.to_string())?;
+        let mut confirms = Vec::with_capacity(events.len());
+        for event in events {
+            let encoded = envelope::encode(event, format);
+            let mut props = BasicProperties::default()
+                .with_message_id(event.id.0.as_str().into())
+                .with_content_type(encoded.content_type.into())
+                .with_delivery_mode(2)
+                .with_timestamp(event.occurred_at.0 / 1000)
+                .with_app_id(event.source.as_str().into())
+                .with_headers(field_table(&transport_headers(event)));
+            if let Some(c) = &event.correlation_id {
+                props = props.with_correlation_id(c.as_str().into());
+            }
+            let confirm = channel
+                .basic_publish(exchange.as_str().into(), event.name.as_str().into(), BasicPublishOptions::default(), &encoded.body, props)
+                .await
+                .map_err(|e| e.to_string())?;
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            if !confirm.await.map_err(|e| e.to_string())?.is_ack() {
+                return Err("the broker refused an event (nack)".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Headers that carry what NestJS's `{pattern, data}` cannot: id, source, time, causation.
+fn transport_headers(event: &Event) -> Vec<(String, HeaderValue)> {
+    let mut headers: Vec<(String, HeaderValue)> =
+        event.headers.iter().map(|h| (h.name.clone(), HeaderValue::Text(h.value.clone()))).collect();
+    headers.push((SOURCE_HEADER.into(), HeaderValue::Text(event.source.clone())));
+    headers.push((OCCURRED_AT_HEADER.into(), HeaderValue::Integer(event.occurred_at.0 as i64)));
+    if let Some(c) = &event.correlation_id {
+        headers.push((CORRELATION_HEADER.into(), HeaderValue::Text(c.clone())));
+    }
+    if let Some(c) = &event.causation_id {
+        headers.push((CAUSATION_HEADER.into(), HeaderValue::Text(c.clone())));
+    }
+    if let Some(k) = &event.key {
+        headers.push((KEY_HEADER.into(), HeaderValue::Text(k.clone())));
+    }
+    headers
+}
+
+impl Sink {
+    async fn send(&mut self, events: Vec<Event>) -> Result<(), String> {
+        match self {
+            Sink::RabbitMq(sink) => sink.send(&events).await,
+            Sink::Bus(bus) => {
+                for event in events {
+                    let body = envelope::encode(&event, SinkFormat::Nestjs).body;
+                    let transport = Transport {
+                        routing_key: event.name.clone(),
+                        origin: event.source.clone(),
+                        message_id: Some(event.id.0.clone()),
+                        received_at: Millis::now(),
+                        headers: transport_headers(&event),
+                        ..Default::default()
+                    };
+                    bus.publish(event, Received { body, transport }).await;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The event an outbox row publishes.
+fn event_of(row: OutboxEntry) -> Event {
+    let headers: Vec<(String, String)> = serde_json::from_str(&row.headers).unwrap_or_default();
+    Event {
+        id: EventId(row.id),
+        name: row.name,
+        source: row.source,
+        key: row.key,
+        correlation_id: row.correlation_id,
+        causation_id: row.causation_id,
+        occurred_at: row.created_at,
+        content_type: envelope::JSON.into(),
+        headers: headers.into_iter().map(|(n, v)| Header::new(n, v)).collect(),
+        payload: row.payload,
+    }
+}
+
+/// Relay until `shutdown`.
+pub async fn relay(readers: Readers, writer: Writer, mut sink: Sink, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let due = match readers.due_outbox(Millis::now(), BATCH) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the outbox");
+                Vec::new()
+            }
+        };
+        if due.is_empty() {
+            let wait = match readers.next_outbox_due() {
+                Ok(Some(at)) => Duration::from_millis(at.0.saturating_sub(Millis::now().0).max(1)),
+                _ => Duration::from_secs(1),
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = writer.outbox_ready.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            continue;
+        }
+        let seqs: Vec<i64> = due.iter().map(|r| r.seq).collect();
+        let events: Vec<Event> = due.into_iter().map(event_of).collect();
+        match sink.send(events).await {
+            Ok(()) => {
+                delay = Duration::from_millis(100);
+                match writer.outbox_sent(seqs).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not delete sent outbox rows; they will be sent again"),
+                    Err(_) => return,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "outbox relay could not publish; rows are kept");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+        }
+    }
+}

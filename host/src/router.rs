@@ -1,0 +1,161 @@
+//! Wiring: builds the running router from a [`Config`] — store writer, runtime, plugins,
+//! lanes, source and outbox relay — and stops it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::commit::Writer;
+use crate::config::{Config, PluginConfig};
+use crate::db::{self, Readers};
+use crate::dispatch::{Dispatch, PluginSlot};
+use crate::outbox::{self, RabbitSink, Sink};
+use crate::runtime::{LoadedPlugin, Overrides, Runtime};
+use crate::source::InFlight;
+use crate::source::bus::Bus;
+use crate::source::rabbitmq::RabbitMqSource;
+
+/// A running router.
+pub struct Router {
+    pub readers: Readers,
+    /// The in-process bus, when no broker is configured.
+    pub bus: Option<Arc<Bus>>,
+    /// True while the RabbitMQ source is connected (always true on the bus).
+    pub connected: Arc<AtomicBool>,
+    pub plugins: Vec<Arc<PluginSlot>>,
+    in_flight: Arc<InFlight>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    _runtime: Arc<Runtime>,
+}
+
+impl Router {
+    /// Start everything the config describes.
+    pub async fn start(config: Config) -> anyhow::Result<Router> {
+        let data_dir = &config.router.data_dir;
+        let writer = Writer::start(data_dir, &config.store)
+            .with_context(|| format!("opening the store under {}", data_dir.display()))?;
+        let readers = Readers::new(data_dir);
+        let runtime = Arc::new(Runtime::new(readers.clone()).context("starting the WebAssembly runtime")?);
+        let in_flight = Arc::new(InFlight::default());
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        let mut dispatches = Vec::new();
+        for plugin_config in &config.plugins {
+            let plugin = load(&runtime, plugin_config).await?;
+            for (collection, field) in &plugin.indexes {
+                writer
+                    .execute(db::index_ddl(field))
+                    .await?
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("indexing {collection}.{field} for plugin {}", plugin.name))?;
+            }
+            tracing::info!(
+                plugin = %plugin.name,
+                version = %plugin.version,
+                digest = %plugin.digest,
+                subscriptions = ?plugin.settings.subscriptions.0.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+                "plugin loaded"
+            );
+            dispatches.push(Dispatch::start(Arc::new(PluginSlot::new(plugin)), writer.clone(), readers.clone()));
+        }
+        let plugins = dispatches.iter().map(|d| d.slot().clone()).collect();
+
+        let connected = Arc::new(AtomicBool::new(false));
+        let (bus, sink) = match &config.rabbitmq {
+            Some(rabbit) => {
+                let source = RabbitMqSource {
+                    config: rabbit.clone(),
+                    writer: writer.clone(),
+                    readers: readers.clone(),
+                    in_flight: in_flight.clone(),
+                    connected: connected.clone(),
+                };
+                tasks.spawn(source.run(dispatches, shutdown.clone()));
+                let sink = RabbitSink::new(rabbit.url.clone(), rabbit.exchange.clone(), rabbit.sink_format);
+                (None, Sink::RabbitMq(sink))
+            }
+            None => {
+                let bus = Arc::new(Bus::new(writer.clone(), in_flight.clone()));
+                for dispatch in dispatches {
+                    bus.attach(dispatch);
+                }
+                connected.store(true, Ordering::SeqCst);
+                tracing::info!("no broker configured: running on the in-process bus");
+                (Some(bus.clone()), Sink::Bus(bus))
+            }
+        };
+        tasks.spawn(outbox::relay(readers.clone(), writer.clone(), sink, shutdown.clone()));
+        Ok(Router { readers, bus, connected, plugins, in_flight, shutdown, tasks, _runtime: runtime })
+    }
+
+    /// Messages taken from sources and not settled yet.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.get()
+    }
+
+    /// Whether nothing is in flight and the outbox is empty.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight() == 0 && self.readers.outbox_backlog().map(|n| n == 0).unwrap_or(false)
+    }
+
+    /// Wait until the router has been idle for two checks in a row. With RabbitMQ this
+    /// includes the broker's ready-message count of every queue given.
+    pub async fn wait_idle(&self, queues_empty: impl AsyncFn() -> bool) {
+        let mut quiet = 0;
+        while quiet < 2 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if self.connected.load(Ordering::SeqCst) && self.is_idle() && queues_empty().await {
+                quiet += 1;
+            } else {
+                quiet = 0;
+            }
+        }
+    }
+
+    /// Stop taking messages and end every task. Unsettled messages go back to the broker.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn load(runtime: &Runtime, config: &PluginConfig) -> anyhow::Result<LoadedPlugin> {
+    let bytes = std::fs::read(&config.path)
+        .with_context(|| format!("reading plugin {} from {}", config.name, config.path.display()))?;
+    let overrides = Overrides {
+        subscriptions: config.subscriptions.clone(),
+        ordering_key: config.ordering_key.clone(),
+        concurrency: config.concurrency,
+        instances: config.instances,
+        recycle_after: config.recycle_after,
+        limits: config.limits,
+        retry: config.retry,
+        config: config.resolved_values(&|name| std::env::var(name).ok()),
+    };
+    runtime
+        .load(&config.name, &bytes, overrides)
+        .await
+        .with_context(|| format!("loading plugin {} from {}", config.name, config.path.display()))
+}
+
+/// Ready-message count of a queue, through a passive declare; `None` if it cannot be read.
+pub async fn queue_depth(url: &str, queue: &str) -> Option<u32> {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await.ok()?;
+    let channel = conn.create_channel().await.ok()?;
+    let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let q = channel.queue_declare(queue.into(), options, lapin::types::FieldTable::default()).await.ok()?;
+    let _ = conn.close(200, "done".into()).await;
+    Some(q.message_count())
+}
+
+/// Whether a data dir already holds a database.
+pub fn has_database(data_dir: &Path) -> bool {
+    db::path(data_dir).is_file()
+}

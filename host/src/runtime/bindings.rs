@@ -1,0 +1,10 @@
+//! The one `bindgen!` over `wit/`: every other module uses these types.
+
+wasmtime::component::bindgen!({
+    world: "plugin",
+    path: "../wit",
+    exports: { default: async },
+});
+
+pub use exports::switchyard::plugin::handler::Guest as Handler;
+pub use switchyard::plugin::types::{Event as WitEvent, Header as WitHeader, HandlerError, Metadata};

@@ -1,0 +1,120 @@
+//! One instance of a plugin handling events: converts the event to the WIT record, enforces
+//! the wall-time and memory limits, and turns the outcome into effects or an [`InvokeError`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+
+use super::LoadedPlugin;
+use super::bindings::{HandlerError, Plugin, WitEvent, WitHeader};
+use super::state::HostState;
+use crate::capability::Invocation;
+use crate::commit::Effects;
+use crate::event::Event;
+
+/// Why an invocation produced no effects.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum InvokeError {
+    /// The handler asked to be retried later.
+    #[error("handler asked to retry: {0}")]
+    Retry(String),
+    /// The handler rejected the event for good.
+    #[error("handler rejected the event: {0}")]
+    Reject(String),
+    /// The wall-time limit was reached.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The plugin trapped (a panic, an out-of-bounds access, memory past its cap).
+    #[error("plugin trapped: {0}")]
+    Trap(String),
+}
+
+impl InvokeError {
+    /// Whether the instance must be discarded.
+    pub fn poisons_instance(&self) -> bool {
+        matches!(self, InvokeError::Timeout(_) | InvokeError::Trap(_))
+    }
+}
+
+pub(super) fn new_store(engine: &Engine, state: HostState, timeout_ms: u64) -> Store<HostState> {
+    let mut store = Store::new(engine, state);
+    store.data_mut().deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    store.limiter(|s| &mut s.limits);
+    // Every tick: yield to the executor so a busy plugin never starves other tasks, and trap
+    // once the invocation's wall-time deadline has passed.
+    store.epoch_deadline_callback(|ctx| {
+        if Instant::now() >= ctx.data().deadline {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    store.set_epoch_deadline(1);
+    store
+}
+
+/// A live instance of one plugin version.
+pub struct Instance {
+    plugin: Arc<LoadedPlugin>,
+    store: Store<HostState>,
+    bindings: Plugin,
+    /// Events handled so far.
+    pub uses: u64,
+}
+
+impl Instance {
+    pub async fn new(plugin: Arc<LoadedPlugin>) -> Result<Self, InvokeError> {
+        let state = HostState::new(plugin.context.clone(), plugin.store_limits());
+        let mut store = new_store(&plugin.engine, state, plugin.settings.limits.timeout_ms);
+        let bindings = plugin.pre.instantiate_async(&mut store).await.map_err(|e| InvokeError::Trap(format!("{e:#}")))?;
+        Ok(Instance { plugin, store, bindings, uses: 0 })
+    }
+
+    /// The plugin version this instance runs.
+    pub fn plugin(&self) -> &Arc<LoadedPlugin> {
+        &self.plugin
+    }
+
+    /// Run the handler on one event; on success return the effects to commit.
+    pub async fn handle(&mut self, event: &Event, key: Option<String>, attempt: u32) -> Result<Effects, InvokeError> {
+        self.uses += 1;
+        let timeout = Duration::from_millis(self.plugin.settings.limits.timeout_ms);
+        let data = self.store.data_mut();
+        data.invocation = Some(Invocation::new(&data.plugin, event));
+        data.deadline = Instant::now() + timeout;
+        self.store.set_epoch_deadline(1);
+        let record = to_wit(event, key, attempt);
+        let result = self.bindings.switchyard_plugin_handler().call_handle(&mut self.store, &record).await;
+        let invocation = self.store.data_mut().invocation.take();
+        match result {
+            Ok(Ok(())) => Ok(invocation.map(Invocation::into_effects).unwrap_or_default()),
+            Ok(Err(HandlerError::Retry(reason))) => Err(InvokeError::Retry(reason)),
+            Ok(Err(HandlerError::Reject(reason))) => Err(InvokeError::Reject(reason)),
+            Err(e) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Err(InvokeError::Timeout(timeout)),
+            Err(e) => {
+                let detail = match self.store.data().last_stderr_line() {
+                    Some(line) => format!("{e:#} (stderr: {line})"),
+                    None => format!("{e:#}"),
+                };
+                Err(InvokeError::Trap(detail))
+            }
+        }
+    }
+}
+
+fn to_wit(event: &Event, key: Option<String>, attempt: u32) -> WitEvent {
+    WitEvent {
+        id: event.id.0.clone(),
+        name: event.name.clone(),
+        source: event.source.clone(),
+        key,
+        correlation_id: event.correlation_id.clone(),
+        causation_id: event.causation_id.clone(),
+        occurred_at: event.occurred_at.0,
+        content_type: event.content_type.clone(),
+        headers: event.headers.iter().map(|h| WitHeader { name: h.name.clone(), value: h.value.clone() }).collect(),
+        payload: event.payload.clone(),
+        attempt,
+    }
+}

@@ -1,0 +1,213 @@
+//! The wasmtime side: one engine, plugins compiled and pre-instantiated once, and instances
+//! that run one event at a time under hard limits.
+//!
+//! Lifecycle: [`Runtime::load`] compiles a component, links it against the capabilities,
+//! calls its `metadata` and checks it; [`Instance`]s are created from the loaded plugin by the
+//! dispatch lanes, reused or fresh per event as the plugin's [`InstancePolicy`] says.
+
+pub mod bindings;
+pub mod instance;
+pub mod state;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, StoreLimitsBuilder};
+
+use crate::capability::PluginContext;
+use crate::config::{InstancePolicy, Limits, PluginName, RetryPolicy, Secret};
+use crate::db::{self, Readers};
+use crate::route::{Pattern, Subscriptions};
+
+pub use instance::{Instance, InvokeError};
+use state::HostState;
+
+/// How often the engine's epoch advances: the granularity of timeouts and of yielding to
+/// other tasks while a plugin computes.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("not a WebAssembly component: {0}")]
+    NotAComponent(String),
+    #[error("component does not fit the switchyard:plugin world: {0}")]
+    Incompatible(String),
+    #[error("the plugin's metadata call failed: {0}")]
+    Metadata(String),
+    #[error("invalid metadata: {0}")]
+    InvalidMetadata(String),
+    #[error("config names the plugin {configured:?} but the component says it is {reported:?}")]
+    NameMismatch { configured: String, reported: String },
+}
+
+/// Settings of a plugin as the router runs it: the component's metadata overridden by
+/// configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub subscriptions: Subscriptions,
+    pub ordering_key: Vec<String>,
+    pub concurrency: usize,
+    pub instances: InstancePolicy,
+    pub recycle_after: u64,
+    pub limits: Limits,
+    pub retry: RetryPolicy,
+    pub config: BTreeMap<String, Secret>,
+}
+
+/// What the caller overrides when loading; `None` keeps the component's own metadata.
+#[derive(Debug, Clone)]
+pub struct Overrides {
+    pub subscriptions: Option<Vec<Pattern>>,
+    pub ordering_key: Option<Vec<String>>,
+    pub concurrency: usize,
+    pub instances: InstancePolicy,
+    pub recycle_after: u64,
+    pub limits: Limits,
+    pub retry: RetryPolicy,
+    pub config: BTreeMap<String, Secret>,
+}
+
+/// A compiled, checked and pre-instantiated plugin version.
+pub struct LoadedPlugin {
+    pub name: PluginName,
+    pub version: String,
+    /// sha256 of the component bytes, hex.
+    pub digest: String,
+    pub settings: Settings,
+    pub indexes: Vec<(String, String)>,
+    pre: bindings::PluginPre<HostState>,
+    context: Arc<PluginContext>,
+    engine: Engine,
+}
+
+impl LoadedPlugin {
+    fn store_limits(&self) -> wasmtime::StoreLimits {
+        let bytes = usize::try_from(self.settings.limits.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+        StoreLimitsBuilder::new().memory_size(bytes).trap_on_grow_failure(true).build()
+    }
+}
+
+/// The wasmtime engine shared by every plugin, with its epoch ticker.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    readers: Readers,
+    ticking: Arc<AtomicBool>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticking.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    /// An engine with epoch interruption, and a linker offering exactly the plugin world's
+    /// imports plus the WASI interfaces Rust's standard library needs (sandboxed by
+    /// [`HostState`]).
+    pub fn new(readers: Readers) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config.wasm_component_model(true).epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+        let ticking = Arc::new(AtomicBool::new(true));
+        let weak = engine.weak();
+        let running = ticking.clone();
+        thread::Builder::new().name("switchyard-epoch".into()).spawn(move || {
+            while running.load(Ordering::Relaxed) {
+                thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })?;
+        Ok(Runtime { engine, linker, readers, ticking })
+    }
+
+    /// Compile, link and describe a plugin; nothing of the running router changes.
+    pub async fn load(&self, name: &PluginName, bytes: &[u8], overrides: Overrides) -> Result<LoadedPlugin, LoadError> {
+        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
+        let pre = bindings::PluginPre::new(pre).map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
+        let context = Arc::new(PluginContext {
+            name: Arc::from(name.as_str()),
+            readers: self.readers.clone(),
+            indexes: HashSet::new(),
+            config: overrides.config.clone(),
+        });
+        let metadata = describe(&self.engine, &pre, context.clone(), overrides.limits).await?;
+        if metadata.name != name.as_str() {
+            return Err(LoadError::NameMismatch { configured: name.to_string(), reported: metadata.name });
+        }
+        let own_subscriptions = metadata
+            .subscriptions
+            .iter()
+            .map(|s| Pattern::parse(s).map_err(|e| LoadError::InvalidMetadata(format!("subscription: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut indexes = Vec::new();
+        for index in &metadata.indexes {
+            if index.collection.is_empty() || !db::valid_field(&index.field) {
+                return Err(LoadError::InvalidMetadata(format!(
+                    "index {}.{}: the collection must be non-empty and the field 1-64 of [A-Za-z0-9_]",
+                    index.collection, index.field
+                )));
+            }
+            indexes.push((index.collection.clone(), index.field.clone()));
+        }
+        let context = Arc::new(PluginContext {
+            name: context.name.clone(),
+            readers: self.readers.clone(),
+            indexes: indexes.iter().cloned().collect(),
+            config: overrides.config.clone(),
+        });
+        let settings = Settings {
+            subscriptions: Subscriptions(overrides.subscriptions.unwrap_or(own_subscriptions)),
+            ordering_key: overrides.ordering_key.unwrap_or(metadata.ordering_key),
+            concurrency: overrides.concurrency,
+            instances: overrides.instances,
+            recycle_after: overrides.recycle_after,
+            limits: overrides.limits,
+            retry: overrides.retry,
+            config: overrides.config,
+        };
+        Ok(LoadedPlugin {
+            name: name.clone(),
+            version: metadata.version,
+            digest: Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect(),
+            settings,
+            indexes,
+            pre,
+            context,
+            engine: self.engine.clone(),
+        })
+    }
+}
+
+/// Instantiate once and ask the plugin who it is.
+async fn describe(
+    engine: &Engine,
+    pre: &bindings::PluginPre<HostState>,
+    context: Arc<PluginContext>,
+    limits: Limits,
+) -> Result<bindings::Metadata, LoadError> {
+    let bytes = usize::try_from(limits.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+    let store_limits = StoreLimitsBuilder::new().memory_size(bytes).trap_on_grow_failure(true).build();
+    let mut store = instance::new_store(engine, HostState::new(context, store_limits), limits.timeout_ms);
+    let plugin = pre.instantiate_async(&mut store).await.map_err(|e| LoadError::Metadata(format!("{e:#}")))?;
+    plugin
+        .switchyard_plugin_handler()
+        .call_metadata(&mut store)
+        .await
+        .map_err(|e| LoadError::Metadata(format!("{e:#}")))
+}

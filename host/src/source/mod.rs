@@ -1,0 +1,96 @@
+//! Where events come from: one module per transport, each turning broker messages into
+//! [`Delivery`]s that carry their bytes, transport metadata and how to acknowledge them.
+
+pub mod bus;
+pub mod rabbitmq;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::envelope::Transport;
+
+/// A message as received, before or after decoding.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub body: Vec<u8>,
+    pub transport: Transport,
+}
+
+impl Received {
+    /// The transport metadata as JSON, kept with dead letters.
+    pub fn transport_json(&self) -> String {
+        let t = &self.transport;
+        let headers: Vec<(String, String)> =
+            t.headers.iter().map(|(n, v)| (n.clone(), format!("{v:?}"))).collect();
+        serde_json::json!({
+            "routing_key": t.routing_key,
+            "origin": t.origin,
+            "content_type": t.content_type,
+            "message_id": t.message_id,
+            "headers": headers,
+        })
+        .to_string()
+    }
+}
+
+/// Messages taken from a source and not yet acknowledged, across all sources: the router is
+/// idle when it is zero and the outbox is empty.
+#[derive(Debug, Default)]
+pub struct InFlight(AtomicU64);
+
+impl InFlight {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// How to settle one message with its source. Dropping it unsettled leaves the message to be
+/// redelivered (RabbitMQ requeues unacknowledged messages when the channel closes).
+pub struct Ack {
+    kind: AckKind,
+    in_flight: Arc<InFlight>,
+}
+
+enum AckKind {
+    Amqp(lapin::Acker),
+    /// The in-process bus: nothing to tell a broker.
+    Local,
+}
+
+impl Ack {
+    pub(crate) fn amqp(acker: lapin::Acker, in_flight: Arc<InFlight>) -> Self {
+        in_flight.0.fetch_add(1, Ordering::SeqCst);
+        Ack { kind: AckKind::Amqp(acker), in_flight }
+    }
+
+    pub(crate) fn local(in_flight: Arc<InFlight>) -> Self {
+        in_flight.0.fetch_add(1, Ordering::SeqCst);
+        Ack { kind: AckKind::Local, in_flight }
+    }
+
+    /// The message's effects are committed (or it is dead-lettered): the source may forget it.
+    pub async fn ack(self) {
+        if let AckKind::Amqp(acker) = &self.kind
+            && let Err(e) = acker.ack(lapin::options::BasicAckOptions::default()).await
+        {
+            // The channel is gone; the broker redelivers and the processed-marker dedups.
+            tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+        }
+    }
+
+    /// Give the message back to the broker now (e.g. on shutdown before handling it).
+    pub async fn requeue(self) {
+        if let AckKind::Amqp(acker) = &self.kind {
+            let options = lapin::options::BasicNackOptions { requeue: true, ..Default::default() };
+            if let Err(e) = acker.nack(options).await {
+                tracing::warn!(error = %e, "nack failed; the message will be redelivered");
+            }
+        }
+    }
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        self.in_flight.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}

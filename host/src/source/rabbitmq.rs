@@ -1,0 +1,462 @@
+//! RabbitMQ: a durable topic exchange, one durable queue per plugin bound to its
+//! subscriptions, and ingress queues that NestJS services `emit` to.
+//!
+//! An ingress message is forwarded to the exchange under its event name, with publisher
+//! confirms, and acked only after the broker confirmed the copy. A message that carries no id
+//! gets one, written to the ingress journal before the copy is sent; if the router dies before
+//! the ack, the redelivered message (same bytes, `redelivered` set) takes the journaled id
+//! again, so the plugins' deduplication sees one event.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::commit::{JournalEntry, JournalOp, Writer};
+use crate::config::RabbitMqConfig;
+use crate::db::Readers;
+use crate::dispatch::{Dispatch, Inbound, dead_letter_undecodable};
+use crate::envelope::{self, HeaderValue, OCCURRED_AT_HEADER, Transport};
+use crate::event::{EventId, Millis};
+use crate::source::{Ack, InFlight, Received};
+
+/// Longest wait between reconnection attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(30);
+/// Ingress messages forwarded per confirm round.
+const INGRESS_BATCH: usize = 256;
+
+/// Why a connection to RabbitMQ ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    #[error("connection failed: {0}")]
+    Connect(lapin::Error),
+    #[error("declaring {what} failed: {error}")]
+    Topology { what: String, error: lapin::Error },
+    #[error("consumer of {queue} ended: {reason}")]
+    ConsumerEnded { queue: String, reason: String },
+    #[error("forwarding from ingress queue {queue} failed: {reason}")]
+    Forward { queue: String, reason: String },
+}
+
+/// The RabbitMQ source of one router.
+pub struct RabbitMqSource {
+    pub config: RabbitMqConfig,
+    pub writer: Writer,
+    pub readers: Readers,
+    pub in_flight: Arc<InFlight>,
+    /// True while connected with every consumer running.
+    pub connected: Arc<AtomicBool>,
+}
+
+impl RabbitMqSource {
+    /// The queue a plugin consumes.
+    pub fn queue_name(config: &RabbitMqConfig, plugin: &str) -> String {
+        format!("{}{plugin}", config.queue_prefix)
+    }
+
+    /// Consume until `shutdown`, reconnecting with backoff whenever the connection ends.
+    pub async fn run(self, dispatches: Vec<Dispatch>, shutdown: CancellationToken) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let session = self.session(&dispatches, &shutdown);
+            let ended = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ended = session => ended,
+            };
+            self.connected.store(false, Ordering::SeqCst);
+            match ended {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "RabbitMQ session ended; reconnecting"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+        }
+    }
+
+    async fn session(&self, dispatches: &[Dispatch], shutdown: &CancellationToken) -> Result<(), SessionEnd> {
+        let conn = Connection::connect(self.config.url.expose(), ConnectionProperties::default())
+            .await
+            .map_err(SessionEnd::Connect)?;
+        let setup = conn.create_channel().await.map_err(SessionEnd::Connect)?;
+        declare_exchange(&setup, &self.config.exchange).await?;
+        let mut tasks = JoinSet::new();
+        for dispatch in dispatches {
+            let plugin = dispatch.slot().current();
+            let queue = Self::queue_name(&self.config, plugin.name.as_str());
+            let channel = conn.create_channel().await.map_err(SessionEnd::Connect)?;
+            declare_queue(&channel, &queue).await?;
+            for pattern in &plugin.settings.subscriptions.0 {
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        self.config.exchange.as_str().into(),
+                        pattern.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|error| SessionEnd::Topology { what: format!("binding {queue} to {pattern}"), error })?;
+            }
+            channel
+                .basic_qos(self.config.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|error| SessionEnd::Topology { what: format!("prefetch of {queue}"), error })?;
+            let consumer = PluginConsumer {
+                queue,
+                origin: format!("amqp:{}", self.config.exchange),
+                plugin: plugin.name.to_string(),
+                dispatch: dispatch.clone(),
+                writer: self.writer.clone(),
+                in_flight: self.in_flight.clone(),
+            };
+            tasks.spawn(consumer.run(channel));
+        }
+        for queue in &self.config.ingress_queues {
+            let channel = conn.create_channel().await.map_err(SessionEnd::Connect)?;
+            declare_queue(&channel, queue).await?;
+            channel
+                .basic_qos(self.config.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|error| SessionEnd::Topology { what: format!("prefetch of {queue}"), error })?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|error| SessionEnd::Topology { what: format!("confirms on {queue}"), error })?;
+            let forwarder = Forwarder {
+                queue: queue.clone(),
+                exchange: self.config.exchange.clone(),
+                writer: self.writer.clone(),
+                readers: self.readers.clone(),
+                in_flight: self.in_flight.clone(),
+                claimed: HashSet::new(),
+            };
+            tasks.spawn(forwarder.run(channel));
+        }
+        self.connected.store(true, Ordering::SeqCst);
+        tracing::info!(plugins = dispatches.len(), ingress = self.config.ingress_queues.len(), "consuming from RabbitMQ");
+        let ended = tokio::select! {
+            _ = shutdown.cancelled() => Ok(()),
+            first = tasks.join_next() => match first {
+                Some(Ok(end)) => Err(end),
+                Some(Err(join)) => Err(SessionEnd::ConsumerEnded { queue: "?".into(), reason: join.to_string() }),
+                None => Ok(()),
+            },
+        };
+        tasks.abort_all();
+        let _ = conn.close(200, "switchyard session ends".into()).await;
+        ended
+    }
+}
+
+async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), SessionEnd> {
+    let options = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    channel
+        .exchange_declare(exchange.into(), ExchangeKind::Topic, options, FieldTable::default())
+        .await
+        .map_err(|error| SessionEnd::Topology { what: format!("exchange {exchange}"), error })
+}
+
+/// A plain durable queue without arguments: NestJS producers declare the same and fail with
+/// 406 PRECONDITION_FAILED on any difference.
+async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), SessionEnd> {
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default())
+        .await
+        .map(|_| ())
+        .map_err(|error| SessionEnd::Topology { what: format!("queue {queue}"), error })
+}
+
+/// The transport metadata of a delivery.
+pub fn transport_of(delivery: &lapin::message::Delivery, origin: &str) -> Transport {
+    let p = &delivery.properties;
+    let headers = p
+        .headers()
+        .as_ref()
+        .map(|t| t.inner().iter().filter_map(|(k, v)| header_value(v).map(|v| (k.as_str().to_string(), v))).collect())
+        .unwrap_or_default();
+    Transport {
+        routing_key: delivery.routing_key.as_str().to_string(),
+        origin: origin.to_string(),
+        content_type: p.content_type().as_ref().map(|s| s.as_str().to_string()),
+        message_id: p.message_id().as_ref().map(|s| s.as_str().to_string()),
+        correlation_id: p.correlation_id().as_ref().map(|s| s.as_str().to_string()),
+        timestamp: *p.timestamp(),
+        headers,
+        received_at: Millis::now(),
+    }
+}
+
+fn header_value(v: &AMQPValue) -> Option<HeaderValue> {
+    Some(match v {
+        AMQPValue::Boolean(b) => HeaderValue::Boolean(*b),
+        AMQPValue::ShortShortInt(i) => HeaderValue::Integer(i64::from(*i)),
+        AMQPValue::ShortShortUInt(i) => HeaderValue::Integer(i64::from(*i)),
+        AMQPValue::ShortInt(i) => HeaderValue::Integer(i64::from(*i)),
+        AMQPValue::ShortUInt(i) => HeaderValue::Integer(i64::from(*i)),
+        AMQPValue::LongInt(i) => HeaderValue::Integer(i64::from(*i)),
+        AMQPValue::LongUInt(i) => HeaderValue::Integer(i64::from(*i)),
+        AMQPValue::LongLongInt(i) => HeaderValue::Integer(*i),
+        AMQPValue::Timestamp(t) => HeaderValue::Timestamp(*t),
+        AMQPValue::ShortString(s) => HeaderValue::Text(s.as_str().to_string()),
+        AMQPValue::LongString(s) => HeaderValue::Text(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => return None,
+    })
+}
+
+/// AMQP headers for the router's own header values.
+pub fn field_table(headers: &[(String, HeaderValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        let v = match value {
+            HeaderValue::Text(s) => AMQPValue::LongString(s.as_str().into()),
+            HeaderValue::Integer(i) => AMQPValue::LongLongInt(*i),
+            HeaderValue::Timestamp(t) => AMQPValue::Timestamp(*t),
+            HeaderValue::Boolean(b) => AMQPValue::Boolean(*b),
+        };
+        table.insert(ShortString::from(name.as_str()), v);
+    }
+    table
+}
+
+/// Consumes one plugin's queue into its lanes.
+struct PluginConsumer {
+    queue: String,
+    origin: String,
+    plugin: String,
+    dispatch: Dispatch,
+    writer: Writer,
+    in_flight: Arc<InFlight>,
+}
+
+impl PluginConsumer {
+    async fn run(self, channel: Channel) -> SessionEnd {
+        let consumer = channel
+            .basic_consume(self.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await;
+        let mut consumer = match consumer {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::ConsumerEnded { queue: self.queue, reason: e.to_string() },
+        };
+        while let Some(delivery) = consumer.next().await {
+            let delivery = match delivery {
+                Ok(d) => d,
+                Err(e) => return SessionEnd::ConsumerEnded { queue: self.queue, reason: e.to_string() },
+            };
+            let transport = transport_of(&delivery, &self.origin);
+            let ack = Ack::amqp(delivery.acker, self.in_flight.clone());
+            let received = Received { body: delivery.data, transport };
+            match envelope::decode(&received.body, &received.transport) {
+                Ok(decoded) => self.dispatch.submit(Inbound { event: decoded.event, received, ack }).await,
+                Err(e) => dead_letter_undecodable(&self.writer, &self.plugin, received, ack, e.to_string()).await,
+            }
+        }
+        SessionEnd::ConsumerEnded { queue: self.queue, reason: "the broker closed the consumer".into() }
+    }
+}
+
+/// Forwards one ingress queue to the exchange.
+struct Forwarder {
+    queue: String,
+    exchange: String,
+    writer: Writer,
+    readers: Readers,
+    in_flight: Arc<InFlight>,
+    /// Journal ids taken by messages of this session that are not acked yet.
+    claimed: HashSet<String>,
+}
+
+/// An ingress message ready to forward.
+struct Forward {
+    received: Received,
+    ack: Ack,
+    name: String,
+    id: EventId,
+    occurred_at: Millis,
+}
+
+impl Forwarder {
+    fn end(&self, reason: impl ToString) -> SessionEnd {
+        SessionEnd::Forward { queue: self.queue.clone(), reason: reason.to_string() }
+    }
+
+    async fn run(mut self, channel: Channel) -> SessionEnd {
+        let consumer = channel
+            .basic_consume(self.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await;
+        let mut consumer = match consumer {
+            Ok(c) => c,
+            Err(e) => return self.end(e),
+        };
+        loop {
+            let mut batch = Vec::new();
+            match consumer.next().await {
+                Some(Ok(d)) => batch.push(d),
+                Some(Err(e)) => return self.end(e),
+                None => return self.end("the broker closed the consumer"),
+            }
+            while batch.len() < INGRESS_BATCH {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(d))) => batch.push(d),
+                    Some(Some(Err(e))) => return self.end(e),
+                    Some(None) => return self.end("the broker closed the consumer"),
+                    None => break,
+                }
+            }
+            if let Err(e) = self.forward(&channel, batch).await {
+                return e;
+            }
+        }
+    }
+
+    async fn forward(&mut self, channel: &Channel, batch: Vec<lapin::message::Delivery>) -> Result<(), SessionEnd> {
+        let origin = format!("amqp:{}", self.queue);
+        let mut ready = Vec::with_capacity(batch.len());
+        let mut new_entries = Vec::new();
+        for delivery in batch {
+            let redelivered = delivery.redelivered;
+            let transport = transport_of(&delivery, &origin);
+            let ack = Ack::amqp(delivery.acker, self.in_flight.clone());
+            let received = Received { body: delivery.data, transport };
+            let decoded = match envelope::decode(&received.body, &received.transport) {
+                Ok(d) => d,
+                Err(e) => {
+                    let owner = format!("ingress:{}", self.queue);
+                    dead_letter_undecodable(&self.writer, &owner, received, ack, e.to_string()).await;
+                    continue;
+                }
+            };
+            let event = decoded.event;
+            let (id, occurred_at) = if decoded.id_carried {
+                (event.id, event.occurred_at)
+            } else {
+                let digest = event.id.0.clone();
+                let journaled = if redelivered { self.unclaimed_journal_entry(&digest) } else { None };
+                match journaled {
+                    Some((id, at)) => (EventId(id), at),
+                    None => {
+                        let id = EventId::generate();
+                        new_entries.push(JournalEntry {
+                            id: id.0.clone(),
+                            queue: self.queue.clone(),
+                            digest,
+                            received_at: event.occurred_at,
+                        });
+                        (id, event.occurred_at)
+                    }
+                }
+            };
+            self.claimed.insert(id.0.clone());
+            ready.push(Forward { received, ack, name: event.name, id, occurred_at });
+        }
+        if !new_entries.is_empty() {
+            match self.writer.journal(JournalOp::Insert(new_entries)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(self.end(format!("journal: {e}"))),
+                Err(e) => return Err(self.end(e)),
+            }
+        }
+        let mut confirms = Vec::with_capacity(ready.len());
+        for f in &ready {
+            let mut headers = f.received.transport.headers.clone();
+            headers.retain(|(n, _)| !n.eq_ignore_ascii_case(OCCURRED_AT_HEADER));
+            headers.push((OCCURRED_AT_HEADER.into(), HeaderValue::Integer(f.occurred_at.0 as i64)));
+            let mut props = BasicProperties::default()
+                .with_message_id(f.id.0.as_str().into())
+                .with_delivery_mode(2)
+                .with_headers(field_table(&headers));
+            if let Some(ct) = &f.received.transport.content_type {
+                props = props.with_content_type(ct.as_str().into());
+            }
+            if let Some(c) = &f.received.transport.correlation_id {
+                props = props.with_correlation_id(c.as_str().into());
+            }
+            let confirm = channel
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    f.name.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &f.received.body,
+                    props,
+                )
+                .await
+                .map_err(|e| self.end(e))?;
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            let confirmation = confirm.await.map_err(|e| self.end(e))?;
+            if !confirmation.is_ack() {
+                return Err(self.end("the broker refused a forwarded copy (nack)"));
+            }
+        }
+        let mut done = Vec::with_capacity(ready.len());
+        for f in ready {
+            f.ack.ack().await;
+            self.claimed.remove(&f.id.0);
+            done.push(f.id.0);
+        }
+        // Dropping a journal row late is harmless; its only use is a redelivery before the ack.
+        let writer = self.writer.clone();
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = writer.journal(JournalOp::Delete(done)).await {
+                tracing::warn!(error = %e, "could not prune the ingress journal");
+            }
+        });
+        Ok(())
+    }
+
+    fn unclaimed_journal_entry(&self, digest: &str) -> Option<(String, Millis)> {
+        match self.readers.journal(&self.queue, digest) {
+            Ok(rows) => rows.into_iter().find(|(id, _)| !self.claimed.contains(id)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the ingress journal; assigning a new id");
+                None
+            }
+        }
+    }
+}
+
+/// Publish every non-empty line of a JSONL file (one envelope per line) to the exchange,
+/// routed by the event name it decodes to, with confirms; returns the count.
+pub async fn publish_jsonl(config: &RabbitMqConfig, path: &std::path::Path) -> anyhow::Result<usize> {
+    let text = tokio::fs::read_to_string(path).await?;
+    let conn = Connection::connect(config.url.expose(), ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    declare_exchange(&channel, &config.exchange).await?;
+    let mut confirms = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let transport = Transport { origin: "feed".into(), received_at: Millis::now(), ..Default::default() };
+        let decoded = envelope::decode(line.as_bytes(), &transport)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?;
+        let props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+        let confirm = channel
+            .basic_publish(
+                config.exchange.as_str().into(),
+                decoded.event.name.as_str().into(),
+                BasicPublishOptions::default(),
+                line.as_bytes(),
+                props,
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    let count = confirms.len();
+    for confirm in confirms {
+        anyhow::ensure!(confirm.await?.is_ack(), "the broker refused an event");
+    }
+    let _ = conn.close(200, "fed".into()).await;
+    Ok(count)
+}
