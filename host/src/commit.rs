@@ -19,9 +19,18 @@ use crate::event::Millis;
 /// One document write of an invocation, in the order the plugin made it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
-    Put { collection: String, key: String, body: String, version: Option<u64> },
+    Put {
+        collection: String,
+        key: String,
+        body: String,
+        version: Option<u64>,
+    },
     /// With a version, leaves a tombstone carrying it.
-    Delete { collection: String, key: String, version: Option<u64> },
+    Delete {
+        collection: String,
+        key: String,
+        version: Option<u64>,
+    },
 }
 
 /// A document the invocation read, with the revision it saw (0: absent). The commit fails with
@@ -276,7 +285,10 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut b
 
 /// Run `f` in a savepoint: keep its changes when it returns `Committed`/`Ok`, roll them back
 /// otherwise. A database error aborts the whole batch.
-fn in_savepoint<T: SavepointResult>(tx: &Connection, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+fn in_savepoint<T: SavepointResult>(
+    tx: &Connection,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
     tx.execute_batch("SAVEPOINT invocation")?;
     match f(tx) {
         Ok(result) if result.keep() => {
@@ -307,7 +319,13 @@ impl SavepointResult for Result<(), String> {
     }
 }
 
-fn commit_one(c: &Connection, plugin: &str, event_id: &str, effects: &Effects, now: Millis) -> rusqlite::Result<Outcome> {
+fn commit_one(
+    c: &Connection,
+    plugin: &str,
+    event_id: &str,
+    effects: &Effects,
+    now: Millis,
+) -> rusqlite::Result<Outcome> {
     let inserted = c
         .prepare_cached("INSERT OR IGNORE INTO processed (plugin, event_id, processed_at) VALUES (?1, ?2, ?3)")?
         .execute(params![plugin, event_id, now.0 as i64])?;
@@ -315,9 +333,11 @@ fn commit_one(c: &Connection, plugin: &str, event_id: &str, effects: &Effects, n
         return Ok(Outcome::Duplicate);
     }
     {
-        let mut rev = c.prepare_cached("SELECT rev FROM documents WHERE plugin = ?1 AND collection = ?2 AND key = ?3")?;
+        let mut rev =
+            c.prepare_cached("SELECT rev FROM documents WHERE plugin = ?1 AND collection = ?2 AND key = ?3")?;
         for read in &effects.reads {
-            let current: i64 = rev.query_row(params![plugin, read.collection, read.key], |r| r.get(0)).optional()?.unwrap_or(0);
+            let current: i64 =
+                rev.query_row(params![plugin, read.collection, read.key], |r| r.get(0)).optional()?.unwrap_or(0);
             if current != read.rev {
                 return Ok(Outcome::Conflict);
             }
@@ -432,7 +452,10 @@ mod tests {
         assert_eq!(w.commit(p.clone(), "e2".into(), stale).await.unwrap(), Outcome::Conflict);
         assert!(!r.processed("p", "e2").unwrap(), "a conflict leaves no marker");
         assert!(r.get("p", "c", "other").unwrap().is_none(), "and no write");
-        let fresh = Effects { reads: vec![ReadCheck { collection: "c".into(), key: "k".into(), rev: 1 }], ..Default::default() };
+        let fresh = Effects {
+            reads: vec![ReadCheck { collection: "c".into(), key: "k".into(), rev: 1 }],
+            ..Default::default()
+        };
         assert_eq!(w.commit(p, "e2".into(), fresh).await.unwrap(), Outcome::Committed);
     }
 

@@ -166,7 +166,11 @@ impl PluginName {
             && s.len() <= 64
             && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !s.starts_with('-');
-        if ok { Ok(PluginName(s.into())) } else { Err(format!("invalid plugin name {s:?}: use 1-64 of a-z, 0-9 and `-`")) }
+        if ok {
+            Ok(PluginName(s.into()))
+        } else {
+            Err(format!("invalid plugin name {s:?}: use 1-64 of a-z, 0-9 and `-`"))
+        }
     }
 
     pub fn as_str(&self) -> &str {

@@ -176,7 +176,10 @@ impl Readers {
         let conn = match pooled {
             Some(c) => c,
             None => {
-                let c = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
                 c.busy_timeout(std::time::Duration::from_secs(5))?;
                 c
             }
@@ -193,11 +196,13 @@ impl Readers {
     /// The row under a key, tombstones included.
     pub fn get(&self, plugin: &str, collection: &str, key: &str) -> Result<Option<Stored>, DbError> {
         self.with(|c| {
-            c.prepare_cached("SELECT body, version, rev FROM documents WHERE plugin = ?1 AND collection = ?2 AND key = ?3")?
-                .query_row(params![plugin, collection, key], |r| {
-                    Ok(Stored { body: r.get(0)?, version: r.get::<_, Option<i64>>(1)?.map(|v| v as u64), rev: r.get(2)? })
-                })
-                .optional()
+            c.prepare_cached(
+                "SELECT body, version, rev FROM documents WHERE plugin = ?1 AND collection = ?2 AND key = ?3",
+            )?
+            .query_row(params![plugin, collection, key], |r| {
+                Ok(Stored { body: r.get(0)?, version: r.get::<_, Option<i64>>(1)?.map(|v| v as u64), rev: r.get(2)? })
+            })
+            .optional()
         })
     }
 
@@ -258,7 +263,9 @@ impl Readers {
             let mut stmt = c.prepare_cached(
                 "SELECT id, received_at FROM ingress_journal WHERE queue = ?1 AND digest = ?2 ORDER BY received_at, id",
             )?;
-            let rows = stmt.query_map(params![queue, digest], |r| Ok((r.get::<_, String>(0)?, Millis(r.get::<_, i64>(1)? as u64))))?;
+            let rows = stmt.query_map(params![queue, digest], |r| {
+                Ok((r.get::<_, String>(0)?, Millis(r.get::<_, i64>(1)? as u64)))
+            })?;
             rows.collect()
         })
     }

@@ -59,8 +59,11 @@ impl Dispatch {
         let lanes = (0..count)
             .map(|index| {
                 let (tx, rx) = mpsc::channel(LANE_DEPTH);
-                let lane = Lane { slot: slot.clone(), writer: writer.clone(), readers: readers.clone(), instance: None };
-                tokio::spawn(lane.run(rx).instrument(tracing::info_span!("lane", plugin = %slot.current().name, index)));
+                let lane =
+                    Lane { slot: slot.clone(), writer: writer.clone(), readers: readers.clone(), instance: None };
+                tokio::spawn(
+                    lane.run(rx).instrument(tracing::info_span!("lane", plugin = %slot.current().name, index)),
+                );
                 tx
             })
             .collect();
@@ -74,7 +77,8 @@ impl Dispatch {
     /// Queue an event on the lane of its ordering key; waits while that lane is full.
     pub async fn submit(&self, inbound: Inbound) {
         let plugin = self.slot.current();
-        let spread = inbound.event.ordering_key(&plugin.settings.ordering_key).unwrap_or_else(|| inbound.event.id.0.clone());
+        let spread =
+            inbound.event.ordering_key(&plugin.settings.ordering_key).unwrap_or_else(|| inbound.event.id.0.clone());
         let mut hasher = DefaultHasher::new();
         spread.hash(&mut hasher);
         let lane = (hasher.finish() % self.lanes.len() as u64) as usize;
@@ -100,7 +104,9 @@ pub async fn dead_letter_undecodable(writer: &Writer, owner: &str, received: Rec
     };
     match writer.dead_letter(letter).await {
         Ok(Ok(())) => ack.ack().await,
-        Ok(Err(e)) => tracing::error!(owner, error = %e, "could not keep a dead letter; the message will be redelivered"),
+        Ok(Err(e)) => {
+            tracing::error!(owner, error = %e, "could not keep a dead letter; the message will be redelivered")
+        }
         Err(e) => tracing::error!(owner, error = %e, "could not keep a dead letter; the message will be redelivered"),
     }
 }
@@ -200,7 +206,8 @@ impl Lane {
             let last = attempt >= retry.max_attempts || matches!(failure, InvokeError::Reject(_));
             tracing::warn!(plugin = %plugin.name, attempt, error = %failure, will_retry = !last, "invocation failed");
             if last {
-                return Self::dead_letter(&self.writer, &plugin, event, received, &failure, attempt, first_failed_at).await;
+                return Self::dead_letter(&self.writer, &plugin, event, received, &failure, attempt, first_failed_at)
+                    .await;
             }
             attempt += 1;
             tokio::time::sleep(retry.backoff(attempt)).await;

@@ -180,10 +180,7 @@ fn is_nestjs(m: &BTreeMap<String, &RawValue>) -> bool {
     m.contains_key("pattern") && m.keys().all(|k| matches!(k.as_str(), "pattern" | "data" | "id"))
 }
 
-fn string_member(
-    m: &BTreeMap<String, &RawValue>,
-    name: &'static str,
-) -> Result<Option<String>, DecodeError> {
+fn string_member(m: &BTreeMap<String, &RawValue>, name: &'static str) -> Result<Option<String>, DecodeError> {
     match m.get(name) {
         None => Ok(None),
         Some(raw) if raw.get() == "null" => Ok(None),
@@ -197,10 +194,7 @@ fn required(m: &BTreeMap<String, &RawValue>, name: &'static str) -> Result<Strin
     string_member(m, name)?.filter(|s| !s.is_empty()).ok_or(DecodeError::MissingAttribute(name))
 }
 
-fn decode_structured_cloudevent(
-    m: &BTreeMap<String, &RawValue>,
-    transport: &Transport,
-) -> Result<Event, DecodeError> {
+fn decode_structured_cloudevent(m: &BTreeMap<String, &RawValue>, transport: &Transport) -> Result<Event, DecodeError> {
     let spec = required(m, "specversion")?;
     if spec != "1.0" {
         return Err(DecodeError::SpecVersion(spec));
@@ -210,9 +204,9 @@ fn decode_structured_cloudevent(
         _ => fallback_time(transport),
     };
     let (payload, content_type) = if let Some(b64) = string_member(m, "data_base64")? {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()).map_err(|e| {
-            DecodeError::InvalidAttribute { attribute: "data_base64", reason: e.to_string() }
-        })?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .map_err(|e| DecodeError::InvalidAttribute { attribute: "data_base64", reason: e.to_string() })?;
         let ct = string_member(m, "datacontenttype")?.unwrap_or_else(|| "application/octet-stream".into());
         (bytes, ct)
     } else {
@@ -297,7 +291,9 @@ fn decode_binary_cloudevent(ty: &HeaderValue, body: &[u8], transport: &Transport
     let headers = transport
         .headers
         .iter()
-        .filter(|(name, _)| !CE_PREFIXES.iter().any(|p| name.len() > p.len() && name[..p.len()].eq_ignore_ascii_case(p)))
+        .filter(|(name, _)| {
+            !CE_PREFIXES.iter().any(|p| name.len() > p.len() && name[..p.len()].eq_ignore_ascii_case(p))
+        })
         .map(|(name, value)| Header::new(name.clone(), value.as_text()))
         .collect();
     Ok(Event {
@@ -320,7 +316,9 @@ fn decode_nestjs(m: &BTreeMap<String, &RawValue>, body: &[u8], transport: &Trans
         Ok(serde_json::Value::String(s)) if !s.is_empty() => s,
         // NestJS routes object patterns by their JSON text with keys sorted.
         Ok(v @ serde_json::Value::Object(_)) => v.to_string(),
-        _ => return Err(DecodeError::InvalidPattern(format!("expected a non-empty string or an object, got {pattern}"))),
+        _ => {
+            return Err(DecodeError::InvalidPattern(format!("expected a non-empty string or an object, got {pattern}")));
+        }
     };
     let data = m.get("data").map(|raw| raw.get()).unwrap_or("null");
     let id = transport
@@ -338,7 +336,8 @@ fn decode_raw(body: &[u8], transport: &Transport) -> Result<Event, DecodeError> 
         .header_text(NAME_HEADER)
         .or_else(|| Some(transport.routing_key.clone()).filter(|k| !k.is_empty()))
         .ok_or(DecodeError::NoName)?;
-    let id = transport.message_id.clone().filter(|s| !s.is_empty()).map(EventId).unwrap_or_else(|| content_id(&name, body));
+    let id =
+        transport.message_id.clone().filter(|s| !s.is_empty()).map(EventId).unwrap_or_else(|| content_id(&name, body));
     Ok(event_from_transport(id, name, body.to_vec(), transport))
 }
 
@@ -380,7 +379,10 @@ fn parse_time_json(raw: &str) -> Result<Millis, DecodeError> {
     match serde_json::from_str::<serde_json::Value>(raw) {
         Ok(serde_json::Value::String(s)) => parse_rfc3339(&s),
         Ok(serde_json::Value::Number(n)) if n.as_u64().is_some() => Ok(Millis(n.as_u64().unwrap_or(0))),
-        _ => Err(DecodeError::InvalidAttribute { attribute: "time", reason: format!("expected an RFC 3339 string, got {raw}") }),
+        _ => Err(DecodeError::InvalidAttribute {
+            attribute: "time",
+            reason: format!("expected an RFC 3339 string, got {raw}"),
+        }),
     }
 }
 
@@ -438,7 +440,11 @@ pub fn encode(event: &Event, format: SinkFormat) -> Encoded {
                 "datacontenttype": JSON,
                 "data": data,
             });
-            let ext = [("correlationid", &event.correlation_id), ("causationid", &event.causation_id), ("partitionkey", &event.key)];
+            let ext = [
+                ("correlationid", &event.correlation_id),
+                ("causationid", &event.causation_id),
+                ("partitionkey", &event.key),
+            ];
             for (name, value) in ext {
                 if let Some(v) = value {
                     body[name] = serde_json::Value::String(v.clone());
@@ -469,7 +475,8 @@ mod tests {
 
     #[test]
     fn nestjs_envelope_names_by_pattern_and_carries_data() {
-        let (kind, e) = decoded(r#"{"pattern":"user.updated","data":{"user":{"user_id":"u1"}}}"#, &transport("riff_queue"));
+        let (kind, e) =
+            decoded(r#"{"pattern":"user.updated","data":{"user":{"user_id":"u1"}}}"#, &transport("riff_queue"));
         assert_eq!(kind, Envelope::NestJs);
         assert_eq!(e.name, "user.updated");
         assert_eq!(e.payload, br#"{"user":{"user_id":"u1"}}"#);

@@ -10,16 +10,16 @@
 //! `config` is `router.toml` as types; `db` is the SQLite schema and reads; `router` wires it
 //! all together.
 
+pub mod capability;
 pub mod commit;
 pub mod config;
 pub mod db;
+pub mod dispatch;
 pub mod envelope;
 pub mod event;
-pub mod route;
-pub mod capability;
-pub mod runtime;
-pub mod dispatch;
 pub mod outbox;
+pub mod route;
 pub mod router;
+pub mod runtime;
 pub mod source;
 pub mod telemetry;

@@ -120,9 +120,9 @@ async fn serve(config: Config, feed: Option<PathBuf>, exit_when_idle: bool) -> a
     if let Some(path) = &feed {
         let count = match (&router.bus, &rabbit) {
             (Some(bus), _) => bus.feed_jsonl(path).await.with_context(|| format!("feeding {}", path.display()))?,
-            (None, Some(r)) => {
-                switchyard::source::rabbitmq::publish_jsonl(r, path).await.with_context(|| format!("feeding {}", path.display()))?
-            }
+            (None, Some(r)) => switchyard::source::rabbitmq::publish_jsonl(r, path)
+                .await
+                .with_context(|| format!("feeding {}", path.display()))?,
             (None, None) => 0,
         };
         tracing::info!(count, file = %path.display(), "fed events");

@@ -53,7 +53,9 @@ impl RabbitSink {
             let channel = conn.create_channel().await?;
             channel.confirm_select(ConfirmSelectOptions::default()).await?;
             let options = ExchangeDeclareOptions { durable: true, ..Default::default() };
-            channel.exchange_declare(self.exchange.as_str().into(), ExchangeKind::Topic, options, FieldTable::default()).await?;
+            channel
+                .exchange_declare(self.exchange.as_str().into(), ExchangeKind::Topic, options, FieldTable::default())
+                .await?;
             self.channel = Some((conn, channel));
         }
         Ok(&self.channel.as_ref().expect("channel was just opened").1)
@@ -77,7 +79,13 @@ impl RabbitSink {
                 props = props.with_correlation_id(c.as_str().into());
             }
             let confirm = channel
-                .basic_publish(exchange.as_str().into(), event.name.as_str().into(), BasicPublishOptions::default(), &encoded.body, props)
+                .basic_publish(
+                    exchange.as_str().into(),
+                    event.name.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &encoded.body,
+                    props,
+                )
                 .await
                 .map_err(|e| e.to_string())?;
             confirms.push(confirm);
@@ -179,7 +187,9 @@ pub async fn relay(readers: Readers, writer: Writer, mut sink: Sink, shutdown: C
                 delay = Duration::from_millis(100);
                 match writer.outbox_sent(seqs).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "could not delete sent outbox rows; they will be sent again"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "could not delete sent outbox rows; they will be sent again")
+                    }
                     Err(_) => return,
                 }
             }

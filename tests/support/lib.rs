@@ -1,1 +1,227 @@
+//! Test harness: real plugins built once per run, routers started in-process on a fresh data
+//! dir, and RabbitMQ names unique to each test and deleted when it ends.
 
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use switchyard::config::Config;
+use switchyard::router::Router;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Path of a built plugin component; builds all plugins once per test process (a no-op when
+/// `scripts/test` already built them).
+pub fn plugin(file: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status =
+            std::process::Command::new(repo().join("scripts/build-plugins")).status().expect("run build-plugins");
+        assert!(status.success(), "scripts/build-plugins failed");
+    });
+    let path = repo().join("dist/plugins").join(file);
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
+
+/// The RabbitMQ URL tests use: `AMQP_URL`, or the local broker.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Poll `check` until it returns `Some`, failing the test with `what` after `timeout`.
+pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A router under test with its own data dir.
+pub struct TestRouter {
+    pub router: Router,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestRouter {
+    /// Start a router from a `router.toml` text; `{data_dir}` in it is replaced by a fresh dir.
+    pub async fn start(toml: &str) -> TestRouter {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(toml, dir).await
+    }
+
+    /// Start a router on an existing data dir.
+    pub async fn start_in(toml: &str, dir: tempfile::TempDir) -> TestRouter {
+        let text = toml.replace("{data_dir}", &dir.path().display().to_string());
+        let config = Config::from_toml(&text, &dir.path().join("router.toml"), &|n| std::env::var(n).ok())
+            .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
+        let router = Router::start(config).await.unwrap_or_else(|e| panic!("router did not start: {e:#}"));
+        TestRouter { router, dir }
+    }
+
+    /// A document of a plugin's store, parsed.
+    pub fn doc(&self, plugin: &str, collection: &str, key: &str) -> Option<serde_json::Value> {
+        let stored = self.router.readers.get(plugin, collection, key).expect("read store")?;
+        stored.body.map(|b| serde_json::from_str(&b).expect("stored documents are JSON"))
+    }
+
+    /// Dead-letter reasons of a plugin by event name.
+    pub fn dead_letters(&self, plugin: &str) -> Vec<(String, String)> {
+        self.router
+            .readers
+            .dead_letters(plugin, 1000)
+            .expect("read dead letters")
+            .into_iter()
+            .map(|d| (d.name.unwrap_or_default(), d.reason))
+            .collect()
+    }
+
+    /// Stop the router and keep its data dir for a restart.
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.router.stop().await;
+        self.dir
+    }
+}
+
+/// A `[[plugin]]` table for a built plugin, with extra lines appended.
+pub fn plugin_table(name: &str, file: &str, extra: &str) -> String {
+    format!("[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n{extra}\n", plugin(file).display())
+}
+
+/// RabbitMQ objects of one test: an exchange, queue prefix and ingress queue, all unique, and
+/// deleted on drop.
+pub struct Rabbit {
+    pub exchange: String,
+    pub prefix: String,
+    pub ingress: String,
+    queues: std::sync::Mutex<Vec<String>>,
+    _conn: Connection,
+    pub channel: Channel,
+}
+
+impl Rabbit {
+    pub async fn new() -> Rabbit {
+        let conn =
+            Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("connect to RabbitMQ");
+        let channel = conn.create_channel().await.expect("channel");
+        channel.confirm_select(Default::default()).await.expect("confirms");
+        let id = unique("t");
+        Rabbit {
+            exchange: format!("{id}.events"),
+            prefix: format!("{id}."),
+            ingress: format!("{id}.ingress"),
+            queues: std::sync::Mutex::new(Vec::new()),
+            _conn: conn,
+            channel,
+        }
+    }
+
+    /// The `[rabbitmq]` section for this test's names.
+    pub fn section(&self, with_ingress: bool) -> String {
+        let ingress = if with_ingress { format!("ingress_queues = [\"{}\"]\n", self.ingress) } else { String::new() };
+        format!(
+            "[rabbitmq]\nurl = \"{}\"\nexchange = \"{}\"\nqueue_prefix = \"{}\"\nprefetch = 64\n{ingress}",
+            amqp_url(),
+            self.exchange,
+            self.prefix
+        )
+    }
+
+    /// Remember a plugin's queue for deletion.
+    pub fn track_plugin(&self, plugin: &str) {
+        self.queues.lock().unwrap().push(format!("{}{plugin}", self.prefix));
+    }
+
+    /// Publish exactly as a NestJS `ClientProxy.emit` over RMQ does: default exchange, routing
+    /// key = queue, persistent, empty headers, no content type, no message id.
+    pub async fn emit_nestjs(&self, pattern: &str, data: serde_json::Value) {
+        let body = serde_json::json!({ "pattern": pattern, "data": data }).to_string();
+        let props = BasicProperties::default().with_delivery_mode(2).with_headers(FieldTable::default());
+        self.publish("", &self.ingress.clone(), body.as_bytes(), props).await;
+    }
+
+    /// Publish to the test's exchange.
+    pub async fn publish_event(&self, routing_key: &str, body: &[u8], props: BasicProperties) {
+        self.publish(&self.exchange.clone(), routing_key, body, props).await;
+    }
+
+    pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], props: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, props)
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack(), "broker refused a test message");
+    }
+
+    /// A queue bound to the exchange with `pattern`, to observe what the router publishes.
+    pub async fn tap(&self, pattern: &str) -> String {
+        let queue = unique("tap");
+        let options = lapin::options::ExchangeDeclareOptions { durable: true, ..Default::default() };
+        self.channel
+            .exchange_declare(self.exchange.as_str().into(), lapin::ExchangeKind::Topic, options, FieldTable::default())
+            .await
+            .expect("declare exchange");
+        self.channel
+            .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
+            .await
+            .expect("declare tap");
+        self.channel
+            .queue_bind(
+                queue.as_str().into(),
+                self.exchange.as_str().into(),
+                pattern.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind tap");
+        self.queues.lock().unwrap().push(queue.clone());
+        queue
+    }
+
+    /// Take one message from a queue, if any.
+    pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        self.channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.expect("basic.get")
+    }
+}
+
+impl Drop for Rabbit {
+    fn drop(&mut self) {
+        let mut queues = self.queues.lock().map(|q| q.clone()).unwrap_or_default();
+        queues.push(self.ingress.clone());
+        let exchange = self.exchange.clone();
+        // Delete on a thread of its own: Drop cannot await, and the test's runtime may be ending.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else { return };
+                let Ok(ch) = conn.create_channel().await else { return };
+                for q in queues {
+                    let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                }
+                let _ = ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+                let _ = conn.close(200, "test done".into()).await;
+            });
+        })
+        .join();
+    }
+}

@@ -15,8 +15,8 @@ impl Host for HostState {
             return Err(PublishError::Invalid("publish is only available while handling an event".into()));
         };
         validate_name(&event.name).map_err(PublishError::Invalid)?;
-        let payload = std::str::from_utf8(&event.payload)
-            .map_err(|_| PublishError::Invalid("payload is not UTF-8".into()))?;
+        let payload =
+            std::str::from_utf8(&event.payload).map_err(|_| PublishError::Invalid("payload is not UTF-8".into()))?;
         serde_json::from_str::<&RawValue>(payload)
             .map_err(|e| PublishError::Invalid(format!("payload is not JSON: {e}")))?;
         let headers: Vec<[&str; 2]> = event.headers.iter().map(|h| [h.name.as_str(), h.value.as_str()]).collect();

@@ -52,11 +52,7 @@ impl Session {
 
     /// The read checks and writes to commit.
     pub fn into_parts(self) -> (Vec<ReadCheck>, Vec<Write>) {
-        let reads = self
-            .reads
-            .into_iter()
-            .map(|((collection, key), rev)| ReadCheck { collection, key, rev })
-            .collect();
+        let reads = self.reads.into_iter().map(|((collection, key), rev)| ReadCheck { collection, key, rev }).collect();
         (reads, self.writes)
     }
 
@@ -83,7 +79,13 @@ impl Session {
         Ok(current.body.map(|document| Entry { key: key.to_string(), document, version: current.version }))
     }
 
-    pub fn put(&mut self, collection: &str, key: &str, document: String, if_newer: Option<u64>) -> Result<bool, StoreError> {
+    pub fn put(
+        &mut self,
+        collection: &str,
+        key: &str,
+        document: String,
+        if_newer: Option<u64>,
+    ) -> Result<bool, StoreError> {
         check_names(collection, key)?;
         check_object(&document)?;
         if let Some(v) = if_newer
@@ -91,8 +93,14 @@ impl Session {
         {
             return Ok(false);
         }
-        self.pending.insert((collection.into(), key.into()), Pending::Doc { body: document.clone(), version: if_newer });
-        self.writes.push(Write::Put { collection: collection.into(), key: key.into(), body: document, version: if_newer });
+        self.pending
+            .insert((collection.into(), key.into()), Pending::Doc { body: document.clone(), version: if_newer });
+        self.writes.push(Write::Put {
+            collection: collection.into(),
+            key: key.into(),
+            body: document,
+            version: if_newer,
+        });
         Ok(true)
     }
 
@@ -130,12 +138,8 @@ impl Session {
         }
         let limit = limit.min(MAX_PAGE) as usize;
         let after = cursor.unwrap_or_default();
-        let pending: Vec<(&String, &Pending)> = self
-            .pending
-            .iter()
-            .filter(|((c, k), _)| c == collection && *k > after)
-            .map(|((_, k), p)| (k, p))
-            .collect();
+        let pending: Vec<(&String, &Pending)> =
+            self.pending.iter().filter(|((c, k), _)| c == collection && *k > after).map(|((_, k), p)| (k, p)).collect();
         // Enough committed rows that, after pending writes shadow some, a full page remains.
         let rows = fetch(&after, limit + pending.len() + 1).map_err(unavailable)?;
         let mut merged: BTreeMap<String, Entry> = rows
@@ -224,7 +228,13 @@ impl Host for HostState {
         self.session()?.get(&collection, &key)
     }
 
-    fn put(&mut self, collection: String, key: String, document: String, if_newer: Option<u64>) -> Result<bool, StoreError> {
+    fn put(
+        &mut self,
+        collection: String,
+        key: String,
+        document: String,
+        if_newer: Option<u64>,
+    ) -> Result<bool, StoreError> {
         self.session()?.put(&collection, &key, document, if_newer)
     }
 

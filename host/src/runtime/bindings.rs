@@ -7,4 +7,4 @@ wasmtime::component::bindgen!({
 });
 
 pub use exports::switchyard::plugin::handler::Guest as Handler;
-pub use switchyard::plugin::types::{Event as WitEvent, Header as WitHeader, HandlerError, Metadata};
+pub use switchyard::plugin::types::{Event as WitEvent, HandlerError, Header as WitHeader, Metadata};

@@ -44,11 +44,7 @@ pub(super) fn new_store(engine: &Engine, state: HostState, timeout_ms: u64) -> S
     // Every tick: yield to the executor so a busy plugin never starves other tasks, and trap
     // once the invocation's wall-time deadline has passed.
     store.epoch_deadline_callback(|ctx| {
-        if Instant::now() >= ctx.data().deadline {
-            Ok(UpdateDeadline::Interrupt)
-        } else {
-            Ok(UpdateDeadline::Yield(1))
-        }
+        if Instant::now() >= ctx.data().deadline { Ok(UpdateDeadline::Interrupt) } else { Ok(UpdateDeadline::Yield(1)) }
     });
     store.set_epoch_deadline(1);
     store
@@ -67,7 +63,8 @@ impl Instance {
     pub async fn new(plugin: Arc<LoadedPlugin>) -> Result<Self, InvokeError> {
         let state = HostState::new(plugin.context.clone(), plugin.store_limits());
         let mut store = new_store(&plugin.engine, state, plugin.settings.limits.timeout_ms);
-        let bindings = plugin.pre.instantiate_async(&mut store).await.map_err(|e| InvokeError::Trap(format!("{e:#}")))?;
+        let bindings =
+            plugin.pre.instantiate_async(&mut store).await.map_err(|e| InvokeError::Trap(format!("{e:#}")))?;
         Ok(Instance { plugin, store, bindings, uses: 0 })
     }
 
@@ -82,6 +79,7 @@ impl Instance {
         let timeout = Duration::from_millis(self.plugin.settings.limits.timeout_ms);
         let data = self.store.data_mut();
         data.invocation = Some(Invocation::new(&data.plugin, event));
+        data.clear_stderr();
         data.deadline = Instant::now() + timeout;
         self.store.set_epoch_deadline(1);
         let record = to_wit(event, key, attempt);
@@ -93,9 +91,12 @@ impl Instance {
             Ok(Err(HandlerError::Reject(reason))) => Err(InvokeError::Reject(reason)),
             Err(e) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Err(InvokeError::Timeout(timeout)),
             Err(e) => {
-                let detail = match self.store.data().last_stderr_line() {
-                    Some(line) => format!("{e:#} (stderr: {line})"),
-                    None => format!("{e:#}"),
+                // The root cause names the trap ("wasm `unreachable` instruction executed",
+                // "forcing trap when growing memory ..."); the wasm backtrace is noise here.
+                let cause = e.root_cause().to_string();
+                let detail = match self.store.data().panic_message() {
+                    Some(panic) => format!("{cause} ({panic})"),
+                    None => cause,
                 };
                 Err(InvokeError::Trap(detail))
             }

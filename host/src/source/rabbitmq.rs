@@ -146,7 +146,11 @@ impl RabbitMqSource {
             tasks.spawn(forwarder.run(channel));
         }
         self.connected.store(true, Ordering::SeqCst);
-        tracing::info!(plugins = dispatches.len(), ingress = self.config.ingress_queues.len(), "consuming from RabbitMQ");
+        tracing::info!(
+            plugins = dispatches.len(),
+            ingress = self.config.ingress_queues.len(),
+            "consuming from RabbitMQ"
+        );
         let ended = tokio::select! {
             _ = shutdown.cancelled() => Ok(()),
             first = tasks.join_next() => match first {

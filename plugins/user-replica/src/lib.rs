@@ -79,10 +79,7 @@ enum Change {
 fn non_empty<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
     let id = String::deserialize(deserializer)?;
     if id.is_empty() {
-        return Err(de::Error::invalid_value(
-            de::Unexpected::Str(""),
-            &"a non-empty user id",
-        ));
+        return Err(de::Error::invalid_value(de::Unexpected::Str(""), &"a non-empty user id"));
     }
     Ok(id)
 }
@@ -97,19 +94,11 @@ fn change_for(name: &str, payload: &[u8], occurred_at: u64) -> Result<Change, St
     Ok(match name {
         "auth.tokenGenerated" => {
             let TokenGenerated { user, token } = parse(name, payload)?;
-            Change::Upsert(UserDoc {
-                user,
-                token,
-                updated_at: occurred_at,
-            })
+            Change::Upsert(UserDoc { user, token, updated_at: occurred_at })
         }
         "user.updated" => {
             let UserUpdated { user } = parse(name, payload)?;
-            Change::Upsert(UserDoc {
-                user,
-                token: None,
-                updated_at: occurred_at,
-            })
+            Change::Upsert(UserDoc { user, token: None, updated_at: occurred_at })
         }
         "user.deleted" => Change::Delete(parse::<UserDeleted>(name, payload)?.user_id),
         _ => return Err(format!("no handler for {name}")),
@@ -139,10 +128,9 @@ fn upsert(mut doc: UserDoc) -> Result<bool, HandlerError> {
     {
         doc.token = stored_token(&entry.document).map_err(HandlerError::Reject)?;
     }
-    let document = serde_json::to_string(&doc)
-        .map_err(|e| HandlerError::Reject(format!("cannot encode user {key}: {e}")))?;
-    store::put(COLLECTION, &key, &document, Some(doc.updated_at))
-        .map_err(|e| store_failure("put", e))
+    let document =
+        serde_json::to_string(&doc).map_err(|e| HandlerError::Reject(format!("cannot encode user {key}: {e}")))?;
+    store::put(COLLECTION, &key, &document, Some(doc.updated_at)).map_err(|e| store_failure("put", e))
 }
 
 /// The plugin's exports.
@@ -153,40 +141,24 @@ impl Guest for UserReplica {
         Metadata {
             name: "user-replica".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            subscriptions: vec![
-                "auth.tokenGenerated".into(),
-                "user.updated".into(),
-                "user.deleted".into(),
-            ],
+            subscriptions: vec!["auth.tokenGenerated".into(), "user.updated".into(), "user.deleted".into()],
             ordering_key: vec!["user.user_id".into(), "user_id".into()],
-            indexes: vec![Index {
-                collection: COLLECTION.into(),
-                field: "email".into(),
-            }],
+            indexes: vec![Index { collection: COLLECTION.into(), field: "email".into() }],
         }
     }
 
     fn handle(event: Event) -> Result<(), HandlerError> {
-        let change = change_for(&event.name, &event.payload, event.occurred_at)
-            .map_err(HandlerError::Reject)?;
+        let change = change_for(&event.name, &event.payload, event.occurred_at).map_err(HandlerError::Reject)?;
         let line = match change {
             Change::Upsert(doc) => {
                 let key = doc.user.user_id.clone();
-                let outcome = if upsert(doc)? {
-                    "upserted"
-                } else {
-                    "not upserted: a newer version is stored"
-                };
+                let outcome = if upsert(doc)? { "upserted" } else { "not upserted: a newer version is stored" };
                 format!("{COLLECTION}/{key} {outcome}")
             }
             Change::Delete(key) => {
-                let deleted = store::delete(COLLECTION, &key, Some(event.occurred_at))
-                    .map_err(|e| store_failure("delete", e))?;
-                let outcome = if deleted {
-                    "deleted"
-                } else {
-                    "not deleted: absent or newer version stored"
-                };
+                let deleted =
+                    store::delete(COLLECTION, &key, Some(event.occurred_at)).map_err(|e| store_failure("delete", e))?;
+                let outcome = if deleted { "deleted" } else { "not deleted: absent or newer version stored" };
                 format!("{COLLECTION}/{key} {outcome}")
             }
         };
@@ -221,18 +193,14 @@ mod tests {
 
     #[test]
     fn user_updated_omits_absent_fields_and_ignores_token() {
-        let payload =
-            r#"{"user":{"user_id":"u1","email":"new@example.com","picture":null},"token":"no"}"#;
+        let payload = r#"{"user":{"user_id":"u1","email":"new@example.com","picture":null},"token":"no"}"#;
         let expected = json!({"user_id":"u1","email":"new@example.com","updated_at":1_700});
         assert_eq!(document("user.updated", payload), Ok(expected));
     }
 
     #[test]
     fn user_deleted_names_the_user() {
-        assert_eq!(
-            document("user.deleted", r#"{"user_id":"u1"}"#),
-            Ok(json!({"deleted":"u1"}))
-        );
+        assert_eq!(document("user.deleted", r#"{"user_id":"u1"}"#), Ok(json!({"deleted":"u1"})));
     }
 
     #[test]
@@ -246,23 +214,14 @@ mod tests {
             ("user.deleted", r#"{"user":{"user_id":"u1"}}"#),
         ] {
             let reason = document(name, payload).unwrap_err();
-            assert!(
-                reason.starts_with(&format!("invalid {name} payload: ")),
-                "{reason}"
-            );
+            assert!(reason.starts_with(&format!("invalid {name} payload: ")), "{reason}");
         }
-        assert_eq!(
-            document("user.created", "{}"),
-            Err("no handler for user.created".into())
-        );
+        assert_eq!(document("user.created", "{}"), Err("no handler for user.created".into()));
     }
 
     #[test]
     fn reads_the_stored_token() {
-        assert_eq!(
-            stored_token(r#"{"user_id":"u1","token":"t0k"}"#),
-            Ok(Some("t0k".into()))
-        );
+        assert_eq!(stored_token(r#"{"user_id":"u1","token":"t0k"}"#), Ok(Some("t0k".into())));
         assert_eq!(stored_token(r#"{"user_id":"u1"}"#), Ok(None));
         assert!(stored_token("[]").is_err());
     }

@@ -1,0 +1,264 @@
+//! Against the real RabbitMQ on loopback, with real plugin components: NestJS producers on an
+//! ingress queue, every envelope on the topic exchange, dead letters, deduplication, the
+//! outbox with confirms, and misbehaving plugins next to a well-behaved one.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde_json::json;
+use switchyard::commit::{Effects, OutboxRow, Writer};
+use switchyard::config::StoreConfig;
+use switchyard::router;
+use switchyard_tests::{Rabbit, TestRouter, amqp_url, eventually, plugin_table};
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn config(rabbit: &Rabbit, ingress: bool, plugins: &[(&str, &str, &str)]) -> String {
+    let mut text = format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n{}", rabbit.section(ingress));
+    for (name, file, extra) in plugins {
+        rabbit.track_plugin(name);
+        text.push_str(&plugin_table(name, file, extra));
+    }
+    text
+}
+
+/// Wait until the router has settled everything and the given queues are drained.
+async fn settle(t: &TestRouter, queues: &[String]) {
+    let deadline = std::time::Instant::now() + SETTLE;
+    let mut quiet = 0;
+    while quiet < 2 {
+        assert!(std::time::Instant::now() < deadline, "router did not settle");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut empty = t.router.connected.load(std::sync::atomic::Ordering::SeqCst) && t.router.is_idle();
+        for q in queues {
+            empty &= router::queue_depth(&amqp_url(), q).await == Some(0);
+        }
+        quiet = if empty { quiet + 1 } else { 0 };
+    }
+}
+
+async fn connected(t: &TestRouter) {
+    eventually("the RabbitMQ source to connect", SETTLE, || {
+        t.router.connected.load(std::sync::atomic::Ordering::SeqCst).then_some(())
+    })
+    .await;
+}
+
+fn user(id: &str, name: &str) -> serde_json::Value {
+    json!({ "user_id": id, "name": name, "email": format!("{name}@mail.com"), "role": "user", "picture": "p.png" })
+}
+
+#[tokio::test]
+async fn nestjs_events_on_an_ingress_queue_end_in_the_replica() {
+    let rabbit = Rabbit::new().await;
+    let t = TestRouter::start(&config(&rabbit, true, &[("user-replica", "user_replica.wasm", "")])).await;
+    connected(&t).await;
+    rabbit.emit_nestjs("auth.tokenGenerated", json!({ "user": user("u1", "juan"), "token": "tok-1" })).await;
+    rabbit.emit_nestjs("auth.tokenGenerated", json!({ "user": user("u2", "ana"), "token": "tok-2" })).await;
+    rabbit
+        .emit_nestjs(
+            "user.updated",
+            json!({ "user": { "user_id": "u1", "name": "Juan Pérez", "email": "jp@mail.com" } }),
+        )
+        .await;
+    rabbit.emit_nestjs("user.deleted", json!({ "user_id": "u2" })).await;
+
+    let u1 = eventually("u1 to be updated", SETTLE, || {
+        t.doc("user-replica", "user_refs", "u1").filter(|d| d["name"] == "Juan Pérez")
+    })
+    .await;
+    assert_eq!(u1["email"], "jp@mail.com");
+    assert_eq!(u1["token"], "tok-1", "an update without a token keeps the stored one");
+    eventually("u2 to be deleted", SETTLE, || t.doc("user-replica", "user_refs", "u2").is_none().then_some(())).await;
+    settle(&t, &[rabbit.ingress.clone()]).await;
+    assert!(t.dead_letters("user-replica").is_empty());
+}
+
+#[tokio::test]
+async fn every_envelope_on_the_exchange_ends_in_the_replica() {
+    let rabbit = Rabbit::new().await;
+    let t = TestRouter::start(&config(&rabbit, false, &[("user-replica", "user_replica.wasm", "")])).await;
+    connected(&t).await;
+    // Raw JSON, named by the routing key.
+    let raw = json!({ "user": user("raw", "raw"), "token": "t" }).to_string();
+    rabbit.publish_event("auth.tokenGenerated", raw.as_bytes(), BasicProperties::default()).await;
+    // CloudEvents, structured mode.
+    let structured = json!({
+        "specversion": "1.0", "id": "ce-1", "type": "user.updated", "source": "/users",
+        "time": "2026-01-01T00:00:00Z", "data": { "user": user("structured", "ce") }
+    })
+    .to_string();
+    let props = BasicProperties::default().with_content_type("application/cloudevents+json".into());
+    rabbit.publish_event("user.updated", structured.as_bytes(), props).await;
+    // CloudEvents, binary mode with the Python SDK's header convention.
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("cloudEvents_specversion", "1.0"),
+        ("cloudEvents_id", "bin-1"),
+        ("cloudEvents_type", "user.updated"),
+        ("cloudEvents_source", "/py"),
+    ] {
+        headers.insert(ShortString::from(k), AMQPValue::LongString(v.into()));
+    }
+    headers.insert(ShortString::from("cloudEvents_time"), AMQPValue::LongLongInt(1_767_225_600_000));
+    let binary = json!({ "user": user("binary", "bin") }).to_string();
+    rabbit.publish_event("user.updated", binary.as_bytes(), BasicProperties::default().with_headers(headers)).await;
+
+    for (key, name) in [("raw", "raw"), ("structured", "ce"), ("binary", "bin")] {
+        let doc = eventually(key, SETTLE, || t.doc("user-replica", "user_refs", key)).await;
+        assert_eq!(doc["name"], name);
+    }
+    let stored = t.router.readers.get("user-replica", "user_refs", "structured").unwrap().unwrap();
+    assert_eq!(stored.version, Some(1_767_225_600_000), "the CloudEvents time is the version");
+}
+
+#[tokio::test]
+async fn undecodable_and_rejected_messages_are_dead_lettered_with_the_reason() {
+    let rabbit = Rabbit::new().await;
+    let t = TestRouter::start(&config(&rabbit, true, &[("user-replica", "user_replica.wasm", "")])).await;
+    connected(&t).await;
+    rabbit.publish_event("user.updated", b"{not json", BasicProperties::default()).await;
+    rabbit.publish_event("user.updated", br#"{"user": {"name": "no id"}}"#, BasicProperties::default()).await;
+    rabbit.publish("", &rabbit.ingress.clone(), b"\xff\xfe", BasicProperties::default()).await;
+    let letters = eventually("two dead letters", SETTLE, || {
+        let l = t.dead_letters("user-replica");
+        (l.len() == 2).then_some(l)
+    })
+    .await;
+    assert!(letters.iter().any(|(_, r)| r.starts_with("body is not JSON")), "{letters:?}");
+    assert!(letters.iter().any(|(n, r)| n == "user.updated" && r.contains("handler rejected")), "{letters:?}");
+    let ingress = eventually("the ingress dead letter", SETTLE, || {
+        let l = t.router.readers.dead_letters(&format!("ingress:{}", rabbit.ingress), 10).unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(ingress[0].reason, "body is not valid UTF-8 at byte 0");
+    settle(&t, &[rabbit.ingress.clone(), format!("{}user-replica", rabbit.prefix)]).await;
+}
+
+#[tokio::test]
+async fn one_event_id_delivered_three_times_applies_once_and_publishes_once() {
+    let rabbit = Rabbit::new().await;
+    let tap = rabbit.tap("chaos.published").await;
+    let t = TestRouter::start(&config(&rabbit, false, &[("misbehave", "misbehave.wasm", "")])).await;
+    connected(&t).await;
+    let props = || BasicProperties::default().with_message_id("dup-1".into()).with_correlation_id("corr-9".into());
+    for _ in 0..3 {
+        rabbit.publish_event("chaos.publish", br#"{"n":1}"#, props()).await;
+    }
+    let queue = format!("{}misbehave", rabbit.prefix);
+    let message = {
+        let deadline = std::time::Instant::now() + SETTLE;
+        loop {
+            if let Some(m) = rabbit.get(&tap).await {
+                break m;
+            }
+            assert!(std::time::Instant::now() < deadline, "nothing was published");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    settle(&t, &[queue]).await;
+    assert!(rabbit.get(&tap).await.is_none(), "the handler's effects must apply once");
+
+    let body: serde_json::Value = serde_json::from_slice(&message.delivery.data).unwrap();
+    assert_eq!(body, json!({ "pattern": "chaos.published", "data": { "from": "dup-1" } }), "NestJS envelope");
+    let p = &message.delivery.properties;
+    assert!(p.message_id().as_ref().is_some_and(|id| !id.as_str().is_empty() && id.as_str() != "dup-1"), "a fresh id");
+    assert_eq!(p.correlation_id().as_ref().map(|c| c.as_str()), Some("corr-9"));
+    let headers = p.headers().as_ref().unwrap().inner();
+    let text = |k: &str| match headers.get(k) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("header {k}: {other:?}"),
+    };
+    assert_eq!(text("x-causation-id"), "dup-1");
+    assert_eq!(text("x-source"), "misbehave");
+    assert!(matches!(headers.get("x-occurred-at"), Some(AMQPValue::LongLongInt(ms)) if *ms > 1_700_000_000_000));
+}
+
+#[tokio::test]
+async fn outbox_rows_committed_before_a_restart_are_published_after_it() {
+    let rabbit = Rabbit::new().await;
+    let tap = rabbit.tap("order.#").await;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let writer = Writer::start(dir.path(), &StoreConfig::default()).unwrap();
+        let row = OutboxRow {
+            id: "outbox-1".into(),
+            name: "order.confirmed".into(),
+            source: "order-saga".into(),
+            key: Some("o1".into()),
+            correlation_id: Some("c1".into()),
+            causation_id: Some("e0".into()),
+            headers: "[]".into(),
+            payload: br#"{"orderId":"o1"}"#.to_vec(),
+            delay_ms: 0,
+        };
+        let effects = Effects { outbox: vec![row], ..Default::default() };
+        writer.commit("order-saga".into(), "e0".into(), effects).await.unwrap();
+    }
+    let t = TestRouter::start_in(&config(&rabbit, false, &[]), dir).await;
+    let message = {
+        let deadline = std::time::Instant::now() + SETTLE;
+        loop {
+            if let Some(m) = rabbit.get(&tap).await {
+                break m;
+            }
+            assert!(std::time::Instant::now() < deadline, "the outbox row was not published");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(message.delivery.routing_key.as_str(), "order.confirmed");
+    assert_eq!(message.delivery.properties.message_id().as_ref().map(|s| s.as_str()), Some("outbox-1"));
+    eventually("the row to be deleted after the confirm", SETTLE, || {
+        (t.router.readers.outbox_backlog().unwrap() == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn misbehaving_plugins_fail_only_their_invocation() {
+    let rabbit = Rabbit::new().await;
+    let limits =
+        "concurrency = 1\n[plugin.limits]\nmemory_mb = 32\ntimeout_ms = 300\n[plugin.retry]\nmax_attempts = 1\n";
+    let t = TestRouter::start(&config(
+        &rabbit,
+        false,
+        &[("misbehave", "misbehave.wasm", limits), ("user-replica", "user_replica.wasm", "")],
+    ))
+    .await;
+    connected(&t).await;
+    for name in ["chaos.trap", "chaos.loop", "chaos.hog"] {
+        let props = BasicProperties::default().with_message_id(name.into());
+        rabbit.publish_event(name, b"{}", props).await;
+        rabbit
+            .publish_event(
+                "auth.tokenGenerated",
+                json!({ "user": user(name, name), "token": "t" }).to_string().as_bytes(),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    rabbit.publish_event("chaos.ok", b"{}", BasicProperties::default().with_message_id("after".into())).await;
+
+    eventually("the plugin to keep working after a trap, a timeout and an OOM", SETTLE, || {
+        t.doc("misbehave", "seen", "after")
+    })
+    .await;
+    for name in ["chaos.trap", "chaos.loop", "chaos.hog"] {
+        eventually(name, SETTLE, || t.doc("user-replica", "user_refs", name)).await;
+    }
+    let letters = t.dead_letters("misbehave");
+    let reason = |name: &str| letters.iter().find(|(n, _)| n == name).map(|(_, r)| r.clone()).unwrap_or_default();
+    assert!(
+        reason("chaos.trap").starts_with("plugin trapped: wasm trap: wasm `unreachable` instruction executed ("),
+        "{letters:?}"
+    );
+    assert!(
+        reason("chaos.trap").contains("panicked at") && reason("chaos.trap").ends_with("asked to trap)"),
+        "{letters:?}"
+    );
+    assert!(reason("chaos.loop").starts_with("timed out after 300ms"), "{letters:?}");
+    assert!(reason("chaos.hog").starts_with("plugin trapped: forcing trap when growing memory"), "{letters:?}");
+    assert!(t.dead_letters("user-replica").is_empty());
+}

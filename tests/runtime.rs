@@ -1,0 +1,115 @@
+//! The runtime against real plugin components on the in-process bus: limits, retries,
+//! instance policies, publishing, deduplication and refused plugin files.
+
+use std::time::Duration;
+
+use switchyard::config::Config;
+use switchyard::router::Router;
+use switchyard_tests::{TestRouter, eventually, plugin_table};
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn config(plugins: &str) -> String {
+    format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n{plugins}")
+}
+
+async fn publish(t: &TestRouter, line: &str) {
+    t.router.bus.as_ref().expect("bus mode").publish_bytes(line.as_bytes().to_vec()).await;
+}
+
+async fn settle(t: &TestRouter) {
+    eventually("the router to settle", SETTLE, || t.router.is_idle().then_some(())).await;
+}
+
+fn seen(t: &TestRouter, name: &str) -> Vec<serde_json::Value> {
+    t.router
+        .readers
+        .scan("misbehave", "seen", "", 1000)
+        .unwrap()
+        .into_iter()
+        .map(|r| serde_json::from_str::<serde_json::Value>(&r.body).unwrap())
+        .filter(|d| d["name"] == name)
+        .collect()
+}
+
+#[tokio::test]
+async fn retry_errors_are_retried_with_the_attempt_then_dead_lettered() {
+    let t = TestRouter::start(&config(&plugin_table(
+        "misbehave",
+        "misbehave.wasm",
+        "[plugin.retry]\nmax_attempts = 3\ninitial_backoff_ms = 5\n",
+    )))
+    .await;
+    publish(&t, r#"{"pattern":"chaos.retry","data":{}}"#).await;
+    publish(&t, r#"{"pattern":"chaos.reject","data":{}}"#).await;
+    settle(&t).await;
+    let letters = t.router.readers.dead_letters("misbehave", 10).unwrap();
+    let retry = letters.iter().find(|d| d.name.as_deref() == Some("chaos.retry")).expect("retry dead-lettered");
+    assert_eq!(retry.attempts, 3);
+    assert!(retry.reason.contains("asked to retry"), "{}", retry.reason);
+    let reject = letters.iter().find(|d| d.name.as_deref() == Some("chaos.reject")).expect("reject dead-lettered");
+    assert_eq!(reject.attempts, 1, "a reject is not retried");
+    assert!(reject.reason.contains("asked to reject"), "{}", reject.reason);
+}
+
+async fn counts(policy: &str) -> Vec<u64> {
+    let extra = format!("concurrency = 1\ninstances = \"{policy}\"\n");
+    let t = TestRouter::start(&config(&plugin_table("misbehave", "misbehave.wasm", &extra))).await;
+    let mut counts = Vec::new();
+    for i in 0..3 {
+        publish(&t, &format!(r#"{{"pattern":"chaos.count","data":{{}},"id":"count-{i}"}}"#)).await;
+        settle(&t).await;
+        counts.push(t.doc("misbehave", "seen", &format!("count-{i}")).expect("counted")["count"].as_u64().unwrap());
+    }
+    counts
+}
+
+#[tokio::test]
+async fn instance_policy_decides_what_survives_between_events() {
+    assert_eq!(counts("reuse").await, [1, 2, 3], "a reused instance keeps its globals");
+    assert_eq!(counts("fresh").await, [1, 1, 1], "a fresh instance per event keeps nothing");
+}
+
+#[tokio::test]
+async fn published_events_carry_causation_correlation_and_source() {
+    let t = TestRouter::start(&config(&plugin_table("misbehave", "misbehave.wasm", ""))).await;
+    publish(&t, r#"{"pattern":"chaos.publish","data":{},"id":"cause-1"}"#).await;
+    settle(&t).await;
+    let published = seen(&t, "chaos.published");
+    assert_eq!(published.len(), 1, "{published:?}");
+    assert_eq!(published[0]["causation_id"], "cause-1");
+    assert_eq!(published[0]["correlation_id"], "cause-1", "a flow's first event starts the correlation");
+    assert_eq!(published[0]["source"], "misbehave");
+}
+
+#[tokio::test]
+async fn a_repeated_event_id_runs_the_handler_once() {
+    let t = TestRouter::start(&config(&plugin_table("misbehave", "misbehave.wasm", "concurrency = 4\n"))).await;
+    for _ in 0..3 {
+        publish(&t, r#"{"pattern":"chaos.publish","data":{},"id":"same-id"}"#).await;
+        settle(&t).await;
+    }
+    assert_eq!(seen(&t, "chaos.publish").len(), 1);
+    assert_eq!(seen(&t, "chaos.published").len(), 1, "effects (the published event) applied once");
+}
+
+#[tokio::test]
+async fn plugin_files_that_cannot_run_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_wasm = dir.path().join("not.wasm");
+    std::fs::write(&not_wasm, b"definitely not wasm").unwrap();
+    let toml = format!(
+        "[router]\ndata_dir = \"{}\"\n[[plugin]]\nname = \"broken\"\npath = \"{}\"\n",
+        dir.path().display(),
+        not_wasm.display()
+    );
+    let cfg = Config::from_toml(&toml, &dir.path().join("router.toml"), &|_| None).unwrap();
+    let err = format!("{:#}", Router::start(cfg).await.err().expect("must fail"));
+    assert!(err.contains("loading plugin broken") && err.contains("not a WebAssembly component"), "{err}");
+
+    let toml = config(&plugin_table("wrong-name", "misbehave.wasm", ""))
+        .replace("{data_dir}", &dir.path().display().to_string());
+    let cfg = Config::from_toml(&toml, &dir.path().join("router.toml"), &|_| None).unwrap();
+    let err = format!("{:#}", Router::start(cfg).await.err().expect("must fail"));
+    assert!(err.contains("\"wrong-name\" but the component says it is \"misbehave\""), "{err}");
+}
