@@ -262,3 +262,72 @@ async fn misbehaving_plugins_fail_only_their_invocation() {
     assert!(reason("chaos.hog").starts_with("plugin trapped: forcing trap when growing memory"), "{letters:?}");
     assert!(t.dead_letters("user-replica").is_empty());
 }
+
+#[tokio::test]
+async fn an_ingress_message_redelivered_after_a_crash_keeps_its_journaled_id() {
+    use switchyard::commit::{JournalEntry, JournalOp};
+    use switchyard::envelope::content_id;
+    use switchyard::event::Millis;
+
+    let rabbit = Rabbit::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let body = json!({ "pattern": "chaos.publish", "data": { "n": 1 } }).to_string();
+    // A router journaled an id for this message and died before acking it.
+    {
+        let writer = Writer::start(dir.path(), &StoreConfig::default()).unwrap();
+        let entry = JournalEntry {
+            id: "journaled-id".into(),
+            queue: rabbit.ingress.clone(),
+            digest: content_id("chaos.publish", body.as_bytes()).0,
+            received_at: Millis(1_700_000_000_000),
+        };
+        writer.journal(JournalOp::Insert(vec![entry])).await.unwrap().unwrap();
+    }
+    // The broker still holds the message, and hands it out again flagged as redelivered.
+    rabbit
+        .channel
+        .queue_declare(
+            rabbit.ingress.as_str().into(),
+            lapin::options::QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    rabbit.emit_nestjs("chaos.publish", json!({ "n": 1 })).await;
+    let taken = rabbit.channel.basic_get(rabbit.ingress.as_str().into(), Default::default()).await.unwrap().unwrap();
+    taken.delivery.acker.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+
+    let t = TestRouter::start_in(&config(&rabbit, true, &[("misbehave", "misbehave.wasm", "")]), dir).await;
+    let seen =
+        eventually("the event under its journaled id", SETTLE, || t.doc("misbehave", "seen", "journaled-id")).await;
+    assert_eq!(seen["name"], "chaos.publish");
+    settle(&t, &[rabbit.ingress.clone(), format!("{}misbehave", rabbit.prefix)]).await;
+    let handled = t.router.readers.scan("misbehave", "seen", "", 100).unwrap();
+    let publishes: Vec<_> = handled.iter().filter(|r| r.body.contains("\"chaos.publish\"")).collect();
+    assert_eq!(publishes.len(), 1, "one event, under the journaled id: {handled:?}");
+}
+
+#[tokio::test]
+async fn a_fresh_ingress_message_gets_an_assigned_id_and_its_journal_row_is_pruned() {
+    let rabbit = Rabbit::new().await;
+    let t = TestRouter::start(&config(
+        &rabbit,
+        true,
+        &[("misbehave", "misbehave.wasm", ""), ("user-replica", "user_replica.wasm", "")],
+    ))
+    .await;
+    connected(&t).await;
+    rabbit.emit_nestjs("chaos.ok", json!({})).await;
+    let ids = eventually("the event", SETTLE, || {
+        let rows = t.router.readers.scan("misbehave", "seen", "", 10).unwrap();
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(ids.len(), 1);
+    assert!(uuid::Uuid::parse_str(&ids[0].key).is_ok(), "an assigned UUID, not a digest: {}", ids[0].key);
+    let digest = switchyard::envelope::content_id("chaos.ok", b"{}").0;
+    eventually("the journal row to be pruned after the ack", SETTLE, || {
+        t.router.readers.journal(&rabbit.ingress, &digest).unwrap().is_empty().then_some(())
+    })
+    .await;
+}

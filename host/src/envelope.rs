@@ -317,7 +317,9 @@ fn decode_nestjs(m: &BTreeMap<String, &RawValue>, body: &[u8], transport: &Trans
         // NestJS routes object patterns by their JSON text with keys sorted.
         Ok(v @ serde_json::Value::Object(_)) => v.to_string(),
         _ => {
-            return Err(DecodeError::InvalidPattern(format!("expected a non-empty string or an object, got {pattern}")));
+            return Err(DecodeError::InvalidPattern(format!(
+                "expected a non-empty string or an object, got {pattern}"
+            )));
         }
     };
     let data = m.get("data").map(|raw| raw.get()).unwrap_or("null");

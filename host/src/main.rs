@@ -118,6 +118,12 @@ async fn serve(config: Config, feed: Option<PathBuf>, exit_when_idle: bool) -> a
     let rabbit = config.rabbitmq.clone();
     let router = Router::start(config).await?;
     if let Some(path) = &feed {
+        // Queues must be declared and bound first, or the broker drops what it cannot route.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !router.connected.load(std::sync::atomic::Ordering::SeqCst) {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "the source did not connect within 60 s");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         let count = match (&router.bus, &rabbit) {
             (Some(bus), _) => bus.feed_jsonl(path).await.with_context(|| format!("feeding {}", path.display()))?,
             (None, Some(r)) => switchyard::source::rabbitmq::publish_jsonl(r, path)
