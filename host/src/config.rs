@@ -15,6 +15,8 @@ use crate::route::Pattern;
 
 /// Environment variable that overrides (or supplies) `rabbitmq.url`.
 pub const ENV_RABBITMQ_URL: &str = "SWITCHYARD_RABBITMQ_URL";
+/// Environment variable that overrides (or supplies) `redis.url`.
+pub const ENV_REDIS_URL: &str = "SWITCHYARD_REDIS_URL";
 /// Environment variable that overrides `router.data_dir`.
 pub const ENV_DATA_DIR: &str = "SWITCHYARD_DATA_DIR";
 
@@ -25,8 +27,11 @@ pub struct Config {
     /// Router-wide settings.
     #[serde(default)]
     pub router: RouterConfig,
-    /// Consume from and publish to RabbitMQ. Absent: the router runs on its in-process bus.
+    /// Consume from and publish to RabbitMQ.
     pub rabbitmq: Option<RabbitMqConfig>,
+    /// Consume from and publish to Redis (pub/sub and Streams). With neither broker, the
+    /// router runs on its in-process bus.
+    pub redis: Option<RedisConfig>,
     /// The embedded SQLite store that holds plugin documents, the outbox and markers.
     #[serde(default)]
     pub store: StoreConfig,
@@ -45,6 +50,19 @@ pub struct RouterConfig {
     /// Log filter in `tracing` syntax, e.g. `info` or `switchyard=debug`; `RUST_LOG` wins.
     #[serde(default = "default_log")]
     pub log: String,
+    /// Where plugins' published events go when both brokers are configured: `rabbitmq`
+    /// (default) or `redis`. With one broker, that one; with none, the in-process bus.
+    #[serde(default)]
+    pub sink: SinkChoice,
+}
+
+/// Which broker receives published events.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkChoice {
+    #[default]
+    Rabbitmq,
+    Redis,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -57,7 +75,7 @@ fn default_log() -> String {
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        RouterConfig { data_dir: default_data_dir(), log: default_log() }
+        RouterConfig { data_dir: default_data_dir(), log: default_log(), sink: SinkChoice::default() }
     }
 }
 
@@ -120,6 +138,91 @@ fn default_queue_prefix() -> String {
 
 fn default_prefetch() -> u16 {
     256
+}
+
+/// Redis source and sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis URL, e.g. `redis://127.0.0.1:6379`; `SWITCHYARD_REDIS_URL` overrides it.
+    pub url: Secret,
+    /// Subscribe to pub/sub channels, as NestJS's Redis transport publishes: at most once.
+    pub pubsub: Option<PubSubConfig>,
+    /// Consume Redis Streams with one consumer group per plugin: at least once.
+    pub streams: Option<StreamsConfig>,
+    /// How published events are written when Redis is the sink: `pubsub` (PUBLISH on a
+    /// channel named prefix + event name, NestJS-compatible) or `stream` (XADD to `sink_stream`).
+    #[serde(default)]
+    pub sink_mode: RedisSinkMode,
+    /// The stream published events are added to in `stream` mode.
+    #[serde(default = "default_stream")]
+    pub sink_stream: String,
+    /// Envelope of published events: `nestjs` or `cloudevents`.
+    #[serde(default)]
+    pub sink_format: SinkFormat,
+}
+
+/// How events are written to Redis.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisSinkMode {
+    #[default]
+    Pubsub,
+    Stream,
+}
+
+fn default_stream() -> String {
+    "switchyard.events".into()
+}
+
+/// Redis pub/sub source.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PubSubConfig {
+    /// Channels are named this prefix + the event name (NestJS uses none).
+    #[serde(default)]
+    pub channel_prefix: String,
+}
+
+/// Redis Streams source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// Streams to consume; every plugin reads every stream through its own consumer group
+    /// and handles the entries its subscriptions match.
+    #[serde(default = "default_streams")]
+    pub streams: Vec<String>,
+    /// Each plugin's consumer group is named this prefix + the plugin name.
+    #[serde(default = "default_queue_prefix")]
+    pub group_prefix: String,
+    /// This router's consumer name in the groups; default: host name and process id. Routers
+    /// sharing a group share its entries.
+    pub consumer: Option<String>,
+    /// Entries pending longer than this (a dead or stuck consumer) are claimed by this router.
+    #[serde(default = "default_claim_idle_ms")]
+    pub claim_idle_ms: u64,
+    /// Entries read per call.
+    #[serde(default = "default_stream_batch")]
+    pub batch: usize,
+    /// `MAXLEN ~` applied when the router adds to a stream (its sink).
+    #[serde(default = "default_maxlen")]
+    pub maxlen: usize,
+}
+
+fn default_streams() -> Vec<String> {
+    vec![default_stream()]
+}
+
+fn default_claim_idle_ms() -> u64 {
+    30_000
+}
+
+fn default_stream_batch() -> usize {
+    128
+}
+
+fn default_maxlen() -> usize {
+    1_000_000
 }
 
 /// SQLite durability mode.
@@ -353,8 +456,13 @@ pub enum ConfigError {
 impl Config {
     /// Read, parse and validate a config file, applying environment overrides.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, &|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::load`], with `env` looking up the environment (command-line overrides).
+    pub fn load_with_env(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Config::from_toml(&text, path, &|name| std::env::var(name).ok())
+        Config::from_toml(&text, path, env)
     }
 
     /// Parse and validate `text` as if read from `path`; `env` looks up environment variables.
@@ -391,6 +499,21 @@ impl Config {
                 }
             }
         }
+        if let Some(url) = env(ENV_REDIS_URL).filter(|u| !u.is_empty()) {
+            match &mut self.redis {
+                Some(r) => r.url = Secret(url),
+                None => {
+                    self.redis = Some(RedisConfig {
+                        url: Secret(url),
+                        pubsub: Some(PubSubConfig::default()),
+                        streams: None,
+                        sink_mode: RedisSinkMode::default(),
+                        sink_stream: default_stream(),
+                        sink_format: SinkFormat::default(),
+                    })
+                }
+            }
+        }
         if let Some(dir) = env(ENV_DATA_DIR).filter(|d| !d.is_empty()) {
             self.router.data_dir = PathBuf::from(dir);
         }
@@ -420,6 +543,26 @@ impl Config {
             if r.prefetch == 0 {
                 problems.push("rabbitmq.prefetch: must be at least 1".into());
             }
+        }
+        if let Some(r) = &self.redis {
+            if !r.url.expose().starts_with("redis://") && !r.url.expose().starts_with("rediss://") {
+                problems.push("redis.url: must start with redis:// or rediss://".into());
+            }
+            if r.pubsub.is_none() && r.streams.is_none() && self.router.sink != SinkChoice::Redis {
+                problems
+                    .push("redis: configure [redis.pubsub] or [redis.streams] (or use Redis as router.sink)".into());
+            }
+            if let Some(s) = &r.streams {
+                if s.streams.is_empty() {
+                    problems.push("redis.streams.streams: name at least one stream".into());
+                }
+                if s.batch == 0 {
+                    problems.push("redis.streams.batch: must be at least 1".into());
+                }
+            }
+        }
+        if self.router.sink == SinkChoice::Redis && self.redis.is_none() {
+            problems.push("router.sink: \"redis\" needs a [redis] section".into());
         }
         if self.store.batch_max == 0 {
             problems.push("store.batch_max: must be at least 1".into());

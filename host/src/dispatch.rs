@@ -25,6 +25,8 @@ pub struct Inbound {
     pub event: Event,
     pub received: Received,
     pub ack: Ack,
+    /// The attempt this delivery is: 1, or more when the broker counted earlier deliveries.
+    pub attempt: u32,
 }
 
 /// The current version of a plugin; replaced on swap, read by lanes before each event.
@@ -136,7 +138,7 @@ impl Lane {
                 name = %inbound.event.name,
                 correlation_id = inbound.event.correlation_id.as_deref().unwrap_or(""),
             );
-            let settled = self.handle(&inbound.event, &inbound.received).instrument(span).await;
+            let settled = self.handle(&inbound.event, &inbound.received, inbound.attempt).instrument(span).await;
             match settled {
                 Settled::Committed | Settled::Duplicate | Settled::DeadLettered => inbound.ack.ack().await,
                 Settled::Abandoned => inbound.ack.requeue().await,
@@ -158,7 +160,7 @@ impl Lane {
         Ok(self.instance.as_mut().expect("instance was just set"))
     }
 
-    async fn handle(&mut self, event: &Event, received: &Received) -> Settled {
+    async fn handle(&mut self, event: &Event, received: &Received, first_attempt: u32) -> Settled {
         let plugin = self.slot.current();
         let name: Arc<str> = Arc::from(plugin.name.as_str());
         match self.readers.processed(&name, &event.id.0) {
@@ -172,7 +174,7 @@ impl Lane {
         let key = event.ordering_key(&plugin.settings.ordering_key);
         let retry = plugin.settings.retry;
         let first_failed_at = Millis::now();
-        let mut attempt = 1;
+        let mut attempt = first_attempt.max(1);
         let mut conflicts = 0;
         loop {
             let result = match self.instance(&plugin).await {

@@ -48,6 +48,12 @@ pub enum HeaderValue {
     Boolean(bool),
 }
 
+impl std::fmt::Display for HeaderValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.as_text())
+    }
+}
+
 impl HeaderValue {
     fn as_text(&self) -> String {
         match self {

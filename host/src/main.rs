@@ -72,11 +72,11 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, rabbitmq, feed, exit_when_idle } => {
-            if let Some(url) = rabbitmq {
-                // SAFETY: set before any other thread reads the environment.
-                unsafe { std::env::set_var(ENV_RABBITMQ_URL, url) };
-            }
-            let config = Config::load(&config)?;
+            let env = |name: &str| match (&rabbitmq, name) {
+                (Some(url), ENV_RABBITMQ_URL) => Some(url.clone()),
+                _ => std::env::var(name).ok(),
+            };
+            let config = Config::load_with_env(&config, &env)?;
             switchyard::telemetry::init(&config.router.log);
             serve(config, feed, exit_when_idle).await
         }
@@ -120,7 +120,7 @@ async fn serve(config: Config, feed: Option<PathBuf>, exit_when_idle: bool) -> a
     if let Some(path) = &feed {
         // Queues must be declared and bound first, or the broker drops what it cannot route.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !router.connected.load(std::sync::atomic::Ordering::SeqCst) {
+        while !router.is_connected() {
             anyhow::ensure!(std::time::Instant::now() < deadline, "the source did not connect within 60 s");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }

@@ -12,7 +12,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::Writer;
-use crate::config::Secret;
+use crate::config::{RedisConfig, RedisSinkMode, Secret};
 use crate::db::{OutboxEntry, Readers};
 use crate::envelope::{
     self, CAUSATION_HEADER, CORRELATION_HEADER, HeaderValue, KEY_HEADER, OCCURRED_AT_HEADER, SOURCE_HEADER, SinkFormat,
@@ -22,6 +22,7 @@ use crate::event::{Event, EventId, Header, Millis};
 use crate::source::Received;
 use crate::source::bus::Bus;
 use crate::source::rabbitmq::field_table;
+use crate::source::redis as redis_source;
 
 /// Rows sent per round.
 const BATCH: usize = 256;
@@ -32,6 +33,67 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
 pub enum Sink {
     Bus(Arc<Bus>),
     RabbitMq(RabbitSink),
+    Redis(RedisSink),
+}
+
+/// Publishes to Redis: PUBLISH on the event's channel, or XADD to a stream; a batch is
+/// confirmed by Redis's reply to its pipeline.
+pub struct RedisSink {
+    client: ::redis::Client,
+    mode: RedisSinkMode,
+    channel_prefix: String,
+    stream: String,
+    maxlen: usize,
+    format: SinkFormat,
+    conn: Option<::redis::aio::MultiplexedConnection>,
+}
+
+impl RedisSink {
+    pub fn new(config: &RedisConfig) -> Result<Self, ::redis::RedisError> {
+        Ok(RedisSink {
+            client: ::redis::Client::open(config.url.expose())?,
+            mode: config.sink_mode,
+            channel_prefix: config.pubsub.as_ref().map(|p| p.channel_prefix.clone()).unwrap_or_default(),
+            stream: config.sink_stream.clone(),
+            maxlen: config.streams.as_ref().map(|s| s.maxlen).unwrap_or(1_000_000),
+            format: config.sink_format,
+            conn: None,
+        })
+    }
+
+    async fn send(&mut self, events: &[Event]) -> Result<(), String> {
+        if self.conn.is_none() {
+            self.conn = Some(self.client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?);
+        }
+        let mut pipe = ::redis::pipe();
+        for event in events {
+            let body = envelope::encode(event, self.format).body;
+            match self.mode {
+                RedisSinkMode::Pubsub => {
+                    pipe.publish(format!("{}{}", self.channel_prefix, event.name), body).ignore();
+                }
+                RedisSinkMode::Stream => {
+                    // Entries carry what the envelope cannot as fields, like AMQP headers.
+                    let headers: Vec<(String, String)> =
+                        transport_headers(event).into_iter().map(|(n, v)| (n, v.to_string())).collect();
+                    let mut fields: Vec<(&str, &[u8])> = vec![
+                        (redis_source::EVENT_FIELD, &body),
+                        (redis_source::NAME_FIELD, event.name.as_bytes()),
+                        (redis_source::ID_FIELD, event.id.0.as_bytes()),
+                    ];
+                    fields.extend(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
+                    pipe.xadd_maxlen(&self.stream, ::redis::streams::StreamMaxlen::Approx(self.maxlen), "*", &fields)
+                        .ignore();
+                }
+            }
+        }
+        let conn = self.conn.as_mut().expect("connection was just opened");
+        let sent: ::redis::RedisResult<()> = pipe.query_async(conn).await;
+        sent.map_err(|e| {
+            self.conn = None;
+            e.to_string()
+        })
+    }
 }
 
 /// Publishes to the topic exchange with confirms, reconnecting when needed.
@@ -121,6 +183,7 @@ impl Sink {
     async fn send(&mut self, events: Vec<Event>) -> Result<(), String> {
         match self {
             Sink::RabbitMq(sink) => sink.send(&events).await,
+            Sink::Redis(sink) => sink.send(&events).await,
             Sink::Bus(bus) => {
                 for event in events {
                     let body = envelope::encode(&event, SinkFormat::Nestjs).body;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -11,22 +11,25 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::Writer;
-use crate::config::{Config, PluginConfig};
+use crate::config::{Config, PluginConfig, SinkChoice};
 use crate::db::{self, Readers};
 use crate::dispatch::{Dispatch, PluginSlot};
-use crate::outbox::{self, RabbitSink, Sink};
+use crate::outbox::{self, RabbitSink, RedisSink, Sink};
 use crate::runtime::{LoadedPlugin, Overrides, Runtime};
 use crate::source::InFlight;
 use crate::source::bus::Bus;
 use crate::source::rabbitmq::RabbitMqSource;
+use crate::source::redis::RedisSource;
 
 /// A running router.
 pub struct Router {
     pub readers: Readers,
     /// The in-process bus, when no broker is configured.
     pub bus: Option<Arc<Bus>>,
-    /// True while the RabbitMQ source is connected (always true on the bus).
-    pub connected: Arc<AtomicBool>,
+    /// One flag per source, true while it is connected.
+    sources: Vec<Arc<AtomicBool>>,
+    /// Redis pub/sub disconnections so far (each one a window of lost messages).
+    pub pubsub_gaps: Arc<AtomicU64>,
     pub plugins: Vec<Arc<PluginSlot>>,
     in_flight: Arc<InFlight>,
     shutdown: CancellationToken,
@@ -67,32 +70,58 @@ impl Router {
         }
         let plugins = dispatches.iter().map(|d| d.slot().clone()).collect();
 
-        let connected = Arc::new(AtomicBool::new(false));
-        let (bus, sink) = match &config.rabbitmq {
-            Some(rabbit) => {
-                let source = RabbitMqSource {
-                    config: rabbit.clone(),
-                    writer: writer.clone(),
-                    readers: readers.clone(),
-                    in_flight: in_flight.clone(),
-                    connected: connected.clone(),
-                };
-                tasks.spawn(source.run(dispatches, shutdown.clone()));
+        let mut sources = Vec::new();
+        let pubsub_gaps = Arc::new(AtomicU64::new(0));
+        if let Some(rabbit) = &config.rabbitmq {
+            let connected = Arc::new(AtomicBool::new(false));
+            sources.push(connected.clone());
+            let source = RabbitMqSource {
+                config: rabbit.clone(),
+                writer: writer.clone(),
+                readers: readers.clone(),
+                in_flight: in_flight.clone(),
+                connected,
+            };
+            tasks.spawn(source.run(dispatches.clone(), shutdown.clone()));
+        }
+        if let Some(redis) = config.redis.as_ref().filter(|r| r.pubsub.is_some() || r.streams.is_some()) {
+            let connected = Arc::new(AtomicBool::new(false));
+            sources.push(connected.clone());
+            let source = RedisSource {
+                config: redis.clone(),
+                writer: writer.clone(),
+                in_flight: in_flight.clone(),
+                connected,
+                pubsub_gaps: pubsub_gaps.clone(),
+            };
+            tasks.spawn(source.run(dispatches.clone(), shutdown.clone()));
+        }
+        let use_redis_sink =
+            config.redis.is_some() && (config.rabbitmq.is_none() || config.router.sink == SinkChoice::Redis);
+        let (bus, sink) = match (&config.rabbitmq, &config.redis) {
+            (_, Some(redis)) if use_redis_sink => {
+                (None, Sink::Redis(RedisSink::new(redis).context("connecting the Redis sink")?))
+            }
+            (Some(rabbit), _) => {
                 let sink = RabbitSink::new(rabbit.url.clone(), rabbit.exchange.clone(), rabbit.sink_format);
                 (None, Sink::RabbitMq(sink))
             }
-            None => {
+            (None, _) => {
                 let bus = Arc::new(Bus::new(writer.clone(), in_flight.clone()));
                 for dispatch in dispatches {
                     bus.attach(dispatch);
                 }
-                connected.store(true, Ordering::SeqCst);
                 tracing::info!("no broker configured: running on the in-process bus");
                 (Some(bus.clone()), Sink::Bus(bus))
             }
         };
         tasks.spawn(outbox::relay(readers.clone(), writer.clone(), sink, shutdown.clone()));
-        Ok(Router { readers, bus, connected, plugins, in_flight, shutdown, tasks, _runtime: runtime })
+        Ok(Router { readers, bus, sources, pubsub_gaps, plugins, in_flight, shutdown, tasks, _runtime: runtime })
+    }
+
+    /// Whether every source is connected (always, on the bus).
+    pub fn is_connected(&self) -> bool {
+        self.sources.iter().all(|s| s.load(Ordering::SeqCst))
     }
 
     /// Messages taken from sources and not settled yet.
@@ -111,7 +140,7 @@ impl Router {
         let mut quiet = 0;
         while quiet < 2 {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if self.connected.load(Ordering::SeqCst) && self.is_idle() && queues_empty().await {
+            if self.is_connected() && self.is_idle() && queues_empty().await {
                 quiet += 1;
             } else {
                 quiet = 0;

@@ -225,3 +225,48 @@ impl Drop for Rabbit {
         .join();
     }
 }
+
+/// A TCP proxy on loopback in front of a server, whose connections a test can cut to simulate
+/// a broker outage without touching the shared server.
+pub struct Proxy {
+    pub port: u16,
+    cut: tokio::sync::watch::Sender<u64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let upstream = upstream.to_string();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let mut cuts = cuts.clone();
+                // Only cuts after this connection was made close it.
+                cuts.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, cut, accept }
+    }
+
+    /// Close every connection open through the proxy; new ones are accepted again.
+    pub fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}

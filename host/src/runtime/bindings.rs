@@ -6,5 +6,5 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use exports::switchyard::plugin::handler::Guest as Handler;
-pub use switchyard::plugin::types::{Event as WitEvent, HandlerError, Header as WitHeader, Metadata};
+pub use self::exports::switchyard::plugin::handler::Guest as Handler;
+pub use self::switchyard::plugin::types::{Event as WitEvent, HandlerError, Header as WitHeader, Metadata};

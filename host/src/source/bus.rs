@@ -49,8 +49,12 @@ impl Bus {
             tracing::debug!(name = %event.name, "no plugin subscribes to this event");
         }
         for dispatch in &targets {
-            let inbound =
-                Inbound { event: event.clone(), received: received.clone(), ack: Ack::local(self.in_flight.clone()) };
+            let inbound = Inbound {
+                event: event.clone(),
+                received: received.clone(),
+                ack: Ack::local(self.in_flight.clone()),
+                attempt: 1,
+            };
             dispatch.submit(inbound).await;
         }
         targets.len()

@@ -3,6 +3,7 @@
 
 pub mod bus;
 pub mod rabbitmq;
+pub mod redis;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,7 +53,14 @@ pub struct Ack {
 
 enum AckKind {
     Amqp(lapin::Acker),
-    /// The in-process bus: nothing to tell a broker.
+    /// A Redis Streams entry, acknowledged with `XACK` on its group.
+    RedisStream {
+        conn: ::redis::aio::MultiplexedConnection,
+        stream: String,
+        group: String,
+        id: String,
+    },
+    /// The in-process bus or Redis pub/sub: nothing to tell a broker.
     Local,
 }
 
@@ -62,6 +70,17 @@ impl Ack {
         Ack { kind: AckKind::Amqp(acker), in_flight }
     }
 
+    pub(crate) fn redis_stream(
+        conn: ::redis::aio::MultiplexedConnection,
+        stream: String,
+        group: String,
+        id: String,
+        in_flight: Arc<InFlight>,
+    ) -> Self {
+        in_flight.0.fetch_add(1, Ordering::SeqCst);
+        Ack { kind: AckKind::RedisStream { conn, stream, group, id }, in_flight }
+    }
+
     pub(crate) fn local(in_flight: Arc<InFlight>) -> Self {
         in_flight.0.fetch_add(1, Ordering::SeqCst);
         Ack { kind: AckKind::Local, in_flight }
@@ -69,15 +88,27 @@ impl Ack {
 
     /// The message's effects are committed (or it is dead-lettered): the source may forget it.
     pub async fn ack(self) {
-        if let AckKind::Amqp(acker) = &self.kind
-            && let Err(e) = acker.ack(lapin::options::BasicAckOptions::default()).await
-        {
-            // The channel is gone; the broker redelivers and the processed-marker dedups.
-            tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+        match &self.kind {
+            AckKind::Amqp(acker) => {
+                if let Err(e) = acker.ack(lapin::options::BasicAckOptions::default()).await {
+                    // The channel is gone; the broker redelivers and the processed-marker dedups.
+                    tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+                }
+            }
+            AckKind::RedisStream { conn, stream, group, id } => {
+                let mut conn = conn.clone();
+                let acked: ::redis::RedisResult<i64> =
+                    ::redis::AsyncCommands::xack(&mut conn, stream, group, &[id]).await;
+                if let Err(e) = acked {
+                    tracing::warn!(error = %e, stream, id, "XACK failed; the entry will be claimed again");
+                }
+            }
+            AckKind::Local => {}
         }
     }
 
-    /// Give the message back to the broker now (e.g. on shutdown before handling it).
+    /// Give the message back to the broker now (e.g. on shutdown before handling it). A
+    /// Redis Streams entry stays pending and is claimed again after the idle time.
     pub async fn requeue(self) {
         if let AckKind::Amqp(acker) = &self.kind {
             let options = lapin::options::BasicNackOptions { requeue: true, ..Default::default() };

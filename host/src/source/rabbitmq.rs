@@ -30,8 +30,11 @@ use crate::envelope::{self, HeaderValue, OCCURRED_AT_HEADER, Transport};
 use crate::event::{EventId, Millis};
 use crate::source::{Ack, InFlight, Received};
 
-/// Longest wait between reconnection attempts.
+/// First and longest wait between reconnection attempts.
+const MIN_RECONNECT_DELAY: Duration = Duration::from_millis(200);
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(30);
+/// A session that lasted this long was healthy: the next reconnect starts from the minimum.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Ingress messages forwarded per confirm round.
 const INGRESS_BATCH: usize = 256;
 
@@ -66,14 +69,18 @@ impl RabbitMqSource {
 
     /// Consume until `shutdown`, reconnecting with backoff whenever the connection ends.
     pub async fn run(self, dispatches: Vec<Dispatch>, shutdown: CancellationToken) {
-        let mut delay = Duration::from_millis(200);
+        let mut delay = MIN_RECONNECT_DELAY;
         loop {
+            let started = std::time::Instant::now();
             let session = self.session(&dispatches, &shutdown);
             let ended = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 ended = session => ended,
             };
             self.connected.store(false, Ordering::SeqCst);
+            if started.elapsed() >= HEALTHY_SESSION {
+                delay = MIN_RECONNECT_DELAY;
+            }
             match ended {
                 Ok(()) => return,
                 Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "RabbitMQ session ended; reconnecting"),
@@ -220,6 +227,10 @@ fn header_value(v: &AMQPValue) -> Option<HeaderValue> {
     })
 }
 
+fn has_name_header(transport: &Transport) -> bool {
+    transport.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(envelope::NAME_HEADER))
+}
+
 /// AMQP headers for the router's own header values.
 pub fn field_table(headers: &[(String, HeaderValue)]) -> FieldTable {
     let mut table = FieldTable::default();
@@ -263,7 +274,7 @@ impl PluginConsumer {
             let ack = Ack::amqp(delivery.acker, self.in_flight.clone());
             let received = Received { body: delivery.data, transport };
             match envelope::decode(&received.body, &received.transport) {
-                Ok(decoded) => self.dispatch.submit(Inbound { event: decoded.event, received, ack }).await,
+                Ok(decoded) => self.dispatch.submit(Inbound { event: decoded.event, received, ack, attempt: 1 }).await,
                 Err(e) => dead_letter_undecodable(&self.writer, &self.plugin, received, ack, e.to_string()).await,
             }
         }
@@ -342,6 +353,15 @@ impl Forwarder {
                     continue;
                 }
             };
+            if decoded.envelope == envelope::Envelope::Raw && !has_name_header(&received.transport) {
+                let owner = format!("ingress:{}", self.queue);
+                let reason = format!(
+                    "raw JSON on an ingress queue needs an `{}` header naming the event",
+                    envelope::NAME_HEADER
+                );
+                dead_letter_undecodable(&self.writer, &owner, received, ack, reason).await;
+                continue;
+            }
             let event = decoded.event;
             let (id, occurred_at) = if decoded.id_carried {
                 (event.id, event.occurred_at)

@@ -1,0 +1,505 @@
+//! Redis: pub/sub channels as NestJS's Redis transport uses them, and Redis Streams with one
+//! consumer group per plugin.
+//!
+//! Pub/sub is at most once: Redis keeps nothing for a subscriber that is not connected, so
+//! what is published during a disconnection is gone (the router counts and logs each gap).
+//! Streams are at least once: an entry is `XACK`ed only after the plugin's effects commit,
+//! entries left pending by a dead consumer are claimed after `claim_idle_ms`, and the
+//! processed-marker makes a redelivered entry apply once.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::commit::Writer;
+use crate::config::{PubSubConfig, RedisConfig, StreamsConfig};
+use crate::dispatch::{Dispatch, Inbound, dead_letter_undecodable};
+use crate::envelope::{self, HeaderValue, Transport};
+use crate::event::Millis;
+use crate::route::Pattern;
+use crate::source::{Ack, InFlight, Received};
+
+/// First and longest wait between reconnection attempts.
+const MIN_RECONNECT_DELAY: Duration = Duration::from_millis(200);
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(30);
+/// How long one `XREADGROUP` waits for entries.
+const BLOCK_MS: usize = 1000;
+/// Stream entry field holding the envelope.
+pub const EVENT_FIELD: &str = "event";
+/// Stream entry field naming the event (optional).
+pub const NAME_FIELD: &str = "name";
+/// Stream entry field carrying the event id (optional).
+pub const ID_FIELD: &str = "id";
+
+/// The Redis source of one router.
+pub struct RedisSource {
+    pub config: RedisConfig,
+    pub writer: Writer,
+    pub in_flight: Arc<InFlight>,
+    /// True while every Redis consumer is connected.
+    pub connected: Arc<AtomicBool>,
+    /// Pub/sub disconnections so far: each is a window whose messages are lost.
+    pub pubsub_gaps: Arc<AtomicU64>,
+}
+
+impl RedisSource {
+    /// Consume until `shutdown`.
+    pub async fn run(self, dispatches: Vec<Dispatch>, shutdown: CancellationToken) {
+        let client = match redis::Client::open(self.config.url.expose()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid Redis URL; the Redis source is not running");
+                return;
+            }
+        };
+        let mut tasks = JoinSet::new();
+        let mut flags = Vec::new();
+        if let Some(pubsub) = &self.config.pubsub {
+            let flag = Arc::new(AtomicBool::new(false));
+            flags.push(flag.clone());
+            let consumer = PubSubConsumer {
+                client: client.clone(),
+                config: pubsub.clone(),
+                dispatches: dispatches.clone(),
+                writer: self.writer.clone(),
+                in_flight: self.in_flight.clone(),
+                connected: flag,
+                gaps: self.pubsub_gaps.clone(),
+            };
+            tasks.spawn(consumer.run(shutdown.clone()));
+        }
+        if let Some(streams) = &self.config.streams {
+            let consumer_name = streams.consumer.clone().unwrap_or_else(default_consumer_name);
+            for dispatch in &dispatches {
+                for stream in &streams.streams {
+                    let flag = Arc::new(AtomicBool::new(false));
+                    flags.push(flag.clone());
+                    let plugin = dispatch.slot().current().name.to_string();
+                    let consumer = StreamConsumer {
+                        client: client.clone(),
+                        stream: stream.clone(),
+                        group: format!("{}{plugin}", streams.group_prefix),
+                        consumer: consumer_name.clone(),
+                        config: streams.clone(),
+                        plugin,
+                        dispatch: dispatch.clone(),
+                        writer: self.writer.clone(),
+                        in_flight: self.in_flight.clone(),
+                        connected: flag,
+                    };
+                    tasks.spawn(consumer.run(shutdown.clone()));
+                }
+            }
+        }
+        let connected = self.connected.clone();
+        let watch = async move {
+            loop {
+                connected.store(flags.iter().all(|f| f.load(Ordering::SeqCst)), Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = watch => {}
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+fn default_consumer_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    format!("{}-{}", if host.is_empty() { "switchyard" } else { &host }, std::process::id())
+}
+
+async fn backoff(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => return false,
+        _ = tokio::time::sleep(*delay) => {}
+    }
+    *delay = (*delay * 2).min(MAX_RECONNECT_DELAY);
+    true
+}
+
+/// A Redis channel subscription: exact for a literal pattern, a glob otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ChannelSub {
+    Exact(String),
+    Glob(String),
+}
+
+impl ChannelSub {
+    /// The subscription that receives every channel `pattern` matches (and perhaps more:
+    /// messages are filtered by the pattern afterwards).
+    pub fn for_pattern(prefix: &str, pattern: &Pattern) -> ChannelSub {
+        let text = pattern.as_str();
+        if !text.split('.').any(|w| w == "*" || w == "#") {
+            return ChannelSub::Exact(format!("{prefix}{text}"));
+        }
+        let mut glob = escape_glob(prefix);
+        let words: Vec<&str> = text.split('.').collect();
+        for (i, word) in words.iter().enumerate() {
+            match *word {
+                // `#` may match no word at all, so the dots around it are optional too.
+                "#" => {
+                    if !glob.ends_with('*') {
+                        glob.push('*');
+                    }
+                }
+                w => {
+                    if i > 0 && words[i - 1] != "#" {
+                        glob.push('.');
+                    }
+                    if w == "*" { glob.push('*') } else { glob.push_str(&escape_glob(w)) }
+                }
+            }
+        }
+        ChannelSub::Glob(glob)
+    }
+
+    fn matches(&self, channel: &str) -> bool {
+        match self {
+            ChannelSub::Exact(c) => c == channel,
+            ChannelSub::Glob(g) => glob_matches(g.as_bytes(), channel.as_bytes()),
+        }
+    }
+}
+
+fn escape_glob(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Redis glob matching for the globs [`ChannelSub::for_pattern`] makes: `*` and `\` escapes.
+fn glob_matches(glob: &[u8], text: &[u8]) -> bool {
+    match glob.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|skip| glob_matches(rest, &text[skip..])),
+        Some((b'\\', rest)) => match rest.split_first() {
+            Some((c, rest)) => text.first() == Some(c) && glob_matches(rest, &text[1..]),
+            None => false,
+        },
+        Some((c, rest)) => text.first() == Some(c) && glob_matches(rest, &text[1..]),
+    }
+}
+
+/// Subscribes to the channels of every plugin's subscriptions.
+struct PubSubConsumer {
+    client: redis::Client,
+    config: PubSubConfig,
+    dispatches: Vec<Dispatch>,
+    writer: Writer,
+    in_flight: Arc<InFlight>,
+    connected: Arc<AtomicBool>,
+    gaps: Arc<AtomicU64>,
+}
+
+impl PubSubConsumer {
+    fn subscriptions(&self) -> BTreeSet<ChannelSub> {
+        self.dispatches
+            .iter()
+            .flat_map(|d| d.slot().current().settings.subscriptions.0.clone())
+            .map(|p| ChannelSub::for_pattern(&self.config.channel_prefix, &p))
+            .collect()
+    }
+
+    async fn run(self, shutdown: CancellationToken) {
+        let mut delay = MIN_RECONNECT_DELAY;
+        let mut connected_before = false;
+        loop {
+            let subs = self.subscriptions();
+            match self.session(&subs).await {
+                Ok(mut pubsub) => {
+                    delay = MIN_RECONNECT_DELAY;
+                    connected_before = true;
+                    self.connected.store(true, Ordering::SeqCst);
+                    let mut messages = pubsub.on_message();
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            message = messages.next() => match message {
+                                Some(m) => self.handle(&subs, m).await,
+                                None => break,
+                            },
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "Redis pub/sub connection failed"),
+            }
+            self.connected.store(false, Ordering::SeqCst);
+            if connected_before {
+                let gaps = self.gaps.fetch_add(1, Ordering::SeqCst) + 1;
+                tracing::warn!(gaps, "Redis pub/sub connection lost: messages published until it is back are lost");
+                connected_before = false;
+            }
+            if !backoff(&mut delay, &shutdown).await {
+                return;
+            }
+        }
+    }
+
+    async fn session(&self, subs: &BTreeSet<ChannelSub>) -> redis::RedisResult<redis::aio::PubSub> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        for sub in subs {
+            match sub {
+                ChannelSub::Exact(c) => pubsub.subscribe(c).await?,
+                ChannelSub::Glob(g) => pubsub.psubscribe(g).await?,
+            }
+        }
+        Ok(pubsub)
+    }
+
+    async fn handle(&self, subs: &BTreeSet<ChannelSub>, message: redis::Msg) {
+        let channel = message.get_channel_name().to_string();
+        let delivered_by = match message.get_pattern::<Option<String>>() {
+            Ok(Some(glob)) => ChannelSub::Glob(glob),
+            _ => ChannelSub::Exact(channel.clone()),
+        };
+        // Overlapping subscriptions deliver a message once per match: keep only the first.
+        if subs.iter().find(|s| s.matches(&channel)) != Some(&delivered_by) {
+            return;
+        }
+        let Some(name) = channel.strip_prefix(&self.config.channel_prefix) else { return };
+        let transport = Transport {
+            routing_key: name.to_string(),
+            origin: "redis:pubsub".into(),
+            received_at: Millis::now(),
+            ..Default::default()
+        };
+        let received = Received { body: message.get_payload_bytes().to_vec(), transport };
+        match envelope::decode(&received.body, &received.transport) {
+            Ok(decoded) => {
+                for dispatch in &self.dispatches {
+                    if dispatch.slot().current().settings.subscriptions.matches(&decoded.event.name) {
+                        let ack = Ack::local(self.in_flight.clone());
+                        dispatch
+                            .submit(Inbound {
+                                event: decoded.event.clone(),
+                                received: received.clone(),
+                                ack,
+                                attempt: 1,
+                            })
+                            .await;
+                    }
+                }
+            }
+            Err(e) => {
+                let ack = Ack::local(self.in_flight.clone());
+                dead_letter_undecodable(&self.writer, "redis:pubsub", received, ack, e.to_string()).await;
+            }
+        }
+    }
+}
+
+/// Reads one stream through one plugin's consumer group.
+struct StreamConsumer {
+    client: redis::Client,
+    stream: String,
+    group: String,
+    consumer: String,
+    config: StreamsConfig,
+    plugin: String,
+    dispatch: Dispatch,
+    writer: Writer,
+    in_flight: Arc<InFlight>,
+    connected: Arc<AtomicBool>,
+}
+
+impl StreamConsumer {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut delay = MIN_RECONNECT_DELAY;
+        loop {
+            let ended = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ended = self.session() => ended,
+            };
+            self.connected.store(false, Ordering::SeqCst);
+            let e = match ended {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            tracing::warn!(stream = %self.stream, group = %self.group, error = %e, retry_in = ?delay, "Redis stream consumer restarts");
+            if !backoff(&mut delay, &shutdown).await {
+                return;
+            }
+        }
+    }
+
+    async fn session(&self) -> redis::RedisResult<std::convert::Infallible> {
+        // Blocking reads get a connection of their own, so acks never wait behind them.
+        let mut reads = self.client.get_multiplexed_async_connection().await?;
+        let acks = self.client.get_multiplexed_async_connection().await?;
+        let created: redis::RedisResult<()> = reads.xgroup_create_mkstream(&self.stream, &self.group, "0").await;
+        if let Err(e) = created
+            && e.code() != Some("BUSYGROUP")
+        {
+            return Err(e);
+        }
+        self.connected.store(true, Ordering::SeqCst);
+        // Entries this consumer read before a restart and never acknowledged.
+        let mine = self.read(&mut reads, "0", None).await?;
+        self.deliver(&acks, mine).await;
+        let mut last_claim = Instant::now() - Duration::from_secs(3600);
+        loop {
+            let claim_every = Duration::from_millis((self.config.claim_idle_ms / 2).max(100));
+            if last_claim.elapsed() >= claim_every {
+                last_claim = Instant::now();
+                let claimed = self.claim(&mut reads).await?;
+                self.deliver(&acks, claimed).await;
+            }
+            let fresh = self.read(&mut reads, ">", Some(BLOCK_MS)).await?;
+            self.deliver(&acks, fresh).await;
+        }
+    }
+
+    async fn read(
+        &self,
+        conn: &mut MultiplexedConnection,
+        from: &str,
+        block: Option<usize>,
+    ) -> redis::RedisResult<Vec<StreamId>> {
+        let mut options = StreamReadOptions::default().group(&self.group, &self.consumer).count(self.config.batch);
+        if let Some(ms) = block {
+            options = options.block(ms);
+        }
+        let reply: Option<StreamReadReply> = conn.xread_options(&[&self.stream], &[from], &options).await?;
+        Ok(reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default())
+    }
+
+    /// Take over entries another consumer left pending for longer than `claim_idle_ms`.
+    async fn claim(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<Vec<StreamId>> {
+        let options = StreamAutoClaimOptions::default().count(self.config.batch);
+        let reply: redis::streams::StreamAutoClaimReply = conn
+            .xautoclaim_options(&self.stream, &self.group, &self.consumer, self.config.claim_idle_ms, "0-0", options)
+            .await?;
+        if !reply.claimed.is_empty() {
+            tracing::info!(stream = %self.stream, group = %self.group, count = reply.claimed.len(), "claimed entries of an idle consumer");
+        }
+        Ok(reply.claimed)
+    }
+
+    /// How often each entry was delivered, from the group's pending list.
+    async fn delivery_counts(&self, conn: &MultiplexedConnection, ids: &[StreamId]) -> HashMap<String, u32> {
+        let (Some(first), Some(last)) = (ids.first(), ids.last()) else { return HashMap::new() };
+        let mut conn = conn.clone();
+        let reply: redis::RedisResult<redis::streams::StreamPendingCountReply> =
+            conn.xpending_count(&self.stream, &self.group, &first.id, &last.id, ids.len()).await;
+        match reply {
+            Ok(r) => r.ids.into_iter().map(|p| (p.id, u32::try_from(p.times_delivered).unwrap_or(u32::MAX))).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read delivery counts; attempts start at 1");
+                HashMap::new()
+            }
+        }
+    }
+
+    async fn deliver(&self, acks: &MultiplexedConnection, entries: Vec<StreamId>) {
+        if entries.is_empty() {
+            return;
+        }
+        let counts = self.delivery_counts(acks, &entries).await;
+        let subscriptions = self.dispatch.slot().current().settings.subscriptions.clone();
+        for entry in entries {
+            let ack = Ack::redis_stream(
+                acks.clone(),
+                self.stream.clone(),
+                self.group.clone(),
+                entry.id.clone(),
+                self.in_flight.clone(),
+            );
+            let text = |field: &str| entry.get::<String>(field).filter(|s| !s.is_empty());
+            let body: Vec<u8> = entry.get::<Vec<u8>>(EVENT_FIELD).unwrap_or_default();
+            // Fields other than the envelope, name and id are the entry's headers.
+            let headers = entry
+                .map
+                .keys()
+                .filter(|k| ![EVENT_FIELD, NAME_FIELD, ID_FIELD].contains(&k.as_str()))
+                .filter_map(|k| text(k).map(|v| (k.clone(), HeaderValue::Text(v))))
+                .collect();
+            let transport = Transport {
+                routing_key: text(NAME_FIELD).unwrap_or_else(|| self.stream.clone()),
+                origin: format!("redis:{}", self.stream),
+                message_id: text(ID_FIELD),
+                headers,
+                received_at: Millis::now(),
+                ..Default::default()
+            };
+            let received = Received { body, transport };
+            match envelope::decode(&received.body, &received.transport) {
+                Ok(decoded) if subscriptions.matches(&decoded.event.name) => {
+                    let attempt = counts.get(&entry.id).copied().unwrap_or(1).max(1);
+                    self.dispatch.submit(Inbound { event: decoded.event, received, ack, attempt }).await;
+                }
+                // Not for this plugin: its group moves past the entry.
+                Ok(_) => ack.ack().await,
+                Err(e) => {
+                    let reason = if entry.contains_key(EVENT_FIELD) {
+                        e.to_string()
+                    } else {
+                        format!("stream entry has no `{EVENT_FIELD}` field")
+                    };
+                    dead_letter_undecodable(&self.writer, &self.plugin, received, ack, reason).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(pattern: &str) -> ChannelSub {
+        ChannelSub::for_pattern("", &Pattern::parse(pattern).unwrap())
+    }
+
+    #[test]
+    fn literal_patterns_subscribe_to_exact_channels() {
+        assert_eq!(sub("user.updated"), ChannelSub::Exact("user.updated".into()));
+        assert_eq!(
+            ChannelSub::for_pattern("app:", &Pattern::parse("a.b").unwrap()),
+            ChannelSub::Exact("app:a.b".into())
+        );
+    }
+
+    #[test]
+    fn wildcard_globs_receive_every_channel_the_pattern_matches() {
+        let cases = [
+            ("order.*", vec!["order.created", "order.x"]),
+            ("user.#", vec!["user", "user.updated", "user.a.b"]),
+            ("#.deleted", vec!["deleted", "user.deleted"]),
+            ("a.#.z", vec!["a.z", "a.b.z"]),
+            ("#", vec!["anything.at.all"]),
+        ];
+        for (pattern, channels) in cases {
+            let s = sub(pattern);
+            assert!(matches!(s, ChannelSub::Glob(_)));
+            for channel in channels {
+                assert!(s.matches(channel), "{pattern} → {s:?} must receive {channel}");
+            }
+        }
+        assert!(!sub("order.*").matches("orders.created"));
+    }
+
+    #[test]
+    fn glob_special_characters_in_literals_are_escaped() {
+        let s = ChannelSub::for_pattern("", &Pattern::parse("weird?[x].*").unwrap());
+        assert_eq!(s, ChannelSub::Glob("weird\\?\\[x\\].*".into()));
+        assert!(s.matches("weird?[x].y"));
+        assert!(!s.matches("weirdA[x].y"));
+    }
+}

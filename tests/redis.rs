@@ -1,0 +1,151 @@
+//! Against the real Redis on loopback, with real plugin components: NestJS-format events over
+//! pub/sub, Redis Streams with consumer groups (claiming what a dead consumer left), the
+//! outbox publishing to Redis, and malformed messages kept with their reason.
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use serde_json::json;
+use switchyard_tests::{TestRouter, eventually, plugin_table, unique};
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.expect("connect to Redis")
+}
+
+/// Deletes the test's streams when it ends.
+struct Keys(Vec<String>);
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        let keys = std::mem::take(&mut self.0);
+        let _ = std::thread::spawn(move || {
+            let mut conn = redis::Client::open(redis_url()).unwrap().get_connection().unwrap();
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query(&mut conn);
+        })
+        .join();
+    }
+}
+
+fn header(extra: &str) -> String {
+    format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n[redis]\nurl = \"{}\"\n{extra}", redis_url())
+}
+
+async fn connected(t: &TestRouter) {
+    eventually("the Redis source to connect", SETTLE, || t.router.is_connected().then_some(())).await;
+}
+
+#[tokio::test]
+async fn nestjs_events_over_pubsub_reach_the_replica_and_published_events_come_back() {
+    let prefix = format!("{}:", unique("t"));
+    // NestJS's {pattern, data} has no room for ids over pub/sub (no headers): CloudEvents keeps them.
+    let text = header(&format!("sink_format = \"cloudevents\"\n[redis.pubsub]\nchannel_prefix = \"{prefix}\"\n"))
+        + &plugin_table("user-replica", "user_replica.wasm", "")
+        + &plugin_table("misbehave", "misbehave.wasm", "");
+    let t = TestRouter::start(&text).await;
+    connected(&t).await;
+    let mut conn = redis().await;
+    // Exactly what NestJS's Redis transport sends for ClientProxy.emit(pattern, data).
+    let login = json!({ "pattern": "auth.tokenGenerated", "data": { "user": { "user_id": "r1", "name": "Rosa" }, "token": "tok" } });
+    let _: () = conn.publish(format!("{prefix}auth.tokenGenerated"), login.to_string()).await.unwrap();
+    let doc = eventually("the replica", SETTLE, || t.doc("user-replica", "user_refs", "r1")).await;
+    assert_eq!((doc["name"].as_str(), doc["token"].as_str()), (Some("Rosa"), Some("tok")));
+
+    // The pub/sub sink publishes on <prefix><name>; the router hears its own event.
+    let cause = json!({ "pattern": "chaos.publish", "data": {}, "id": "ps-1" });
+    let _: () = conn.publish(format!("{prefix}chaos.publish"), cause.to_string()).await.unwrap();
+    let published = eventually("the published event to come back", SETTLE, || {
+        let rows = t.router.readers.scan("misbehave", "seen", "", 100).unwrap();
+        rows.into_iter()
+            .map(|r| serde_json::from_str::<serde_json::Value>(&r.body).unwrap())
+            .find(|d| d["name"] == "chaos.published")
+    })
+    .await;
+    assert_eq!(published["causation_id"], "ps-1");
+    assert_eq!(published["source"], "misbehave");
+
+    let _: () = conn.publish(format!("{prefix}user.updated"), "{broken").await.unwrap();
+    let letters = eventually("the pub/sub dead letter", SETTLE, || {
+        let l = t.router.readers.dead_letters("redis:pubsub", 10).unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert!(letters[0].reason.starts_with("body is not JSON"), "{letters:?}");
+}
+
+#[tokio::test]
+async fn stream_entries_apply_once_and_entries_of_a_dead_consumer_are_claimed() {
+    let stream = unique("stream");
+    let out = unique("out");
+    let _keys = Keys(vec![stream.clone(), out.clone()]);
+    let group_prefix = format!("{}.", unique("g"));
+    let group = format!("{group_prefix}misbehave");
+    let mut conn = redis().await;
+    let add = |id: &str, name: &str| {
+        let body = json!({ "pattern": name, "data": {} }).to_string();
+        (id.to_string(), name.to_string(), body)
+    };
+    // Two entries read by a consumer that then died without acknowledging them.
+    let _: () = conn.xgroup_create_mkstream(&stream, &group, "0").await.unwrap();
+    for (id, name, body) in [add("dead-1", "chaos.ok"), add("dead-2", "chaos.publish")] {
+        let _: String = conn
+            .xadd(&stream, "*", &[("event", body.as_str()), ("id", id.as_str()), ("name", name.as_str())])
+            .await
+            .unwrap();
+    }
+    let opts = redis::streams::StreamReadOptions::default().group(&group, "dead-consumer").count(10);
+    let taken: redis::streams::StreamReadReply = conn.xread_options(&[&stream], &[">"], &opts).await.unwrap();
+    assert_eq!(taken.keys[0].ids.len(), 2);
+
+    let text = header(&format!(
+        "sink_mode = \"stream\"\nsink_stream = \"{out}\"\n[redis.streams]\nstreams = [\"{stream}\"]\ngroup_prefix = \"{group_prefix}\"\nconsumer = \"router-a\"\nclaim_idle_ms = 200\n"
+    )) + &plugin_table("misbehave", "misbehave.wasm", "");
+    let t = TestRouter::start(&text).await;
+    connected(&t).await;
+    for (id, name, body) in [add("new-1", "chaos.ok"), add("new-1", "chaos.ok"), add("new-2", "chaos.ok")] {
+        let _: String = conn
+            .xadd(&stream, "*", &[("event", body.as_str()), ("id", id.as_str()), ("name", name.as_str())])
+            .await
+            .unwrap();
+    }
+    let _: String = conn.xadd(&stream, "*", &[("id", "no-event")]).await.unwrap();
+
+    for id in ["dead-1", "dead-2", "new-1", "new-2"] {
+        eventually(id, SETTLE, || t.doc("misbehave", "seen", id)).await;
+    }
+    let claimed = t.doc("misbehave", "seen", "dead-1").unwrap();
+    assert_eq!(claimed["attempt"], 2, "the delivery count becomes the attempt");
+    assert_eq!(t.doc("misbehave", "seen", "new-2").unwrap()["attempt"], 1);
+    let letters = eventually("the malformed entry's dead letter", SETTLE, || {
+        let l = t.dead_letters("misbehave");
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(letters[0].1, "stream entry has no `event` field");
+
+    // Every entry acknowledged; the duplicate id applied once.
+    eventually("no pending entries", SETTLE, || {
+        let mut sync = redis::Client::open(redis_url()).unwrap().get_connection().unwrap();
+        let pending: redis::streams::StreamPendingReply =
+            redis::Commands::xpending(&mut sync, &stream, &group).unwrap();
+        (pending.count() == 0).then_some(())
+    })
+    .await;
+    let seen = t.router.readers.scan("misbehave", "seen", "", 100).unwrap();
+    assert_eq!(seen.iter().filter(|r| r.body.contains("\"chaos.ok\"")).count(), 3, "dead-1, new-1 once, new-2");
+
+    // The outbox added the event chaos.publish published to the sink stream.
+    let entries: redis::streams::StreamRangeReply = conn.xrange_all(&out).await.unwrap();
+    assert_eq!(entries.ids.len(), 1);
+    let entry = &entries.ids[0];
+    assert_eq!(entry.get::<String>("name").as_deref(), Some("chaos.published"));
+    let body: serde_json::Value = serde_json::from_str(&entry.get::<String>("event").unwrap()).unwrap();
+    assert_eq!(body, json!({ "pattern": "chaos.published", "data": { "from": "dead-2" } }));
+    assert_eq!(entry.get::<String>("x-causation-id").as_deref(), Some("dead-2"), "metadata travels as entry fields");
+    assert_eq!(entry.get::<String>("x-source").as_deref(), Some("misbehave"));
+}
