@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use switchyard::config::{Config, ENV_RABBITMQ_URL};
+use switchyard::config::{Config, ENV_RABBITMQ_URL, ENV_REDIS_URL};
 use switchyard::db::Readers;
 use switchyard::router::{self, Router};
 use switchyard::source::rabbitmq::RabbitMqSource;
@@ -28,8 +28,13 @@ enum Command {
         /// amqp://guest:guest@127.0.0.1:5672/%2f); same as SWITCHYARD_RABBITMQ_URL.
         #[arg(long)]
         rabbitmq: Option<String>,
+        /// Consume from this Redis over pub/sub instead of what the config says (e.g.
+        /// redis://127.0.0.1:6379); same as SWITCHYARD_REDIS_URL.
+        #[arg(long)]
+        redis: Option<String>,
         /// Publish every line of this JSONL file (one envelope per line) once started: onto
-        /// the in-process bus, or to the RabbitMQ exchange under each event's name.
+        /// the in-process bus, to the RabbitMQ exchange under each event's name, or (with Redis
+        /// only) to the first stream or the event's pub/sub channel.
         #[arg(long)]
         feed: Option<PathBuf>,
         /// Exit once every event (and every event they caused) has been handled.
@@ -71,9 +76,9 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config, rabbitmq, feed, exit_when_idle } => {
-            let env = |name: &str| match (&rabbitmq, name) {
-                (Some(url), ENV_RABBITMQ_URL) => Some(url.clone()),
+        Command::Run { config, rabbitmq, redis, feed, exit_when_idle } => {
+            let env = |name: &str| match (&rabbitmq, &redis, name) {
+                (Some(url), _, ENV_RABBITMQ_URL) | (_, Some(url), ENV_REDIS_URL) => Some(url.clone()),
                 _ => std::env::var(name).ok(),
             };
             let config = Config::load_with_env(&config, &env)?;
@@ -116,6 +121,7 @@ fn open_readers(config: &Config) -> anyhow::Result<Readers> {
 
 async fn serve(config: Config, feed: Option<PathBuf>, exit_when_idle: bool) -> anyhow::Result<()> {
     let rabbit = config.rabbitmq.clone();
+    let redis = config.redis.clone();
     let router = Router::start(config).await?;
     if let Some(path) = &feed {
         // Queues must be declared and bound first, or the broker drops what it cannot route.
@@ -129,7 +135,12 @@ async fn serve(config: Config, feed: Option<PathBuf>, exit_when_idle: bool) -> a
             (None, Some(r)) => switchyard::source::rabbitmq::publish_jsonl(r, path)
                 .await
                 .with_context(|| format!("feeding {}", path.display()))?,
-            (None, None) => 0,
+            (None, None) => match &redis {
+                Some(r) => switchyard::source::redis::publish_jsonl(r, path)
+                    .await
+                    .with_context(|| format!("feeding {}", path.display()))?,
+                None => 0,
+            },
         };
         tracing::info!(count, file = %path.display(), "fed events");
     }

@@ -503,3 +503,30 @@ mod tests {
         assert!(!s.matches("weirdA[x].y"));
     }
 }
+
+/// Publish every non-empty line of a JSONL file (one envelope per line) to Redis, on the
+/// channel of its event name (pub/sub) or to the first configured stream; returns the count.
+pub async fn publish_jsonl(config: &RedisConfig, path: &std::path::Path) -> anyhow::Result<usize> {
+    let text = tokio::fs::read_to_string(path).await?;
+    let mut conn = redis::Client::open(config.url.expose())?.get_multiplexed_async_connection().await?;
+    let mut pipe = redis::pipe();
+    let mut count = 0;
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let transport = Transport { origin: "feed".into(), received_at: Millis::now(), ..Default::default() };
+        let decoded = envelope::decode(line.as_bytes(), &transport)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?;
+        match (&config.pubsub, &config.streams) {
+            (_, Some(streams)) if !streams.streams.is_empty() => {
+                let fields = [(EVENT_FIELD, line), (NAME_FIELD, decoded.event.name.as_str())];
+                pipe.xadd(&streams.streams[0], "*", &fields).ignore();
+            }
+            (Some(pubsub), _) => {
+                pipe.publish(format!("{}{}", pubsub.channel_prefix, decoded.event.name), line).ignore();
+            }
+            _ => anyhow::bail!("redis: configure [redis.pubsub] or [redis.streams] to feed events"),
+        }
+        count += 1;
+    }
+    let () = pipe.query_async(&mut conn).await?;
+    Ok(count)
+}
