@@ -38,6 +38,15 @@ async fn settle(t: &TestRouter, queues: &[String]) {
     }
 }
 
+/// Stop the router and check that every message was acknowledged: the broker requeues what a
+/// closing consumer left unacknowledged, so a missing ack shows up as a message in the queue.
+async fn stop_and_assert_acked(t: TestRouter, queues: &[String]) {
+    drop(t.stop().await);
+    for q in queues {
+        assert_eq!(router::queue_depth(&amqp_url(), q).await, Some(0), "{q} has unacknowledged messages");
+    }
+}
+
 async fn connected(t: &TestRouter) {
     eventually("the RabbitMQ source to connect", SETTLE, || t.router.is_connected().then_some(())).await;
 }
@@ -68,8 +77,10 @@ async fn nestjs_events_on_an_ingress_queue_end_in_the_replica() {
     assert_eq!(u1["email"], "jp@mail.com");
     assert_eq!(u1["token"], "tok-1", "an update without a token keeps the stored one");
     eventually("u2 to be deleted", SETTLE, || t.doc("user-replica", "user_refs", "u2").is_none().then_some(())).await;
-    settle(&t, &[rabbit.ingress.clone()]).await;
+    let queues = [rabbit.ingress.clone(), format!("{}user-replica", rabbit.prefix)];
+    settle(&t, &queues).await;
     assert!(t.dead_letters("user-replica").is_empty());
+    stop_and_assert_acked(t, &queues).await;
 }
 
 #[tokio::test]
@@ -133,7 +144,9 @@ async fn undecodable_and_rejected_messages_are_dead_lettered_with_the_reason() {
     .await;
     assert_eq!(ingress[0].reason, "body is not valid UTF-8 at byte 0");
     assert_eq!(ingress[1].reason, "raw JSON on an ingress queue needs an `x-event-name` header naming the event");
-    settle(&t, &[rabbit.ingress.clone(), format!("{}user-replica", rabbit.prefix)]).await;
+    let queues = [rabbit.ingress.clone(), format!("{}user-replica", rabbit.prefix)];
+    settle(&t, &queues).await;
+    stop_and_assert_acked(t, &queues).await;
 }
 
 #[tokio::test]
@@ -157,7 +170,7 @@ async fn one_event_id_delivered_three_times_applies_once_and_publishes_once() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    settle(&t, &[queue]).await;
+    settle(&t, std::slice::from_ref(&queue)).await;
     assert!(rabbit.get(&tap).await.is_none(), "the handler's effects must apply once");
 
     let body: serde_json::Value = serde_json::from_slice(&message.delivery.data).unwrap();
@@ -173,6 +186,7 @@ async fn one_event_id_delivered_three_times_applies_once_and_publishes_once() {
     assert_eq!(text("x-causation-id"), "dup-1");
     assert_eq!(text("x-source"), "misbehave");
     assert!(matches!(headers.get("x-occurred-at"), Some(AMQPValue::LongLongInt(ms)) if *ms > 1_700_000_000_000));
+    stop_and_assert_acked(t, &[queue]).await;
 }
 
 #[tokio::test]

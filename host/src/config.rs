@@ -17,6 +17,8 @@ use crate::route::Pattern;
 pub const ENV_RABBITMQ_URL: &str = "SWITCHYARD_RABBITMQ_URL";
 /// Environment variable that overrides (or supplies) `redis.url`.
 pub const ENV_REDIS_URL: &str = "SWITCHYARD_REDIS_URL";
+/// Environment variable that overrides (or supplies) `router.admin_token`.
+pub const ENV_ADMIN_TOKEN: &str = "SWITCHYARD_ADMIN_TOKEN";
 /// Environment variable that overrides `router.data_dir`.
 pub const ENV_DATA_DIR: &str = "SWITCHYARD_DATA_DIR";
 
@@ -54,6 +56,11 @@ pub struct RouterConfig {
     /// (default) or `redis`. With one broker, that one; with none, the in-process bus.
     #[serde(default)]
     pub sink: SinkChoice,
+    /// Address of the admin HTTP API, e.g. `127.0.0.1:7070`; absent: no admin API.
+    pub admin_address: Option<String>,
+    /// Bearer token every admin request but `GET /v1/health` must carry; prefer
+    /// `SWITCHYARD_ADMIN_TOKEN`. Without one, the admin API binds to loopback only.
+    pub admin_token: Option<Secret>,
 }
 
 /// Which broker receives published events.
@@ -75,7 +82,13 @@ fn default_log() -> String {
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        RouterConfig { data_dir: default_data_dir(), log: default_log(), sink: SinkChoice::default() }
+        RouterConfig {
+            data_dir: default_data_dir(),
+            log: default_log(),
+            sink: SinkChoice::default(),
+            admin_address: None,
+            admin_token: None,
+        }
     }
 }
 
@@ -514,6 +527,9 @@ impl Config {
                 }
             }
         }
+        if let Some(token) = env(ENV_ADMIN_TOKEN).filter(|t| !t.is_empty()) {
+            self.router.admin_token = Some(Secret(token));
+        }
         if let Some(dir) = env(ENV_DATA_DIR).filter(|d| !d.is_empty()) {
             self.router.data_dir = PathBuf::from(dir);
         }
@@ -563,6 +579,15 @@ impl Config {
         }
         if self.router.sink == SinkChoice::Redis && self.redis.is_none() {
             problems.push("router.sink: \"redis\" needs a [redis] section".into());
+        }
+        if let Some(address) = &self.router.admin_address
+            && address.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems
+                .push(format!("router.admin_address: {address:?} is not an IP address and port, e.g. 127.0.0.1:7070"));
+        }
+        if self.router.admin_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            problems.push("router.admin_token: must be at least 16 characters".into());
         }
         if self.store.batch_max == 0 {
             problems.push("store.batch_max: must be at least 1".into());
@@ -697,6 +722,16 @@ mod tests {
         let r = c.rabbitmq.expect("env enables RabbitMQ");
         assert_eq!(r.url.expose(), "amqp://user:hunter2@h:5672/%2f");
         assert!(!format!("{r:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_admin_token_comes_from_the_environment_and_must_be_long_enough() {
+        let env = |name: &str| (name == ENV_ADMIN_TOKEN).then(|| "from-the-environment-1234".to_string());
+        let c = parse_env("[router]\nadmin_token = \"short-but-overridden\"\n", &env).unwrap();
+        assert_eq!(c.router.admin_token.unwrap().expose(), "from-the-environment-1234");
+        let e = error("[router]\nadmin_token = \"short\"\nadmin_address = \"localhost\"\n");
+        assert!(e.contains("router.admin_token: must be at least 16 characters"), "{e}");
+        assert!(e.contains("router.admin_address: \"localhost\" is not an IP address and port"), "{e}");
     }
 
     #[test]

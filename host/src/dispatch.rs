@@ -6,7 +6,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::commit::{DeadLetter, Outcome, Writer};
@@ -14,6 +14,7 @@ use crate::db::Readers;
 use crate::event::{Event, Millis};
 use crate::runtime::{Instance, InvokeError, LoadedPlugin};
 use crate::source::{Ack, Received};
+use crate::telemetry::{Counters, Outcome as Counted};
 
 /// Re-runs of one event after commit conflicts before it counts as a failed attempt.
 const MAX_CONFLICT_RERUNS: u32 = 20;
@@ -32,11 +33,38 @@ pub struct Inbound {
 /// The current version of a plugin; replaced on swap, read by lanes before each event.
 pub struct PluginSlot {
     current: RwLock<Arc<LoadedPlugin>>,
+    running: watch::Sender<bool>,
+    pub counters: Counters,
+    pub loaded_at: Millis,
 }
 
 impl PluginSlot {
     pub fn new(plugin: LoadedPlugin) -> Self {
-        PluginSlot { current: RwLock::new(Arc::new(plugin)) }
+        PluginSlot {
+            current: RwLock::new(Arc::new(plugin)),
+            running: watch::Sender::new(true),
+            counters: Counters::default(),
+            loaded_at: Millis::now(),
+        }
+    }
+
+    /// Stop taking events: lanes finish the invocation under way and then wait. Events keep
+    /// queueing at the broker (beyond the prefetch) until [`PluginSlot::resume`].
+    pub fn pause(&self) {
+        self.running.send_replace(false);
+    }
+
+    pub fn resume(&self) {
+        self.running.send_replace(true);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        !*self.running.borrow()
+    }
+
+    async fn wait_running(&self) {
+        let mut running = self.running.subscribe();
+        let _ = running.wait_for(|r| *r).await;
     }
 
     pub fn current(&self) -> Arc<LoadedPlugin> {
@@ -132,6 +160,7 @@ enum Settled {
 impl Lane {
     async fn run(mut self, mut rx: mpsc::Receiver<Inbound>) {
         while let Some(inbound) = rx.recv().await {
+            self.slot.wait_running().await;
             let span = tracing::info_span!(
                 "event",
                 event_id = %inbound.event.id,
@@ -163,9 +192,12 @@ impl Lane {
     async fn handle(&mut self, event: &Event, received: &Received, first_attempt: u32) -> Settled {
         let plugin = self.slot.current();
         let name: Arc<str> = Arc::from(plugin.name.as_str());
+        let count = |outcome| self.slot.counters.record(&name, outcome);
+        count(Counted::Consumed);
         match self.readers.processed(&name, &event.id.0) {
             Ok(true) => {
                 tracing::debug!("already processed; acknowledged without running");
+                count(Counted::Duplicate);
                 return Settled::Duplicate;
             }
             Ok(false) => {}
@@ -177,17 +209,24 @@ impl Lane {
         let mut attempt = first_attempt.max(1);
         let mut conflicts = 0;
         loop {
+            let started = std::time::Instant::now();
             let result = match self.instance(&plugin).await {
                 Ok(instance) => instance.handle(event, key.clone(), attempt).await,
                 Err(e) => Err(e),
             };
+            let took = started.elapsed();
+            let count = |outcome| self.slot.counters.record(&name, outcome);
             let failure = match result {
                 Ok(effects) => match self.writer.commit(name.clone(), event.id.0.clone(), effects).await {
                     Ok(Outcome::Committed) => {
                         tracing::debug!(attempt, "committed");
+                        count(Counted::Succeeded(took));
                         return Settled::Committed;
                     }
-                    Ok(Outcome::Duplicate) => return Settled::Duplicate,
+                    Ok(Outcome::Duplicate) => {
+                        count(Counted::Duplicate);
+                        return Settled::Duplicate;
+                    }
                     Ok(Outcome::Conflict) if conflicts < MAX_CONFLICT_RERUNS => {
                         conflicts += 1;
                         tracing::debug!(conflicts, "read a document that changed meanwhile; running again");
@@ -207,10 +246,15 @@ impl Lane {
             }
             let last = attempt >= retry.max_attempts || matches!(failure, InvokeError::Reject(_));
             tracing::warn!(plugin = %plugin.name, attempt, error = %failure, will_retry = !last, "invocation failed");
+            if matches!(failure, InvokeError::Reject(_)) {
+                count(Counted::Rejected);
+            }
             if last {
+                count(Counted::DeadLettered);
                 return Self::dead_letter(&self.writer, &plugin, event, received, &failure, attempt, first_failed_at)
                     .await;
             }
+            count(Counted::Retried);
             attempt += 1;
             tokio::time::sleep(retry.backoff(attempt)).await;
         }

@@ -7,9 +7,10 @@
 //! retries) → `runtime` (wasmtime components, limits, instances) → `capability` (store,
 //! publish, log, config: what a plugin may do) → `commit` (one SQLite transaction per batch of
 //! invocations, then ack) → `outbox` (publishes committed events).
-//! `config` is `router.toml` as types; `db` is the SQLite schema and reads; `router` wires it
-//! all together.
+//! `config` is `router.toml` as types; `db` is the SQLite schema and reads; `admin` is the
+//! HTTP API; `telemetry` logs and counts; `router` wires it all together.
 
+pub mod admin;
 pub mod capability;
 pub mod commit;
 pub mod config;

@@ -10,8 +10,9 @@ use anyhow::Context as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, AdminState};
 use crate::commit::Writer;
-use crate::config::{Config, PluginConfig, SinkChoice};
+use crate::config::{Config, PluginConfig, Secret, SinkChoice};
 use crate::db::{self, Readers};
 use crate::dispatch::{Dispatch, PluginSlot};
 use crate::outbox::{self, RabbitSink, RedisSink, Sink};
@@ -20,14 +21,18 @@ use crate::source::InFlight;
 use crate::source::bus::Bus;
 use crate::source::rabbitmq::RabbitMqSource;
 use crate::source::redis::RedisSource;
+use crate::telemetry;
 
 /// A running router.
 pub struct Router {
     pub readers: Readers,
     /// The in-process bus, when no broker is configured.
     pub bus: Option<Arc<Bus>>,
-    /// One flag per source, true while it is connected.
-    sources: Vec<Arc<AtomicBool>>,
+    /// Each source's name and a flag that is true while it is connected.
+    sources: Arc<Vec<(&'static str, Arc<AtomicBool>)>>,
+    dispatches: Arc<Vec<Dispatch>>,
+    /// Where the admin API listens, when configured.
+    pub admin_address: Option<std::net::SocketAddr>,
     /// Redis pub/sub disconnections so far (each one a window of lost messages).
     pub pubsub_gaps: Arc<AtomicU64>,
     pub plugins: Vec<Arc<PluginSlot>>,
@@ -69,12 +74,13 @@ impl Router {
             dispatches.push(Dispatch::start(Arc::new(PluginSlot::new(plugin)), writer.clone(), readers.clone()));
         }
         let plugins = dispatches.iter().map(|d| d.slot().clone()).collect();
+        telemetry::prometheus();
 
         let mut sources = Vec::new();
         let pubsub_gaps = Arc::new(AtomicU64::new(0));
         if let Some(rabbit) = &config.rabbitmq {
             let connected = Arc::new(AtomicBool::new(false));
-            sources.push(connected.clone());
+            sources.push(("rabbitmq", connected.clone()));
             let source = RabbitMqSource {
                 config: rabbit.clone(),
                 writer: writer.clone(),
@@ -86,7 +92,7 @@ impl Router {
         }
         if let Some(redis) = config.redis.as_ref().filter(|r| r.pubsub.is_some() || r.streams.is_some()) {
             let connected = Arc::new(AtomicBool::new(false));
-            sources.push(connected.clone());
+            sources.push(("redis", connected.clone()));
             let source = RedisSource {
                 config: redis.clone(),
                 writer: writer.clone(),
@@ -98,6 +104,7 @@ impl Router {
         }
         let use_redis_sink =
             config.redis.is_some() && (config.rabbitmq.is_none() || config.router.sink == SinkChoice::Redis);
+        let dispatches = Arc::new(dispatches);
         let (bus, sink) = match (&config.rabbitmq, &config.redis) {
             (_, Some(redis)) if use_redis_sink => {
                 (None, Sink::Redis(RedisSink::new(redis).context("connecting the Redis sink")?))
@@ -108,20 +115,51 @@ impl Router {
             }
             (None, _) => {
                 let bus = Arc::new(Bus::new(writer.clone(), in_flight.clone()));
-                for dispatch in dispatches {
-                    bus.attach(dispatch);
+                for dispatch in dispatches.iter() {
+                    bus.attach(dispatch.clone());
                 }
                 tracing::info!("no broker configured: running on the in-process bus");
                 (Some(bus.clone()), Sink::Bus(bus))
             }
         };
         tasks.spawn(outbox::relay(readers.clone(), writer.clone(), sink, shutdown.clone()));
-        Ok(Router { readers, bus, sources, pubsub_gaps, plugins, in_flight, shutdown, tasks, _runtime: runtime })
+        let mut router = Router {
+            readers,
+            bus,
+            sources: Arc::new(sources),
+            dispatches,
+            admin_address: None,
+            pubsub_gaps,
+            plugins,
+            in_flight,
+            shutdown,
+            tasks,
+            _runtime: runtime,
+        };
+        if let Some(address) = &config.router.admin_address {
+            let state = router.admin_state(config.router.admin_token.clone());
+            let bound = admin::serve(address, state, router.shutdown.clone())
+                .await
+                .with_context(|| format!("starting the admin API on {address}"))?;
+            router.admin_address = Some(bound);
+        }
+        Ok(router)
+    }
+
+    /// The admin API's view of this router, guarded by `token`.
+    pub fn admin_state(&self, token: Option<Secret>) -> AdminState {
+        AdminState {
+            token,
+            readers: self.readers.clone(),
+            dispatches: self.dispatches.clone(),
+            sources: self.sources.clone(),
+            in_flight: self.in_flight.clone(),
+        }
     }
 
     /// Whether every source is connected (always, on the bus).
     pub fn is_connected(&self) -> bool {
-        self.sources.iter().all(|s| s.load(Ordering::SeqCst))
+        self.sources.iter().all(|(_, s)| s.load(Ordering::SeqCst))
     }
 
     /// Messages taken from sources and not settled yet.

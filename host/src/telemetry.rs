@@ -1,9 +1,100 @@
-//! Logging: `tracing` to stderr, filtered by `RUST_LOG` or the config's `router.log`.
+//! Logging and metrics: `tracing` to stderr, and per-plugin counters that also feed the
+//! Prometheus exporter served on the admin API's `/metrics`.
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 /// Install the global subscriber; later calls are no-ops.
 pub fn init(default_filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (an embedding application's): then
+        // `/metrics` shows only what this handle saw, which is nothing; say so once.
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+        }
+        handle
+    })
+}
+
+/// What happened to one event in one plugin.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    /// Taken from a source for this plugin.
+    Consumed,
+    /// Handled and committed, after this long in the handler.
+    Succeeded(Duration),
+    /// Its id was already processed: acknowledged without running.
+    Duplicate,
+    /// A failed attempt that will be retried.
+    Retried,
+    /// Rejected by the handler (dead-lettered at once).
+    Rejected,
+    /// Kept as a dead letter (after a reject or the last attempt).
+    DeadLettered,
+}
+
+/// Running totals of one plugin, also exported as `switchyard_events_total{plugin, outcome}`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    consumed: AtomicU64,
+    succeeded: AtomicU64,
+    duplicates: AtomicU64,
+    retried: AtomicU64,
+    rejected: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+/// A copy of a plugin's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct CountersSnapshot {
+    pub consumed: u64,
+    pub succeeded: u64,
+    pub duplicates: u64,
+    pub retried: u64,
+    pub rejected: u64,
+    pub dead_lettered: u64,
+}
+
+impl Counters {
+    pub fn record(&self, plugin: &str, outcome: Outcome) {
+        let (counter, label) = match outcome {
+            Outcome::Consumed => (&self.consumed, "consumed"),
+            Outcome::Succeeded(took) => {
+                metrics::histogram!("switchyard_invocation_seconds", "plugin" => plugin.to_string())
+                    .record(took.as_secs_f64());
+                (&self.succeeded, "succeeded")
+            }
+            Outcome::Duplicate => (&self.duplicates, "duplicate"),
+            Outcome::Retried => (&self.retried, "retried"),
+            Outcome::Rejected => (&self.rejected, "rejected"),
+            Outcome::DeadLettered => (&self.dead_lettered, "dead_lettered"),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("switchyard_events_total", "plugin" => plugin.to_string(), "outcome" => label).increment(1);
+    }
+
+    pub fn snapshot(&self) -> CountersSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CountersSnapshot {
+            consumed: get(&self.consumed),
+            succeeded: get(&self.succeeded),
+            duplicates: get(&self.duplicates),
+            retried: get(&self.retried),
+            rejected: get(&self.rejected),
+            dead_lettered: get(&self.dead_lettered),
+        }
+    }
 }

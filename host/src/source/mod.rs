@@ -62,6 +62,8 @@ enum AckKind {
     },
     /// The in-process bus or Redis pub/sub: nothing to tell a broker.
     Local,
+    /// An HTTP request waiting for the event to be settled.
+    Notify(tokio::sync::oneshot::Sender<()>),
 }
 
 impl Ack {
@@ -81,13 +83,24 @@ impl Ack {
         Ack { kind: AckKind::RedisStream { conn, stream, group, id }, in_flight }
     }
 
+    pub(crate) fn notify(settled: tokio::sync::oneshot::Sender<()>, in_flight: Arc<InFlight>) -> Self {
+        in_flight.0.fetch_add(1, Ordering::SeqCst);
+        Ack { kind: AckKind::Notify(settled), in_flight }
+    }
+
     pub(crate) fn local(in_flight: Arc<InFlight>) -> Self {
         in_flight.0.fetch_add(1, Ordering::SeqCst);
         Ack { kind: AckKind::Local, in_flight }
     }
 
     /// The message's effects are committed (or it is dead-lettered): the source may forget it.
-    pub async fn ack(self) {
+    pub async fn ack(mut self) {
+        if let AckKind::Notify(_) = &self.kind
+            && let AckKind::Notify(tx) = std::mem::replace(&mut self.kind, AckKind::Local)
+        {
+            let _ = tx.send(());
+            return;
+        }
         match &self.kind {
             AckKind::Amqp(acker) => {
                 if let Err(e) = acker.ack(lapin::options::BasicAckOptions::default()).await {
@@ -103,7 +116,7 @@ impl Ack {
                     tracing::warn!(error = %e, stream, id, "XACK failed; the entry will be claimed again");
                 }
             }
-            AckKind::Local => {}
+            AckKind::Local | AckKind::Notify(_) => {}
         }
     }
 

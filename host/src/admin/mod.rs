@@ -1,0 +1,404 @@
+//! The admin HTTP API (axum): health and readiness, plugins and their counters, pause and
+//! resume, read-only store inspection, the HTTP event source, and Prometheus metrics.
+//!
+//! Every route but `GET /v1/health` requires `Authorization: Bearer <token>` when a token is
+//! configured; without one the server binds to loopback only. Errors have one shape:
+//! `{"error": {"code", "message"}}`; 4xx messages say why, 5xx are generic and logged.
+
+mod errors;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+pub use errors::AdminError;
+
+use crate::config::Secret;
+use crate::db::{FieldValue, Readers};
+use crate::dispatch::{Dispatch, Inbound, PluginSlot};
+use crate::envelope::{self, HeaderValue, NAME_HEADER, Transport};
+use crate::event::Millis;
+use crate::source::{Ack, InFlight, Received};
+use crate::telemetry::{self, CountersSnapshot};
+
+/// How long `POST /v1/events` waits for the plugins to settle the event.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest event body accepted.
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// What the admin API reads and controls of a running router.
+#[derive(Clone)]
+pub struct AdminState {
+    pub token: Option<Secret>,
+    pub readers: Readers,
+    pub dispatches: Arc<Vec<Dispatch>>,
+    /// Each source's name and whether it is connected.
+    pub sources: Arc<Vec<(&'static str, Arc<std::sync::atomic::AtomicBool>)>>,
+    pub in_flight: Arc<InFlight>,
+}
+
+impl AdminState {
+    fn slot(&self, name: &str) -> Result<&Arc<PluginSlot>, AdminError> {
+        self.dispatches
+            .iter()
+            .map(Dispatch::slot)
+            .find(|s| s.current().name.as_str() == name)
+            .ok_or_else(|| AdminError::NotFound(format!("no plugin named {name:?}")))
+    }
+}
+
+/// The admin API's routes, for serving or for `oneshot` in tests.
+pub fn app(state: AdminState) -> axum::Router {
+    let guarded = axum::Router::new()
+        .route("/v1/ready", get(ready))
+        .route("/v1/plugins", get(list_plugins))
+        .route("/v1/plugins/{name}", get(get_plugin))
+        .route("/v1/plugins/{name}/pause", post(pause))
+        .route("/v1/plugins/{name}/resume", post(resume))
+        .route("/v1/plugins/{name}/store/{collection}", get(list_documents))
+        .route("/v1/plugins/{name}/store/{collection}/{key}", get(get_document))
+        .route("/v1/events", post(post_event))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    axum::Router::new()
+        .route("/v1/health", get(health))
+        .merge(guarded)
+        .fallback(|| async { AdminError::NotFound("no such route".into()) })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_EVENT_BYTES))
+        .with_state(state)
+}
+
+/// Bind and serve until `shutdown`. Without a token, a non-loopback address is replaced by
+/// loopback on the same port. Returns the address bound.
+pub async fn serve(address: &str, state: AdminState, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
+    let mut addr: SocketAddr = address.parse()?;
+    if state.token.is_none() {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(requested = %addr, "no admin token configured: the admin API binds to loopback only");
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        } else {
+            tracing::warn!("no admin token configured: the admin API is open to local processes");
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tracing::info!(address = %bound, "admin API listening");
+    let app = app(state);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+    Ok(bound)
+}
+
+async fn authorize(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let Some(token) = &state.token else { return next.run(request).await };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(p) if constant_time_eq(p.as_bytes(), token.expose().as_bytes()) => next.run(request).await,
+        presented => {
+            // The presented token is never logged, right or wrong.
+            tracing::warn!(method = %request.method(), path = %request.uri().path(), token_presented = presented.is_some(), "admin request refused");
+            AdminError::Unauthorized.into_response()
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn ready(State(state): State<AdminState>) -> Result<Json<serde_json::Value>, AdminError> {
+    let down: Vec<&str> =
+        state.sources.iter().filter(|(_, c)| !c.load(std::sync::atomic::Ordering::SeqCst)).map(|(n, _)| *n).collect();
+    if !down.is_empty() {
+        return Err(AdminError::NotReady(format!("not connected: {}", down.join(", "))));
+    }
+    Ok(Json(serde_json::json!({ "status": "ready", "plugins": state.dispatches.len() })))
+}
+
+/// A plugin as the API shows it.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct PluginView {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+    pub subscriptions: Vec<String>,
+    pub ordering_key: Vec<String>,
+    pub concurrency: usize,
+    pub instances: String,
+    pub memory_mb: u64,
+    pub timeout_ms: u64,
+    pub state: String,
+    pub loaded_at: u64,
+    pub counters: Counts,
+}
+
+/// [`CountersSnapshot`] as the API shows it.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Counts {
+    pub consumed: u64,
+    pub succeeded: u64,
+    pub duplicates: u64,
+    pub retried: u64,
+    pub rejected: u64,
+    pub dead_lettered: u64,
+}
+
+impl From<CountersSnapshot> for Counts {
+    fn from(c: CountersSnapshot) -> Self {
+        Counts {
+            consumed: c.consumed,
+            succeeded: c.succeeded,
+            duplicates: c.duplicates,
+            retried: c.retried,
+            rejected: c.rejected,
+            dead_lettered: c.dead_lettered,
+        }
+    }
+}
+
+fn view(slot: &PluginSlot) -> PluginView {
+    let p = slot.current();
+    let s = &p.settings;
+    PluginView {
+        name: p.name.to_string(),
+        version: p.version.clone(),
+        digest: p.digest.clone(),
+        subscriptions: s.subscriptions.0.iter().map(|p| p.as_str().to_string()).collect(),
+        ordering_key: s.ordering_key.clone(),
+        concurrency: s.concurrency,
+        instances: format!("{:?}", s.instances).to_lowercase(),
+        memory_mb: s.limits.memory_mb,
+        timeout_ms: s.limits.timeout_ms,
+        state: if slot.is_paused() { "paused" } else { "running" }.into(),
+        loaded_at: slot.loaded_at.0,
+        counters: slot.counters.snapshot().into(),
+    }
+}
+
+async fn list_plugins(State(state): State<AdminState>) -> Json<Vec<PluginView>> {
+    Json(state.dispatches.iter().map(|d| view(d.slot())).collect())
+}
+
+async fn get_plugin(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<PluginView>, AdminError> {
+    Ok(Json(view(state.slot(&name)?)))
+}
+
+async fn pause(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<PluginView>, AdminError> {
+    let slot = state.slot(&name)?;
+    slot.pause();
+    tracing::info!(plugin = %name, "paused");
+    Ok(Json(view(slot)))
+}
+
+async fn resume(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<PluginView>, AdminError> {
+    let slot = state.slot(&name)?;
+    slot.resume();
+    tracing::info!(plugin = %name, "resumed");
+    Ok(Json(view(slot)))
+}
+
+/// A stored document as the API shows it.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct DocumentView {
+    pub key: String,
+    pub document: serde_json::Value,
+    pub version: Option<u64>,
+}
+
+fn document(key: String, body: &str, version: Option<u64>) -> Result<DocumentView, AdminError> {
+    let document =
+        serde_json::from_str(body).map_err(|e| AdminError::Internal(format!("stored document is not JSON: {e}")))?;
+    Ok(DocumentView { key, document, version })
+}
+
+async fn get_document(
+    State(state): State<AdminState>,
+    Path((name, collection, key)): Path<(String, String, String)>,
+) -> Result<Json<DocumentView>, AdminError> {
+    state.slot(&name)?;
+    let stored = state.readers.get(&name, &collection, &key).map_err(|e| AdminError::Internal(e.to_string()))?;
+    match stored.and_then(|s| s.body.map(|b| (b, s.version))) {
+        Some((body, version)) => Ok(Json(document(key, &body, version)?)),
+        None => Err(AdminError::NotFound(format!("no document {collection}/{key} in plugin {name}"))),
+    }
+}
+
+/// Query of `GET /v1/plugins/{name}/store/{collection}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// An indexed top-level field to match; without it, every document.
+    pub field: Option<String>,
+    pub value: Option<String>,
+    /// How `value` is read: `text` (default), `integer` or `boolean`.
+    #[serde(rename = "type")]
+    pub value_type: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+/// A page of documents.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct PageView {
+    pub documents: Vec<DocumentView>,
+    pub next_cursor: Option<String>,
+}
+
+async fn list_documents(
+    State(state): State<AdminState>,
+    Path((name, collection)): Path<(String, String)>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<PageView>, AdminError> {
+    let plugin = state.slot(&name)?.current();
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000) as usize;
+    let after = query.cursor.unwrap_or_default();
+    let rows = match (&query.field, &query.value) {
+        (None, None) => state.readers.scan(&name, &collection, &after, limit + 1),
+        (Some(field), Some(value)) => {
+            if !plugin.indexes.iter().any(|(c, f)| c == &collection && f == field) {
+                return Err(AdminError::BadRequest(format!(
+                    "{collection}.{field} is not an indexed field of plugin {name}"
+                )));
+            }
+            let value = match query.value_type.as_deref().unwrap_or("text") {
+                "text" => FieldValue::Text(value.clone()),
+                "integer" => FieldValue::Integer(
+                    value.parse().map_err(|_| AdminError::BadRequest(format!("value {value:?} is not an integer")))?,
+                ),
+                "boolean" => FieldValue::Boolean(
+                    value
+                        .parse()
+                        .map_err(|_| AdminError::BadRequest(format!("value {value:?} is not true or false")))?,
+                ),
+                other => {
+                    return Err(AdminError::BadRequest(format!(
+                        "type must be text, integer or boolean, not {other:?}"
+                    )));
+                }
+            };
+            state.readers.lookup(&name, &collection, field, &value, &after, limit + 1)
+        }
+        _ => return Err(AdminError::BadRequest("field and value go together".into())),
+    }
+    .map_err(|e| AdminError::Internal(e.to_string()))?;
+    let more = rows.len() > limit;
+    let documents =
+        rows.into_iter().take(limit).map(|r| document(r.key, &r.body, r.version)).collect::<Result<Vec<_>, _>>()?;
+    let next_cursor = if more { documents.last().map(|d| d.key.clone()) } else { None };
+    Ok(Json(PageView { documents, next_cursor }))
+}
+
+/// Reply of `POST /v1/events`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct EventAccepted {
+    pub id: String,
+    pub name: String,
+    /// Plugins that handled it (committed, already processed, or dead-lettered).
+    pub plugins: Vec<String>,
+}
+
+/// The HTTP source: decode the body like a broker message, hand it to every subscribed plugin,
+/// and answer once each has settled it (its effects committed, or dead-lettered).
+async fn post_event(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<EventAccepted>, AdminError> {
+    let text_header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let mut transport = Transport {
+        origin: "http".into(),
+        content_type: text_header(header::CONTENT_TYPE.as_str()),
+        received_at: Millis::now(),
+        ..Default::default()
+    };
+    if let Some(name) = text_header(NAME_HEADER) {
+        transport.headers.push((NAME_HEADER.into(), HeaderValue::Text(name)));
+    }
+    let decoded = envelope::decode(&body, &transport).map_err(|e| AdminError::BadRequest(e.to_string()))?;
+    let event = decoded.event;
+    let received = Received { body: body.to_vec(), transport };
+    let mut plugins = Vec::new();
+    let mut settled = Vec::new();
+    for dispatch in state.dispatches.iter() {
+        let plugin = dispatch.slot().current();
+        if plugin.settings.subscriptions.matches(&event.name) {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let ack = Ack::notify(tx, state.in_flight.clone());
+            dispatch.submit(Inbound { event: event.clone(), received: received.clone(), ack, attempt: 1 }).await;
+            plugins.push(plugin.name.to_string());
+            settled.push(rx);
+        }
+    }
+    let all = futures::future::join_all(settled);
+    match tokio::time::timeout(EVENT_TIMEOUT, all).await {
+        Ok(results) if results.iter().all(Result::is_ok) => {
+            Ok(Json(EventAccepted { id: event.id.0, name: event.name, plugins }))
+        }
+        Ok(_) => Err(AdminError::Unavailable("a plugin could not settle the event; send it again".into())),
+        Err(_) => {
+            Err(AdminError::Unavailable(format!("not settled within {EVENT_TIMEOUT:?}; it may still be handled")))
+        }
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    if let Ok(backlog) = state.readers.outbox_backlog() {
+        metrics::gauge!("switchyard_outbox_backlog").set(backlog as f64);
+    }
+    for (name, connected) in state.sources.iter() {
+        let up = if connected.load(std::sync::atomic::Ordering::SeqCst) { 1.0 } else { 0.0 };
+        metrics::gauge!("switchyard_source_connected", "source" => *name).set(up);
+    }
+    metrics::gauge!("switchyard_in_flight").set(state.in_flight.get() as f64);
+    let body = telemetry::prometheus().render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            AdminError::Internal(detail) => {
+                tracing::error!(error = %detail, "admin request failed");
+                "internal error".to_string()
+            }
+            other => other.to_string(),
+        };
+        (status, Json(serde_json::json!({ "error": { "code": code, "message": message } }))).into_response()
+    }
+}
+
+impl AdminError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            AdminError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            AdminError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            AdminError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            AdminError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AdminError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The admin API through `app().oneshot(..)`, on a router running real plugins on the bus:
+//! the auth matrix, errors of one shape, the HTTP event source, store inspection, pause and
+//! resume, and metrics.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use switchyard::admin;
+use switchyard::config::Secret;
+use switchyard_tests::{TestRouter, eventually, plugin_table};
+use tower::ServiceExt;
+
+const TOKEN: &str = "a-long-enough-admin-token";
+
+async fn router() -> TestRouter {
+    let text = "[router]\ndata_dir = \"{data_dir}\"\nlog = \"warn\"\n".to_string()
+        + &plugin_table("user-replica", "user_replica.wasm", "");
+    TestRouter::start(&text).await
+}
+
+/// Send a request; returns the status and the JSON body (or the text as a JSON string).
+async fn call(t: &TestRouter, method: &str, path: &str, token: Option<&str>, body: &str) -> (StatusCode, Value) {
+    let mut request = Request::builder().method(method).uri(path).header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let app = admin::app(t.router.admin_state(Some(Secret::new(TOKEN))));
+    let response = app.oneshot(request.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let value =
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, value)
+}
+
+fn login(id: &str, email: &str) -> String {
+    json!({ "pattern": "auth.tokenGenerated", "data": { "user": { "user_id": id, "name": id, "email": email }, "token": "t" } }).to_string()
+}
+
+#[tokio::test]
+async fn every_route_but_health_needs_the_token_and_errors_have_one_shape() {
+    let t = router().await;
+    assert_eq!(call(&t, "GET", "/v1/health", None, "").await.0, StatusCode::OK);
+    for path in
+        ["/v1/ready", "/v1/plugins", "/v1/plugins/user-replica", "/metrics", "/v1/plugins/user-replica/store/user_refs"]
+    {
+        for token in [None, Some("wrong-token-of-some-length")] {
+            let (status, body) = call(&t, "GET", path, token, "").await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path} with {token:?}");
+            assert_eq!(body["error"]["code"], "unauthorized");
+        }
+        assert!(call(&t, "GET", path, Some(TOKEN), "").await.0.is_success(), "{path} with the token");
+    }
+    let (status, body) = call(&t, "GET", "/v1/plugins/nope", Some(TOKEN), "").await;
+    assert_eq!((status, &body["error"]["code"]), (StatusCode::NOT_FOUND, &json!("not_found")));
+    assert_eq!(body["error"]["message"], "no plugin named \"nope\"");
+}
+
+#[tokio::test]
+async fn posted_events_are_handled_before_the_reply_and_the_store_can_be_inspected() {
+    let t = router().await;
+    for (id, email) in [("u1", "a@x.com"), ("u2", "b@x.com"), ("u3", "a@x.com")] {
+        let (status, body) = call(&t, "POST", "/v1/events", Some(TOKEN), &login(id, email)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["plugins"], json!(["user-replica"]));
+    }
+    let (status, body) = call(&t, "GET", "/v1/plugins/user-replica/store/user_refs/u1", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["document"]["email"], "a@x.com");
+
+    let page = "/v1/plugins/user-replica/store/user_refs?field=email&value=a@x.com&limit=1";
+    let (_, first) = call(&t, "GET", page, Some(TOKEN), "").await;
+    assert_eq!(first["documents"][0]["key"], "u1");
+    let next = format!("{page}&cursor={}", first["next_cursor"].as_str().unwrap());
+    let (_, second) = call(&t, "GET", &next, Some(TOKEN), "").await;
+    assert_eq!(second["documents"][0]["key"], "u3");
+    assert_eq!(second["next_cursor"], Value::Null);
+
+    let (status, body) =
+        call(&t, "GET", "/v1/plugins/user-replica/store/user_refs?field=name&value=u1", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["message"], "user_refs.name is not an indexed field of plugin user-replica");
+    let (status, body) = call(&t, "POST", "/v1/events", Some(TOKEN), "{\"pattern\":").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("body is not JSON"), "{body}");
+    let (status, _) = call(&t, "GET", "/v1/plugins/user-replica/store/user_refs/none", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (_, plugin) = call(&t, "GET", "/v1/plugins/user-replica", Some(TOKEN), "").await;
+    assert_eq!(plugin["counters"]["succeeded"], 3);
+    assert_eq!(plugin["state"], "running");
+    assert_eq!(plugin["digest"].as_str().unwrap().len(), 64);
+    let (_, metrics) = call(&t, "GET", "/metrics", Some(TOKEN), "").await;
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(metrics.contains("switchyard_events_total{plugin=\"user-replica\",outcome=\"succeeded\"}"), "{metrics}");
+    assert!(metrics.contains("switchyard_outbox_backlog"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_paused_plugin_holds_its_events_and_resumes_where_it_stopped() {
+    let t = router().await;
+    let (status, body) = call(&t, "POST", "/v1/plugins/user-replica/pause", Some(TOKEN), "").await;
+    assert_eq!((status, body["state"].as_str()), (StatusCode::OK, Some("paused")));
+    let bus = t.router.bus.as_ref().unwrap();
+    bus.publish_bytes(login("held", "h@x.com").into_bytes()).await;
+    eventually("the event to wait in its lane", Duration::from_secs(10), || (t.router.in_flight() == 1).then_some(()))
+        .await;
+    let (_, plugin) = call(&t, "GET", "/v1/plugins/user-replica", Some(TOKEN), "").await;
+    assert_eq!(plugin["counters"]["consumed"], 0, "a paused plugin does not start events");
+    assert!(t.doc("user-replica", "user_refs", "held").is_none());
+
+    let (_, body) = call(&t, "POST", "/v1/plugins/user-replica/resume", Some(TOKEN), "").await;
+    assert_eq!(body["state"], "running");
+    eventually("the held event", Duration::from_secs(10), || t.doc("user-replica", "user_refs", "held")).await;
+}
+
+/// One HTTP/1.1 request over a real socket; returns the status line and the body.
+async fn raw(addr: std::net::SocketAddr, request: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.lines().next().unwrap_or_default().to_string();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
+}
+
+#[tokio::test]
+async fn the_configured_address_serves_the_api_and_no_token_means_loopback_only() {
+    let text = format!(
+        "[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\nadmin_address = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\n"
+    );
+    let t = TestRouter::start(&text).await;
+    let addr = t.router.admin_address.expect("admin API started");
+    let (status, _) = raw(addr, "GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let (status, body) = raw(addr, "GET /v1/plugins HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 401 Unauthorized");
+    assert!(body.contains("\"unauthorized\""), "{body}");
+    let request =
+        format!("GET /v1/ready HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n");
+    assert_eq!(raw(addr, &request).await.0, "HTTP/1.1 200 OK");
+
+    let open = "[router]\ndata_dir = \"{data_dir}\"\nlog = \"warn\"\nadmin_address = \"0.0.0.0:0\"\n";
+    let t = TestRouter::start(open).await;
+    assert!(
+        t.router.admin_address.unwrap().ip().is_loopback(),
+        "without a token the API must not listen beyond loopback"
+    );
+}
