@@ -152,3 +152,134 @@ async fn the_configured_address_serves_the_api_and_no_token_means_loopback_only(
         "without a token the API must not listen beyond loopback"
     );
 }
+
+async fn put(t: &TestRouter, path: &str, bytes: Vec<u8>) -> (StatusCode, Value) {
+    let request = Request::builder()
+        .method("PUT")
+        .uri(path)
+        .header("content-type", "application/wasm")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::from(bytes))
+        .unwrap();
+    let app = admin::app(t.router.admin_state(Some(Secret::new(TOKEN))));
+    let response = app.oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn wasm(file: &str) -> Vec<u8> {
+    std::fs::read(switchyard_tests::plugin(file)).unwrap()
+}
+
+fn stamp_router_toml(extra: &str) -> String {
+    format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n{extra}")
+        + &plugin_table("stamp", "stamp_v1.wasm", "concurrency = 8")
+}
+
+#[tokio::test]
+async fn bad_uploads_are_refused_with_the_reason_and_the_old_version_keeps_running() {
+    let t = TestRouter::start(&stamp_router_toml("")).await;
+    let (_, before) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    let (status, body) = put(&t, "/v1/plugins/stamp", b"\0asm not really".to_vec()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("not a WebAssembly component"), "{body}");
+    let (status, body) = put(&t, "/v1/plugins/stamp", wasm("misbehave.wasm")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "config names the plugin \"stamp\" but the component says it is \"misbehave\""
+    );
+    let (status, body) = put(&t, "/v1/plugins/stamp?subscriptions=a..b", wasm("stamp_v2.wasm")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = put(&t, "/v1/plugins/newcomer", wasm("stamp_v2.wasm")).await;
+    assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+    let (status, _) = call(&t, "POST", "/v1/plugins/stamp/rollback", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::CONFLICT, "nothing to roll back to");
+    let (_, after) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(after["digest"], before["digest"]);
+    assert_eq!(after["version"], "1.0.0");
+}
+
+#[tokio::test]
+async fn an_uploaded_version_survives_a_restart_and_can_be_rolled_back() {
+    let toml = stamp_router_toml("");
+    let t = TestRouter::start(&toml).await;
+    let (status, body) = put(&t, "/v1/plugins/stamp?timeout_ms=1234", wasm("stamp_v2.wasm")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["version"], "2.0.0");
+    let dir = t.stop().await;
+
+    let t = TestRouter::start_in(&toml, dir).await;
+    let (_, plugin) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(
+        (plugin["version"].as_str(), plugin["timeout_ms"].as_u64()),
+        (Some("2.0.0"), Some(1234)),
+        "the registry wins over router.toml"
+    );
+    let (status, _) =
+        call(&t, "POST", "/v1/events", Some(TOKEN), r#"{"pattern":"stamp.it","data":{},"id":"after-restart"}"#).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(t.doc("stamp", "stamped", "after-restart").unwrap()["build"], 2);
+
+    let (status, body) = put(&t, "/v1/plugins/stamp", wasm("stamp_v1.wasm")).await;
+    assert_eq!((status, body["version"].as_str()), (StatusCode::OK, Some("1.0.0")));
+    let (status, body) = call(&t, "POST", "/v1/plugins/stamp/rollback", Some(TOKEN), "").await;
+    assert_eq!((status, body["version"].as_str()), (StatusCode::OK, Some("2.0.0")));
+}
+
+#[tokio::test]
+async fn swapping_twice_under_load_loses_nothing_and_doubles_nothing() {
+    use lapin::BasicProperties;
+    let rabbit = switchyard_tests::Rabbit::new().await;
+    rabbit.track_plugin("stamp");
+    let t = TestRouter::start(&stamp_router_toml(&rabbit.section(false))).await;
+    eventually("RabbitMQ", Duration::from_secs(30), || t.router.is_connected().then_some(())).await;
+    let batch = |phase: &str, n: usize| {
+        (0..n)
+            .map(|i| {
+                let id = format!("{phase}-{i}");
+                (
+                    "stamp.event".to_string(),
+                    b"{}".to_vec(),
+                    BasicProperties::default().with_message_id(id.as_str().into()),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let succeeded = || t.router.plugins[0].counters.snapshot().succeeded;
+    let wait_for =
+        |n: u64| eventually("events to be handled", Duration::from_secs(120), move || (succeeded() >= n).then_some(()));
+
+    rabbit.publish_many(batch("p1", 3000)).await;
+    let (status, body) = put(&t, "/v1/plugins/stamp", wasm("stamp_v2.wasm")).await;
+    assert_eq!(status, StatusCode::OK, "first swap, under load: {body}");
+    rabbit.publish_many(batch("p2", 3000)).await;
+    wait_for(6000).await;
+    rabbit.publish_many(batch("p3", 2000)).await;
+    let (status, body) = put(&t, "/v1/plugins/stamp", wasm("stamp_v1.wasm")).await;
+    assert_eq!(status, StatusCode::OK, "second swap, under load: {body}");
+    rabbit.publish_many(batch("p4", 2000)).await;
+    wait_for(10_000).await;
+
+    let build = |id: String| {
+        t.doc("stamp", "stamped", &id).unwrap_or_else(|| panic!("{id} was lost"))["build"].as_u64().unwrap()
+    };
+    for i in 0..3000 {
+        build(format!("p1-{i}"));
+        assert_eq!(build(format!("p2-{i}")), 2, "published after the first swap");
+    }
+    for i in 0..2000 {
+        build(format!("p3-{i}"));
+        assert_eq!(build(format!("p4-{i}")), 1, "published after the second swap");
+    }
+    let counters = t.router.plugins[0].counters.snapshot();
+    assert_eq!((counters.succeeded, counters.dead_lettered), (10_000, 0), "each event ran to commit exactly once");
+    let queue = format!("{}stamp", rabbit.prefix);
+    drop(t.stop().await);
+    assert_eq!(
+        switchyard::router::queue_depth(&switchyard_tests::amqp_url(), &queue).await,
+        Some(0),
+        "everything acknowledged"
+    );
+}

@@ -313,7 +313,7 @@ impl<'de> Deserialize<'de> for PluginName {
 }
 
 /// How a plugin's instances are used across events.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum InstancePolicy {
     /// One instance per lane, reused for events until `recycle_after` events, a trap or a
@@ -367,7 +367,7 @@ fn default_recycle_after() -> u64 {
 }
 
 /// Hard limits per invocation.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Linear memory a plugin instance may grow to, in MiB; growing past it traps.

@@ -33,6 +33,8 @@ pub struct Inbound {
 /// The current version of a plugin; replaced on swap, read by lanes before each event.
 pub struct PluginSlot {
     current: RwLock<Arc<LoadedPlugin>>,
+    /// The version before the last swap, for rollback.
+    previous: RwLock<Option<Arc<LoadedPlugin>>>,
     running: watch::Sender<bool>,
     pub counters: Counters,
     pub loaded_at: Millis,
@@ -42,6 +44,7 @@ impl PluginSlot {
     pub fn new(plugin: LoadedPlugin) -> Self {
         PluginSlot {
             current: RwLock::new(Arc::new(plugin)),
+            previous: RwLock::new(None),
             running: watch::Sender::new(true),
             counters: Counters::default(),
             loaded_at: Millis::now(),
@@ -65,6 +68,32 @@ impl PluginSlot {
     async fn wait_running(&self) {
         let mut running = self.running.subscribe();
         let _ = running.wait_for(|r| *r).await;
+    }
+
+    /// Make `plugin` the current version. Invocations under way finish on the old one; every
+    /// event a lane starts afterwards runs on the new one. Returns the old version.
+    pub fn swap(&self, plugin: LoadedPlugin) -> Arc<LoadedPlugin> {
+        let new = Arc::new(plugin);
+        let old = match self.current.write() {
+            Ok(mut current) => std::mem::replace(&mut *current, new),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
+        };
+        if let Ok(mut previous) = self.previous.write() {
+            *previous = Some(old.clone());
+        }
+        old
+    }
+
+    /// Swap back to the version before the last swap; `None` if there is none.
+    pub fn rollback(&self) -> Option<Arc<LoadedPlugin>> {
+        let previous = self.previous.write().ok()?.take()?;
+        let mut current = self.current.write().ok()?;
+        let old = std::mem::replace(&mut *current, previous);
+        drop(current);
+        if let Ok(mut slot) = self.previous.write() {
+            *slot = Some(old.clone());
+        }
+        Some(old)
     }
 
     pub fn current(&self) -> Arc<LoadedPlugin> {

@@ -10,12 +10,13 @@ use anyhow::Context as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, Control};
 use crate::commit::Writer;
 use crate::config::{Config, PluginConfig, Secret, SinkChoice};
 use crate::db::{self, Readers};
 use crate::dispatch::{Dispatch, PluginSlot};
 use crate::outbox::{self, RabbitSink, RedisSink, Sink};
+use crate::runtime::registry::Registry;
 use crate::runtime::{LoadedPlugin, Overrides, Runtime};
 use crate::source::InFlight;
 use crate::source::bus::Bus;
@@ -31,6 +32,7 @@ pub struct Router {
     /// Each source's name and a flag that is true while it is connected.
     sources: Arc<Vec<(&'static str, Arc<AtomicBool>)>>,
     dispatches: Arc<Vec<Dispatch>>,
+    control: Control,
     /// Where the admin API listens, when configured.
     pub admin_address: Option<std::net::SocketAddr>,
     /// Redis pub/sub disconnections so far (each one a window of lost messages).
@@ -50,13 +52,14 @@ impl Router {
             .with_context(|| format!("opening the store under {}", data_dir.display()))?;
         let readers = Readers::new(data_dir);
         let runtime = Arc::new(Runtime::new(readers.clone()).context("starting the WebAssembly runtime")?);
+        let registry = Registry::new(data_dir);
         let in_flight = Arc::new(InFlight::default());
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
         let mut dispatches = Vec::new();
         for plugin_config in &config.plugins {
-            let plugin = load(&runtime, plugin_config).await?;
+            let plugin = load(&runtime, &registry, plugin_config).await?;
             for (collection, field) in &plugin.indexes {
                 writer
                     .execute(db::index_ddl(field))
@@ -124,6 +127,12 @@ impl Router {
         };
         tasks.spawn(outbox::relay(readers.clone(), writer.clone(), sink, shutdown.clone()));
         let mut router = Router {
+            control: Control {
+                runtime: runtime.clone(),
+                writer: writer.clone(),
+                registry,
+                rabbitmq: config.rabbitmq.clone(),
+            },
             readers,
             bus,
             sources: Arc::new(sources),
@@ -154,6 +163,7 @@ impl Router {
             dispatches: self.dispatches.clone(),
             sources: self.sources.clone(),
             in_flight: self.in_flight.clone(),
+            control: self.control.clone(),
         }
     }
 
@@ -193,10 +203,10 @@ impl Router {
     }
 }
 
-async fn load(runtime: &Runtime, config: &PluginConfig) -> anyhow::Result<LoadedPlugin> {
-    let bytes = std::fs::read(&config.path)
-        .with_context(|| format!("reading plugin {} from {}", config.name, config.path.display()))?;
-    let overrides = Overrides {
+/// Load a configured plugin: the version uploaded over the admin API if the registry has one
+/// (it wins), else the file `router.toml` names.
+async fn load(runtime: &Runtime, registry: &Registry, config: &PluginConfig) -> anyhow::Result<LoadedPlugin> {
+    let mut overrides = Overrides {
         subscriptions: config.subscriptions.clone(),
         ordering_key: config.ordering_key.clone(),
         concurrency: config.concurrency,
@@ -206,10 +216,24 @@ async fn load(runtime: &Runtime, config: &PluginConfig) -> anyhow::Result<Loaded
         retry: config.retry,
         config: config.resolved_values(&|name| std::env::var(name).ok()),
     };
+    let uploaded = registry
+        .load(config.name.as_str())
+        .with_context(|| format!("reading the registry entry of {}", config.name))?;
+    let (bytes, origin) = match uploaded {
+        Some(entry) => {
+            overrides.apply(&entry.settings).with_context(|| format!("registry settings of {}", config.name))?;
+            (entry.bytes, "the admin registry".to_string())
+        }
+        None => {
+            let bytes = std::fs::read(&config.path)
+                .with_context(|| format!("reading plugin {} from {}", config.name, config.path.display()))?;
+            (bytes, config.path.display().to_string())
+        }
+    };
     runtime
         .load(&config.name, &bytes, overrides)
         .await
-        .with_context(|| format!("loading plugin {} from {}", config.name, config.path.display()))
+        .with_context(|| format!("loading plugin {} from {origin}", config.name))
 }
 
 /// Ready-message count of a queue, through a passive declare; `None` if it cannot be read.

@@ -163,6 +163,28 @@ impl Rabbit {
         self.publish(&self.exchange.clone(), routing_key, body, props).await;
     }
 
+    /// Publish many messages to the exchange, then wait for all the confirms.
+    pub async fn publish_many(&self, messages: impl IntoIterator<Item = (String, Vec<u8>, BasicProperties)>) {
+        let mut confirms = Vec::new();
+        for (routing_key, body, props) in messages {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await
+                .expect("publish");
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            assert!(confirm.await.expect("confirm").is_ack(), "broker refused a test message");
+        }
+    }
+
     pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], props: BasicProperties) {
         let confirm = self
             .channel

@@ -13,6 +13,13 @@ pub enum AdminError {
     NotReady(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A component that compiled but does not fit the plugin world.
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotImplemented(String),
     /// Logged in full; the client sees a generic message.
     #[error("{0}")]
     Internal(String),

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,11 +23,16 @@ use tokio_util::sync::CancellationToken;
 
 pub use errors::AdminError;
 
-use crate::config::Secret;
+use crate::commit::Writer;
+use crate::config::{InstancePolicy, PluginName, RabbitMqConfig, Secret};
 use crate::db::{FieldValue, Readers};
 use crate::dispatch::{Dispatch, Inbound, PluginSlot};
 use crate::envelope::{self, HeaderValue, NAME_HEADER, Transport};
 use crate::event::Millis;
+use crate::route::Pattern;
+use crate::runtime::registry::Registry;
+use crate::runtime::{LoadError, LoadedPlugin, Overrides, Runtime};
+use crate::source::rabbitmq::{RabbitMqSource, rebind};
 use crate::source::{Ack, InFlight, Received};
 use crate::telemetry::{self, CountersSnapshot};
 
@@ -35,6 +40,8 @@ use crate::telemetry::{self, CountersSnapshot};
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest event body accepted.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// Largest component accepted.
+const MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
 
 /// What the admin API reads and controls of a running router.
 #[derive(Clone)]
@@ -45,6 +52,17 @@ pub struct AdminState {
     /// Each source's name and whether it is connected.
     pub sources: Arc<Vec<(&'static str, Arc<std::sync::atomic::AtomicBool>)>>,
     pub in_flight: Arc<InFlight>,
+    pub control: Control,
+}
+
+/// What swapping plugins needs: the runtime to compile them, the writer for their indexes,
+/// the registry to keep them, and RabbitMQ to rebind their queues.
+#[derive(Clone)]
+pub struct Control {
+    pub runtime: Arc<Runtime>,
+    pub writer: Writer,
+    pub registry: Registry,
+    pub rabbitmq: Option<RabbitMqConfig>,
 }
 
 impl AdminState {
@@ -62,7 +80,8 @@ pub fn app(state: AdminState) -> axum::Router {
     let guarded = axum::Router::new()
         .route("/v1/ready", get(ready))
         .route("/v1/plugins", get(list_plugins))
-        .route("/v1/plugins/{name}", get(get_plugin))
+        .route("/v1/plugins/{name}", get(get_plugin).put(put_plugin).layer(DefaultBodyLimit::max(MAX_COMPONENT_BYTES)))
+        .route("/v1/plugins/{name}/rollback", post(rollback))
         .route("/v1/plugins/{name}/pause", post(pause))
         .route("/v1/plugins/{name}/resume", post(resume))
         .route("/v1/plugins/{name}/store/{collection}", get(list_documents))
@@ -74,7 +93,7 @@ pub fn app(state: AdminState) -> axum::Router {
         .route("/v1/health", get(health))
         .merge(guarded)
         .fallback(|| async { AdminError::NotFound("no such route".into()) })
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_EVENT_BYTES))
+        .layer(DefaultBodyLimit::max(MAX_EVENT_BYTES))
         .with_state(state)
 }
 
@@ -217,6 +236,138 @@ async fn resume(State(state): State<AdminState>, Path(name): Path<String>) -> Re
     slot.resume();
     tracing::info!(plugin = %name, "resumed");
     Ok(Json(view(slot)))
+}
+
+/// Query of `PUT /v1/plugins/{name}`: settings that override the component's own metadata;
+/// the rest keep the running version's values.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutQuery {
+    /// Comma-separated subscription patterns.
+    pub subscriptions: Option<String>,
+    /// Comma-separated payload paths of the ordering key.
+    pub ordering_key: Option<String>,
+    pub memory_mb: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub instances: Option<InstancePolicy>,
+    pub recycle_after: Option<u64>,
+}
+
+/// Reply of a swap or a rollback.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Swapped {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+    pub previous_digest: String,
+}
+
+fn list(text: &str) -> Vec<String> {
+    text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+/// Load a new version of a plugin: compiled and checked before anything changes, then
+/// swapped in atomically (invocations under way finish on the old version), kept in the
+/// registry, and its queue rebound when its subscriptions changed.
+async fn put_plugin(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    Query(query): Query<PutQuery>,
+    body: Bytes,
+) -> Result<Json<Swapped>, AdminError> {
+    let plugin_name = PluginName::parse(&name).map_err(AdminError::BadRequest)?;
+    let Ok(slot) = state.slot(&name) else {
+        return Err(AdminError::NotImplemented(format!(
+            "no plugin named {name:?} is running; adding plugins over the API is not supported yet: add it to router.toml"
+        )));
+    };
+    let current = slot.current();
+    let mut overrides = Overrides::of(&current.settings);
+    overrides.subscriptions = None;
+    overrides.ordering_key = None;
+    if let Some(text) = &query.subscriptions {
+        let patterns = list(text).iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>();
+        overrides.subscriptions = Some(patterns.map_err(|e| AdminError::BadRequest(format!("subscriptions: {e}")))?);
+    }
+    overrides.ordering_key = query.ordering_key.as_deref().map(list);
+    overrides.limits.memory_mb = query.memory_mb.unwrap_or(overrides.limits.memory_mb);
+    overrides.limits.timeout_ms = query.timeout_ms.unwrap_or(overrides.limits.timeout_ms);
+    overrides.instances = query.instances.unwrap_or(overrides.instances);
+    overrides.recycle_after = query.recycle_after.unwrap_or(overrides.recycle_after);
+    let loaded = state.control.runtime.load(&plugin_name, &body, overrides).await.map_err(|e| match e {
+        LoadError::NotAComponent(_) | LoadError::Read { .. } => AdminError::BadRequest(e.to_string()),
+        other => AdminError::Unprocessable(other.to_string()),
+    })?;
+    for (collection, field) in &loaded.indexes {
+        let indexed = state.control.writer.execute(crate::db::index_ddl(field)).await;
+        if !matches!(indexed, Ok(Ok(()))) {
+            return Err(AdminError::Internal(format!("cannot index {collection}.{field}")));
+        }
+    }
+    let (added, removed) = subscription_changes(&current, &loaded);
+    let queue = state.control.rabbitmq.as_ref().map(|r| (r, RabbitMqSource::queue_name(r, &name)));
+    if let Some((rabbit, queue)) = &queue
+        && !added.is_empty()
+    {
+        rebind(rabbit, queue, &added, &[]).await.map_err(|e| AdminError::Internal(format!("binding {queue}: {e}")))?;
+    }
+    state
+        .control
+        .registry
+        .save(&name, &loaded.bytes, &loaded.settings.stored())
+        .map_err(|e| AdminError::Internal(format!("saving {name} in the registry: {e}")))?;
+    let reply = Swapped {
+        name: name.clone(),
+        version: loaded.version.clone(),
+        digest: loaded.digest.clone(),
+        previous_digest: current.digest.clone(),
+    };
+    slot.swap(loaded);
+    tracing::info!(plugin = %name, version = %reply.version, digest = %reply.digest, "plugin swapped");
+    // Old bindings go only after the new version runs, so no event falls between them.
+    if let Some((rabbit, queue)) = &queue
+        && !removed.is_empty()
+        && let Err(e) = rebind(rabbit, queue, &[], &removed).await
+    {
+        tracing::warn!(plugin = %name, error = %e, "could not unbind old subscriptions; the plugin may receive events it no longer subscribes to");
+    }
+    Ok(Json(reply))
+}
+
+fn subscription_changes(old: &LoadedPlugin, new: &LoadedPlugin) -> (Vec<String>, Vec<String>) {
+    let names =
+        |p: &LoadedPlugin| p.settings.subscriptions.0.iter().map(|s| s.as_str().to_string()).collect::<Vec<_>>();
+    let (old, new) = (names(old), names(new));
+    let added = new.iter().filter(|s| !old.contains(s)).cloned().collect();
+    let removed = old.iter().filter(|s| !new.contains(s)).cloned().collect();
+    (added, removed)
+}
+
+/// Swap back to the version before the last swap.
+async fn rollback(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<Swapped>, AdminError> {
+    let slot = state.slot(&name)?;
+    let before = slot.current();
+    let Some(replaced) = slot.rollback() else {
+        return Err(AdminError::Conflict(format!("plugin {name} has no previous version to roll back to")));
+    };
+    let now = slot.current();
+    let (added, removed) = subscription_changes(&before, &now);
+    if let Some(rabbit) = &state.control.rabbitmq {
+        let queue = RabbitMqSource::queue_name(rabbit, &name);
+        if let Err(e) = rebind(rabbit, &queue, &added, &removed).await {
+            tracing::warn!(plugin = %name, error = %e, "could not rebind after rollback");
+        }
+    }
+    if let Err(e) = state.control.registry.save(&name, &now.bytes, &now.settings.stored()) {
+        tracing::warn!(plugin = %name, error = %e, "could not save the rolled-back version in the registry");
+    }
+    tracing::info!(plugin = %name, version = %now.version, "plugin rolled back");
+    Ok(Json(Swapped {
+        name,
+        version: now.version.clone(),
+        digest: now.digest.clone(),
+        previous_digest: replaced.digest.clone(),
+    }))
 }
 
 /// A stored document as the API shows it.
@@ -398,6 +549,9 @@ impl AdminError {
             AdminError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             AdminError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             AdminError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AdminError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_plugin"),
+            AdminError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            AdminError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
             AdminError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod bindings;
 pub mod instance;
+pub mod registry;
 pub mod state;
 
 use std::collections::{BTreeMap, HashSet};
@@ -75,9 +76,54 @@ pub struct Overrides {
     pub config: BTreeMap<String, Secret>,
 }
 
+impl Overrides {
+    /// Apply the settings an upload was stored with.
+    pub fn apply(&mut self, stored: &registry::StoredSettings) -> Result<(), crate::route::PatternError> {
+        if let Some(subscriptions) = &stored.subscriptions {
+            self.subscriptions = Some(subscriptions.iter().map(|s| Pattern::parse(s)).collect::<Result<_, _>>()?);
+        }
+        if let Some(key) = &stored.ordering_key {
+            self.ordering_key = Some(key.clone());
+        }
+        self.instances = stored.instances;
+        self.recycle_after = stored.recycle_after;
+        self.limits = stored.limits;
+        Ok(())
+    }
+
+    /// The overrides that reproduce a loaded plugin's settings.
+    pub fn of(settings: &Settings) -> Self {
+        Overrides {
+            subscriptions: Some(settings.subscriptions.0.clone()),
+            ordering_key: Some(settings.ordering_key.clone()),
+            concurrency: settings.concurrency,
+            instances: settings.instances,
+            recycle_after: settings.recycle_after,
+            limits: settings.limits,
+            retry: settings.retry,
+            config: settings.config.clone(),
+        }
+    }
+}
+
+impl Settings {
+    /// What the registry keeps of these settings.
+    pub fn stored(&self) -> registry::StoredSettings {
+        registry::StoredSettings {
+            subscriptions: Some(self.subscriptions.0.iter().map(|p| p.as_str().to_string()).collect()),
+            ordering_key: Some(self.ordering_key.clone()),
+            instances: self.instances,
+            recycle_after: self.recycle_after,
+            limits: self.limits,
+        }
+    }
+}
+
 /// A compiled, checked and pre-instantiated plugin version.
 pub struct LoadedPlugin {
     pub name: PluginName,
+    /// The component's bytes, kept so the registry can persist the version in use.
+    pub bytes: Arc<Vec<u8>>,
     pub version: String,
     /// sha256 of the component bytes, hex.
     pub digest: String,
@@ -183,6 +229,7 @@ impl Runtime {
         };
         Ok(LoadedPlugin {
             name: name.clone(),
+            bytes: Arc::new(bytes.to_vec()),
             version: metadata.version,
             digest: Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect(),
             settings,

@@ -452,6 +452,28 @@ impl Forwarder {
     }
 }
 
+/// Bind a plugin's queue to new patterns, or unbind old ones, on a short connection of its own
+/// (bindings belong to the queue, not to a channel).
+pub async fn rebind(
+    config: &RabbitMqConfig,
+    queue: &str,
+    bind: &[String],
+    unbind: &[String],
+) -> Result<(), lapin::Error> {
+    let conn = Connection::connect(config.url.expose(), ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    for pattern in bind {
+        let (q, x) = (queue.into(), config.exchange.as_str().into());
+        channel.queue_bind(q, x, pattern.as_str().into(), QueueBindOptions::default(), FieldTable::default()).await?;
+    }
+    for pattern in unbind {
+        let (q, x) = (queue.into(), config.exchange.as_str().into());
+        channel.queue_unbind(q, x, pattern.as_str().into(), FieldTable::default()).await?;
+    }
+    let _ = conn.close(200, "rebound".into()).await;
+    Ok(())
+}
+
 /// Publish every non-empty line of a JSONL file (one envelope per line) to the exchange,
 /// routed by the event name it decodes to, with confirms; returns the count.
 pub async fn publish_jsonl(config: &RabbitMqConfig, path: &std::path::Path) -> anyhow::Result<usize> {
