@@ -160,16 +160,7 @@ async fn one_event_id_delivered_three_times_applies_once_and_publishes_once() {
         rabbit.publish_event("chaos.publish", br#"{"n":1}"#, props()).await;
     }
     let queue = format!("{}misbehave", rabbit.prefix);
-    let message = {
-        let deadline = std::time::Instant::now() + SETTLE;
-        loop {
-            if let Some(m) = rabbit.get(&tap).await {
-                break m;
-            }
-            assert!(std::time::Instant::now() < deadline, "nothing was published");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let message = rabbit.next_message(&tap, SETTLE).await;
     settle(&t, std::slice::from_ref(&queue)).await;
     assert!(rabbit.get(&tap).await.is_none(), "the handler's effects must apply once");
 
@@ -211,16 +202,7 @@ async fn outbox_rows_committed_before_a_restart_are_published_after_it() {
         writer.commit("order-saga".into(), "e0".into(), effects).await.unwrap();
     }
     let t = TestRouter::start_in(&config(&rabbit, false, &[]), dir).await;
-    let message = {
-        let deadline = std::time::Instant::now() + SETTLE;
-        loop {
-            if let Some(m) = rabbit.get(&tap).await {
-                break m;
-            }
-            assert!(std::time::Instant::now() < deadline, "the outbox row was not published");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let message = rabbit.next_message(&tap, SETTLE).await;
     assert_eq!(message.delivery.routing_key.as_str(), "order.confirmed");
     assert_eq!(message.delivery.properties.message_id().as_ref().map(|s| s.as_str()), Some("outbox-1"));
     eventually("the row to be deleted after the confirm", SETTLE, || {

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -35,8 +35,6 @@ pub struct Router {
     control: Control,
     /// Where the admin API listens, when configured.
     pub admin_address: Option<std::net::SocketAddr>,
-    /// Redis pub/sub disconnections so far (each one a window of lost messages).
-    pub pubsub_gaps: Arc<AtomicU64>,
     pub plugins: Vec<Arc<PluginSlot>>,
     in_flight: Arc<InFlight>,
     shutdown: CancellationToken,
@@ -80,7 +78,6 @@ impl Router {
         telemetry::prometheus();
 
         let mut sources = Vec::new();
-        let pubsub_gaps = Arc::new(AtomicU64::new(0));
         if let Some(rabbit) = &config.rabbitmq {
             let connected = Arc::new(AtomicBool::new(false));
             sources.push(("rabbitmq", connected.clone()));
@@ -96,13 +93,8 @@ impl Router {
         if let Some(redis) = config.redis.as_ref().filter(|r| r.pubsub.is_some() || r.streams.is_some()) {
             let connected = Arc::new(AtomicBool::new(false));
             sources.push(("redis", connected.clone()));
-            let source = RedisSource {
-                config: redis.clone(),
-                writer: writer.clone(),
-                in_flight: in_flight.clone(),
-                connected,
-                pubsub_gaps: pubsub_gaps.clone(),
-            };
+            let source =
+                RedisSource { config: redis.clone(), writer: writer.clone(), in_flight: in_flight.clone(), connected };
             tasks.spawn(source.run(dispatches.clone(), shutdown.clone()));
         }
         let use_redis_sink =
@@ -138,7 +130,6 @@ impl Router {
             sources: Arc::new(sources),
             dispatches,
             admin_address: None,
-            pubsub_gaps,
             plugins,
             in_flight,
             shutdown,

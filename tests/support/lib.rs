@@ -220,6 +220,18 @@ impl Rabbit {
         queue
     }
 
+    /// Wait for the next message on a queue, failing the test after `timeout`.
+    pub async fn next_message(&self, queue: &str, timeout: Duration) -> lapin::message::BasicGetMessage {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(m) = self.get(queue).await {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "no message on {queue} within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Take one message from a queue, if any.
     pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
         self.channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.expect("basic.get")

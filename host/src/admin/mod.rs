@@ -170,31 +170,7 @@ pub struct PluginView {
     pub timeout_ms: u64,
     pub state: String,
     pub loaded_at: u64,
-    pub counters: Counts,
-}
-
-/// [`CountersSnapshot`] as the API shows it.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct Counts {
-    pub consumed: u64,
-    pub succeeded: u64,
-    pub duplicates: u64,
-    pub retried: u64,
-    pub rejected: u64,
-    pub dead_lettered: u64,
-}
-
-impl From<CountersSnapshot> for Counts {
-    fn from(c: CountersSnapshot) -> Self {
-        Counts {
-            consumed: c.consumed,
-            succeeded: c.succeeded,
-            duplicates: c.duplicates,
-            retried: c.retried,
-            rejected: c.rejected,
-            dead_lettered: c.dead_lettered,
-        }
-    }
+    pub counters: CountersSnapshot,
 }
 
 fn view(slot: &PluginSlot) -> PluginView {
@@ -212,7 +188,7 @@ fn view(slot: &PluginSlot) -> PluginView {
         timeout_ms: s.limits.timeout_ms,
         state: if slot.is_paused() { "paused" } else { "running" }.into(),
         loaded_at: slot.loaded_at.0,
-        counters: slot.counters.snapshot().into(),
+        counters: slot.counters.snapshot(),
     }
 }
 

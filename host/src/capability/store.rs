@@ -28,6 +28,9 @@ enum Pending {
 
 type DocKey = (String, String);
 
+/// Reads committed rows after a key, at most n: a scan or a lookup.
+type FetchRows<'a> = &'a dyn Fn(&str, usize) -> Result<Vec<Row>, db::DbError>;
+
 /// One invocation's view of its plugin's store.
 pub struct Session {
     plugin: Arc<str>,
@@ -128,7 +131,7 @@ impl Session {
         limit: u32,
         cursor: Option<String>,
         filter: &dyn Fn(&str) -> bool,
-        fetch: &dyn Fn(&str, usize) -> Result<Vec<Row>, db::DbError>,
+        fetch: FetchRows<'_>,
     ) -> Result<Page, StoreError> {
         if collection.is_empty() {
             return Err(StoreError::InvalidArgument("collection must not be empty".into()));

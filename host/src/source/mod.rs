@@ -7,6 +7,9 @@ pub mod redis;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Transport;
 
@@ -30,6 +33,38 @@ impl Received {
             "headers": headers,
         })
         .to_string()
+    }
+}
+
+/// Exponential backoff between reconnection attempts: 200 ms doubling up to 30 s.
+pub(crate) struct Backoff(Duration);
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(30);
+
+    pub(crate) fn new() -> Self {
+        Backoff(Self::MIN)
+    }
+
+    /// The wait before the next attempt.
+    pub(crate) fn delay(&self) -> Duration {
+        self.0
+    }
+
+    /// After a healthy connection, start again from the shortest wait.
+    pub(crate) fn reset(&mut self) {
+        self.0 = Self::MIN;
+    }
+
+    /// Wait, then lengthen the next wait; false if `shutdown` came first.
+    pub(crate) async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(self.0) => {}
+        }
+        self.0 = (self.0 * 2).min(Self::MAX);
+        true
     }
 }
 

@@ -28,11 +28,8 @@ use crate::db::Readers;
 use crate::dispatch::{Dispatch, Inbound, dead_letter_undecodable};
 use crate::envelope::{self, HeaderValue, OCCURRED_AT_HEADER, Transport};
 use crate::event::{EventId, Millis};
-use crate::source::{Ack, InFlight, Received};
+use crate::source::{Ack, Backoff, InFlight, Received};
 
-/// First and longest wait between reconnection attempts.
-const MIN_RECONNECT_DELAY: Duration = Duration::from_millis(200);
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(30);
 /// A session that lasted this long was healthy: the next reconnect starts from the minimum.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Ingress messages forwarded per confirm round.
@@ -69,7 +66,7 @@ impl RabbitMqSource {
 
     /// Consume until `shutdown`, reconnecting with backoff whenever the connection ends.
     pub async fn run(self, dispatches: Vec<Dispatch>, shutdown: CancellationToken) {
-        let mut delay = MIN_RECONNECT_DELAY;
+        let mut backoff = Backoff::new();
         loop {
             let started = std::time::Instant::now();
             let session = self.session(&dispatches, &shutdown);
@@ -79,17 +76,17 @@ impl RabbitMqSource {
             };
             self.connected.store(false, Ordering::SeqCst);
             if started.elapsed() >= HEALTHY_SESSION {
-                delay = MIN_RECONNECT_DELAY;
+                backoff.reset();
             }
             match ended {
                 Ok(()) => return,
-                Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "RabbitMQ session ended; reconnecting"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff.delay(), "RabbitMQ session ended; reconnecting")
+                }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+            if !backoff.wait(&shutdown).await {
+                return;
             }
-            delay = (delay * 2).min(MAX_RECONNECT_DELAY);
         }
     }
 

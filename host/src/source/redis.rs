@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -25,11 +25,8 @@ use crate::dispatch::{Dispatch, Inbound, dead_letter_undecodable};
 use crate::envelope::{self, HeaderValue, Transport};
 use crate::event::Millis;
 use crate::route::Pattern;
-use crate::source::{Ack, InFlight, Received};
+use crate::source::{Ack, Backoff, InFlight, Received};
 
-/// First and longest wait between reconnection attempts.
-const MIN_RECONNECT_DELAY: Duration = Duration::from_millis(200);
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(30);
 /// How long one `XREADGROUP` waits for entries.
 const BLOCK_MS: usize = 1000;
 /// Stream entry field holding the envelope.
@@ -46,8 +43,6 @@ pub struct RedisSource {
     pub in_flight: Arc<InFlight>,
     /// True while every Redis consumer is connected.
     pub connected: Arc<AtomicBool>,
-    /// Pub/sub disconnections so far: each is a window whose messages are lost.
-    pub pubsub_gaps: Arc<AtomicU64>,
 }
 
 impl RedisSource {
@@ -72,7 +67,6 @@ impl RedisSource {
                 writer: self.writer.clone(),
                 in_flight: self.in_flight.clone(),
                 connected: flag,
-                gaps: self.pubsub_gaps.clone(),
             };
             tasks.spawn(consumer.run(shutdown.clone()));
         }
@@ -118,15 +112,6 @@ impl RedisSource {
 fn default_consumer_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     format!("{}-{}", if host.is_empty() { "switchyard" } else { &host }, std::process::id())
-}
-
-async fn backoff(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => return false,
-        _ = tokio::time::sleep(*delay) => {}
-    }
-    *delay = (*delay * 2).min(MAX_RECONNECT_DELAY);
-    true
 }
 
 /// A Redis channel subscription: exact for a literal pattern, a glob otherwise.
@@ -205,7 +190,6 @@ struct PubSubConsumer {
     writer: Writer,
     in_flight: Arc<InFlight>,
     connected: Arc<AtomicBool>,
-    gaps: Arc<AtomicU64>,
 }
 
 impl PubSubConsumer {
@@ -218,13 +202,13 @@ impl PubSubConsumer {
     }
 
     async fn run(self, shutdown: CancellationToken) {
-        let mut delay = MIN_RECONNECT_DELAY;
+        let mut backoff = Backoff::new();
         let mut connected_before = false;
         loop {
             let subs = self.subscriptions();
             match self.session(&subs).await {
                 Ok(mut pubsub) => {
-                    delay = MIN_RECONNECT_DELAY;
+                    backoff.reset();
                     connected_before = true;
                     self.connected.store(true, Ordering::SeqCst);
                     let mut messages = pubsub.on_message();
@@ -238,15 +222,16 @@ impl PubSubConsumer {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "Redis pub/sub connection failed"),
+                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff.delay(), "Redis pub/sub connection failed"),
             }
             self.connected.store(false, Ordering::SeqCst);
             if connected_before {
-                let gaps = self.gaps.fetch_add(1, Ordering::SeqCst) + 1;
-                tracing::warn!(gaps, "Redis pub/sub connection lost: messages published until it is back are lost");
+                // Each disconnection is a window whose messages are gone: count it as we log it.
+                metrics::counter!("switchyard_pubsub_gaps_total").increment(1);
+                tracing::warn!("Redis pub/sub connection lost: messages published until it is back are lost");
                 connected_before = false;
             }
-            if !backoff(&mut delay, &shutdown).await {
+            if !backoff.wait(&shutdown).await {
                 return;
             }
         }
@@ -321,8 +306,9 @@ struct StreamConsumer {
 
 impl StreamConsumer {
     async fn run(self, shutdown: CancellationToken) {
-        let mut delay = MIN_RECONNECT_DELAY;
+        let mut backoff = Backoff::new();
         loop {
+            let started = Instant::now();
             let ended = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 ended = self.session() => ended,
@@ -332,8 +318,11 @@ impl StreamConsumer {
                 Ok(never) => match never {},
                 Err(e) => e,
             };
-            tracing::warn!(stream = %self.stream, group = %self.group, error = %e, retry_in = ?delay, "Redis stream consumer restarts");
-            if !backoff(&mut delay, &shutdown).await {
+            if started.elapsed() >= Duration::from_secs(30) {
+                backoff.reset();
+            }
+            tracing::warn!(stream = %self.stream, group = %self.group, error = %e, retry_in = ?backoff.delay(), "Redis stream consumer restarts");
+            if !backoff.wait(&shutdown).await {
                 return;
             }
         }
@@ -459,6 +448,33 @@ impl StreamConsumer {
     }
 }
 
+/// Publish every non-empty line of a JSONL file (one envelope per line) to Redis, on the
+/// channel of its event name (pub/sub) or to the first configured stream; returns the count.
+pub async fn publish_jsonl(config: &RedisConfig, path: &std::path::Path) -> anyhow::Result<usize> {
+    let text = tokio::fs::read_to_string(path).await?;
+    let mut conn = redis::Client::open(config.url.expose())?.get_multiplexed_async_connection().await?;
+    let mut pipe = redis::pipe();
+    let mut count = 0;
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let transport = Transport { origin: "feed".into(), received_at: Millis::now(), ..Default::default() };
+        let decoded = envelope::decode(line.as_bytes(), &transport)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?;
+        match (&config.pubsub, &config.streams) {
+            (_, Some(streams)) if !streams.streams.is_empty() => {
+                let fields = [(EVENT_FIELD, line), (NAME_FIELD, decoded.event.name.as_str())];
+                pipe.xadd(&streams.streams[0], "*", &fields).ignore();
+            }
+            (Some(pubsub), _) => {
+                pipe.publish(format!("{}{}", pubsub.channel_prefix, decoded.event.name), line).ignore();
+            }
+            _ => anyhow::bail!("redis: configure [redis.pubsub] or [redis.streams] to feed events"),
+        }
+        count += 1;
+    }
+    let () = pipe.query_async(&mut conn).await?;
+    Ok(count)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,31 +518,4 @@ mod tests {
         assert!(s.matches("weird?[x].y"));
         assert!(!s.matches("weirdA[x].y"));
     }
-}
-
-/// Publish every non-empty line of a JSONL file (one envelope per line) to Redis, on the
-/// channel of its event name (pub/sub) or to the first configured stream; returns the count.
-pub async fn publish_jsonl(config: &RedisConfig, path: &std::path::Path) -> anyhow::Result<usize> {
-    let text = tokio::fs::read_to_string(path).await?;
-    let mut conn = redis::Client::open(config.url.expose())?.get_multiplexed_async_connection().await?;
-    let mut pipe = redis::pipe();
-    let mut count = 0;
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let transport = Transport { origin: "feed".into(), received_at: Millis::now(), ..Default::default() };
-        let decoded = envelope::decode(line.as_bytes(), &transport)
-            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?;
-        match (&config.pubsub, &config.streams) {
-            (_, Some(streams)) if !streams.streams.is_empty() => {
-                let fields = [(EVENT_FIELD, line), (NAME_FIELD, decoded.event.name.as_str())];
-                pipe.xadd(&streams.streams[0], "*", &fields).ignore();
-            }
-            (Some(pubsub), _) => {
-                pipe.publish(format!("{}{}", pubsub.channel_prefix, decoded.event.name), line).ignore();
-            }
-            _ => anyhow::bail!("redis: configure [redis.pubsub] or [redis.streams] to feed events"),
-        }
-        count += 1;
-    }
-    let () = pipe.query_async(&mut conn).await?;
-    Ok(count)
 }
