@@ -283,3 +283,45 @@ async fn swapping_twice_under_load_loses_nothing_and_doubles_nothing() {
         "everything acknowledged"
     );
 }
+
+#[tokio::test]
+async fn the_openapi_description_matches_the_real_routes() {
+    let t = router().await;
+    let (status, spec) = call(&t, "GET", "/v1/openapi.json", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3."), "{spec}");
+    let paths = spec["paths"].as_object().expect("paths");
+    let mut listed: Vec<&str> = paths.keys().map(String::as_str).collect();
+    listed.sort();
+    let mut expected = vec![
+        "/metrics",
+        "/v1/events",
+        "/v1/health",
+        "/v1/openapi.json",
+        "/v1/plugins",
+        "/v1/plugins/{name}",
+        "/v1/plugins/{name}/pause",
+        "/v1/plugins/{name}/resume",
+        "/v1/plugins/{name}/rollback",
+        "/v1/plugins/{name}/store/{collection}",
+        "/v1/plugins/{name}/store/{collection}/{key}",
+        "/v1/ready",
+    ];
+    expected.sort();
+    assert_eq!(listed, expected);
+    // Every operation described is served: no fallback 404, no 405.
+    for (path, item) in paths {
+        let concrete =
+            path.replace("{name}", "user-replica").replace("{collection}", "user_refs").replace("{key}", "nobody");
+        for (method, operation) in item.as_object().unwrap() {
+            let (status, body) = call(&t, &method.to_uppercase(), &concrete, Some(TOKEN), "").await;
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert_ne!(body["error"]["message"], "no such route", "{method} {path} is described but not served");
+            let secured = operation.get("security").is_some();
+            assert_eq!(secured, path != "/v1/health", "{method} {path}: only health is open");
+        }
+    }
+    // And a route that is not described is not served.
+    let (status, body) = call(&t, "DELETE", "/v1/plugins/user-replica", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+}

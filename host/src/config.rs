@@ -313,7 +313,7 @@ impl<'de> Deserialize<'de> for PluginName {
 }
 
 /// How a plugin's instances are used across events.
-#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InstancePolicy {
     /// One instance per lane, reused for events until `recycle_after` events, a trap or a

@@ -58,7 +58,7 @@ pub struct Counters {
 }
 
 /// A copy of a plugin's counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct CountersSnapshot {
     pub consumed: u64,
     pub succeeded: u64,

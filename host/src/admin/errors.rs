@@ -19,6 +19,8 @@ pub enum AdminError {
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
     NotImplemented(String),
     /// Logged in full; the client sees a generic message.
     #[error("{0}")]

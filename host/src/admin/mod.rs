@@ -13,13 +13,15 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use errors::AdminError;
 
@@ -75,26 +77,55 @@ impl AdminState {
     }
 }
 
+/// The OpenAPI description's root; the paths come from the handlers themselves.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "switchyard admin API", description = "Plugins, store inspection, events and health of a switchyard router."),
+    modifiers(&BearerAuth),
+    tags((name = "admin"))
+)]
+struct ApiDoc;
+
+/// Declares the bearer token every route but health needs.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let scheme = SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
+        openapi.components.get_or_insert_with(Default::default).add_security_scheme("bearer", scheme);
+    }
+}
+
+/// The admin API's routes with their OpenAPI description, registered together so that they
+/// cannot drift apart.
+pub fn routes(state: AdminState) -> (axum::Router, utoipa::openapi::OpenApi) {
+    let guarded = OpenApiRouter::new()
+        .routes(routes!(ready))
+        .routes(routes!(list_plugins))
+        .routes(routes!(get_plugin, put_plugin))
+        .routes(routes!(rollback))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(list_documents))
+        .routes(routes!(get_document))
+        .routes(routes!(post_event))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    let (router, api) =
+        OpenApiRouter::with_openapi(ApiDoc::openapi()).routes(routes!(health)).merge(guarded).split_for_parts();
+    let router = router
+        .fallback(|| async { AdminError::NotFound("no such route".into()) })
+        .layer(DefaultBodyLimit::max(MAX_COMPONENT_BYTES))
+        .layer(axum::Extension(Arc::new(api.clone())))
+        .with_state(state);
+    (router, api)
+}
+
 /// The admin API's routes, for serving or for `oneshot` in tests.
 pub fn app(state: AdminState) -> axum::Router {
-    let guarded = axum::Router::new()
-        .route("/v1/ready", get(ready))
-        .route("/v1/plugins", get(list_plugins))
-        .route("/v1/plugins/{name}", get(get_plugin).put(put_plugin).layer(DefaultBodyLimit::max(MAX_COMPONENT_BYTES)))
-        .route("/v1/plugins/{name}/rollback", post(rollback))
-        .route("/v1/plugins/{name}/pause", post(pause))
-        .route("/v1/plugins/{name}/resume", post(resume))
-        .route("/v1/plugins/{name}/store/{collection}", get(list_documents))
-        .route("/v1/plugins/{name}/store/{collection}/{key}", get(get_document))
-        .route("/v1/events", post(post_event))
-        .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-    axum::Router::new()
-        .route("/v1/health", get(health))
-        .merge(guarded)
-        .fallback(|| async { AdminError::NotFound("no such route".into()) })
-        .layer(DefaultBodyLimit::max(MAX_EVENT_BYTES))
-        .with_state(state)
+    routes(state).0
 }
 
 /// Bind and serve until `shutdown`. Without a token, a non-loopback address is replaced by
@@ -143,10 +174,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The error body every failing route answers with.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `not_found`.
+    code: String,
+    /// What went wrong, in words.
+    message: String,
+}
+
+/// Liveness: the router process answers.
+#[utoipa::path(get, path = "/v1/health", tag = "admin", responses((status = 200, description = "alive")))]
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
+/// Readiness: every source connected.
+#[utoipa::path(get, path = "/v1/ready", tag = "admin", security(("bearer" = [])), responses(
+    (status = 200, description = "ready"),
+    (status = 503, description = "a source is not connected", body = ErrorBody),
+))]
 async fn ready(State(state): State<AdminState>) -> Result<Json<serde_json::Value>, AdminError> {
     let down: Vec<&str> =
         state.sources.iter().filter(|(_, c)| !c.load(std::sync::atomic::Ordering::SeqCst)).map(|(n, _)| *n).collect();
@@ -157,7 +209,7 @@ async fn ready(State(state): State<AdminState>) -> Result<Json<serde_json::Value
 }
 
 /// A plugin as the API shows it.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct PluginView {
     pub name: String,
     pub version: String,
@@ -192,14 +244,26 @@ fn view(slot: &PluginSlot) -> PluginView {
     }
 }
 
+/// Every running plugin.
+#[utoipa::path(get, path = "/v1/plugins", tag = "admin", security(("bearer" = [])), responses((status = 200, body = [PluginView])))]
 async fn list_plugins(State(state): State<AdminState>) -> Json<Vec<PluginView>> {
     Json(state.dispatches.iter().map(|d| view(d.slot())).collect())
 }
 
+/// One plugin: version, digest, subscriptions, limits, state, counters.
+#[utoipa::path(get, path = "/v1/plugins/{name}", tag = "admin", security(("bearer" = [])), params(("name" = String, Path)), responses(
+    (status = 200, body = PluginView),
+    (status = 404, body = ErrorBody),
+))]
 async fn get_plugin(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<PluginView>, AdminError> {
     Ok(Json(view(state.slot(&name)?)))
 }
 
+/// Stop taking events; the queue keeps filling.
+#[utoipa::path(post, path = "/v1/plugins/{name}/pause", tag = "admin", security(("bearer" = [])), params(("name" = String, Path)), responses(
+    (status = 200, body = PluginView),
+    (status = 404, body = ErrorBody),
+))]
 async fn pause(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<PluginView>, AdminError> {
     let slot = state.slot(&name)?;
     slot.pause();
@@ -207,6 +271,11 @@ async fn pause(State(state): State<AdminState>, Path(name): Path<String>) -> Res
     Ok(Json(view(slot)))
 }
 
+/// Take events again, from where the plugin stopped.
+#[utoipa::path(post, path = "/v1/plugins/{name}/resume", tag = "admin", security(("bearer" = [])), params(("name" = String, Path)), responses(
+    (status = 200, body = PluginView),
+    (status = 404, body = ErrorBody),
+))]
 async fn resume(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<PluginView>, AdminError> {
     let slot = state.slot(&name)?;
     slot.resume();
@@ -216,8 +285,9 @@ async fn resume(State(state): State<AdminState>, Path(name): Path<String>) -> Re
 
 /// Query of `PUT /v1/plugins/{name}`: settings that override the component's own metadata;
 /// the rest keep the running version's values.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PutQuery {
     /// Comma-separated subscription patterns.
     pub subscriptions: Option<String>,
@@ -230,7 +300,7 @@ pub struct PutQuery {
 }
 
 /// Reply of a swap or a rollback.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Swapped {
     pub name: String,
     pub version: String,
@@ -245,6 +315,15 @@ fn list(text: &str) -> Vec<String> {
 /// Load a new version of a plugin: compiled and checked before anything changes, then
 /// swapped in atomically (invocations under way finish on the old version), kept in the
 /// registry, and its queue rebound when its subscriptions changed.
+#[utoipa::path(put, path = "/v1/plugins/{name}", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path), PutQuery),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "the component"),
+    responses(
+        (status = 200, description = "swapped", body = Swapped),
+        (status = 400, description = "not a component, or bad settings", body = ErrorBody),
+        (status = 422, description = "a component that does not fit the plugin world", body = ErrorBody),
+        (status = 501, description = "the plugin is not running", body = ErrorBody),
+))]
 async fn put_plugin(
     State(state): State<AdminState>,
     Path(name): Path<String>,
@@ -320,6 +399,11 @@ fn subscription_changes(old: &LoadedPlugin, new: &LoadedPlugin) -> (Vec<String>,
 }
 
 /// Swap back to the version before the last swap.
+#[utoipa::path(post, path = "/v1/plugins/{name}/rollback", tag = "admin", security(("bearer" = [])), params(("name" = String, Path)), responses(
+    (status = 200, body = Swapped),
+    (status = 404, body = ErrorBody),
+    (status = 409, description = "no previous version", body = ErrorBody),
+))]
 async fn rollback(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<Swapped>, AdminError> {
     let slot = state.slot(&name)?;
     let before = slot.current();
@@ -347,9 +431,10 @@ async fn rollback(State(state): State<AdminState>, Path(name): Path<String>) -> 
 }
 
 /// A stored document as the API shows it.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct DocumentView {
     pub key: String,
+    #[schema(value_type = Object)]
     pub document: serde_json::Value,
     pub version: Option<u64>,
 }
@@ -360,6 +445,10 @@ fn document(key: String, body: &str, version: Option<u64>) -> Result<DocumentVie
     Ok(DocumentView { key, document, version })
 }
 
+/// One document of a plugin's store.
+#[utoipa::path(get, path = "/v1/plugins/{name}/store/{collection}/{key}", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path), ("collection" = String, Path), ("key" = String, Path)),
+    responses((status = 200, body = DocumentView), (status = 404, body = ErrorBody)))]
 async fn get_document(
     State(state): State<AdminState>,
     Path((name, collection, key)): Path<(String, String, String)>,
@@ -373,8 +462,9 @@ async fn get_document(
 }
 
 /// Query of `GET /v1/plugins/{name}/store/{collection}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// An indexed top-level field to match; without it, every document.
     pub field: Option<String>,
@@ -387,12 +477,16 @@ pub struct ListQuery {
 }
 
 /// A page of documents.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct PageView {
     pub documents: Vec<DocumentView>,
     pub next_cursor: Option<String>,
 }
 
+/// Documents by an indexed field, or all of them; paged by key.
+#[utoipa::path(get, path = "/v1/plugins/{name}/store/{collection}", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path), ("collection" = String, Path), ListQuery),
+    responses((status = 200, body = PageView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn list_documents(
     State(state): State<AdminState>,
     Path((name, collection)): Path<(String, String)>,
@@ -438,7 +532,7 @@ async fn list_documents(
 }
 
 /// Reply of `POST /v1/events`.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct EventAccepted {
     pub id: String,
     pub name: String,
@@ -448,11 +542,22 @@ pub struct EventAccepted {
 
 /// The HTTP source: decode the body like a broker message, hand it to every subscribed plugin,
 /// and answer once each has settled it (its effects committed, or dead-lettered).
+#[utoipa::path(post, path = "/v1/events", tag = "admin", security(("bearer" = [])),
+    request_body(content = Object, description = "an envelope: NestJS {pattern, data}, CloudEvents, or raw JSON named by x-event-name"),
+    responses(
+        (status = 200, description = "committed (or dead-lettered) by every subscribed plugin", body = EventAccepted),
+        (status = 400, description = "not a decodable event", body = ErrorBody),
+        (status = 413, description = "larger than 1 MiB", body = ErrorBody),
+        (status = 503, description = "not settled", body = ErrorBody),
+))]
 async fn post_event(
     State(state): State<AdminState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<EventAccepted>, AdminError> {
+    if body.len() > MAX_EVENT_BYTES {
+        return Err(AdminError::TooLarge(format!("events are at most {MAX_EVENT_BYTES} bytes")));
+    }
     let text_header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let mut transport = Transport {
         origin: "http".into(),
@@ -490,6 +595,8 @@ async fn post_event(
     }
 }
 
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "admin", security(("bearer" = [])), responses((status = 200, content_type = "text/plain", body = String)))]
 async fn metrics(State(state): State<AdminState>) -> Response {
     if let Ok(backlog) = state.readers.outbox_backlog() {
         metrics::gauge!("switchyard_outbox_backlog").set(backlog as f64);
@@ -501,6 +608,12 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     metrics::gauge!("switchyard_in_flight").set(state.in_flight.get() as f64);
     let body = telemetry::prometheus().render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// This API's OpenAPI 3 description.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "admin", security(("bearer" = [])), responses((status = 200, body = Object)))]
+async fn openapi(Extension(api): Extension<Arc<utoipa::openapi::OpenApi>>) -> Json<utoipa::openapi::OpenApi> {
+    Json((*api).clone())
 }
 
 impl IntoResponse for AdminError {
@@ -527,6 +640,7 @@ impl AdminError {
             AdminError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AdminError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_plugin"),
             AdminError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            AdminError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             AdminError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
             AdminError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
