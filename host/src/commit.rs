@@ -102,7 +102,13 @@ enum Job {
     OutboxSent { seqs: Vec<i64>, reply: oneshot::Sender<Result<(), String>> },
     Journal { op: JournalOp, reply: oneshot::Sender<Result<(), String>> },
     Execute { sql: String, reply: oneshot::Sender<Result<(), String>> },
+    Prune { before: Millis, reply: oneshot::Sender<Result<(), String>> },
 }
+
+/// How often the writer drops expired processed-markers and ingress journal rows.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// Rows deleted per pruning transaction, so one prune never holds the writer for long.
+const PRUNE_BATCH: i64 = 10_000;
 
 /// Ingress journal changes (see [`crate::source::rabbitmq`]).
 #[derive(Debug)]
@@ -141,10 +147,27 @@ impl Writer {
         let outbox_ready = Arc::new(Notify::new());
         let notify = outbox_ready.clone();
         let batch_max = config.batch_max;
+        let retention = std::time::Duration::from_secs(config.processed_retention_hours.saturating_mul(3600));
+        let pruner = jobs.clone();
         thread::Builder::new()
             .name("switchyard-writer".into())
             .spawn(move || run(conn, rx, batch_max, &notify))
             .map_err(|e| DbError(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        // Expired markers are dropped in the background, from now on every PRUNE_EVERY.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                loop {
+                    let before = Millis(
+                        Millis::now().0.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX)),
+                    );
+                    let (reply, _) = oneshot::channel();
+                    if pruner.send(Job::Prune { before, reply }).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(PRUNE_EVERY).await;
+                }
+            });
+        }
         Ok(Writer { jobs, outbox_ready })
     }
 
@@ -173,6 +196,13 @@ impl Writer {
     pub async fn journal(&self, op: JournalOp) -> Result<Result<(), String>, WriterGone> {
         let (reply, rx) = oneshot::channel();
         self.jobs.send(Job::Journal { op, reply }).await.map_err(|_| WriterGone)?;
+        rx.await.map_err(|_| WriterGone)
+    }
+
+    /// Drop processed-markers and ingress journal rows older than `before`.
+    pub async fn prune(&self, before: Millis) -> Result<Result<(), String>, WriterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job::Prune { before, reply }).await.map_err(|_| WriterGone)?;
         rx.await.map_err(|_| WriterGone)
     }
 
@@ -227,6 +257,7 @@ fn failed_reply(job: Job, error: &str) -> Reply {
         Job::DeadLetter { reply, .. }
         | Job::Journal { reply, .. }
         | Job::Execute { reply, .. }
+        | Job::Prune { reply, .. }
         | Job::OutboxSent { reply, .. } => Reply::Done(reply, Err(error.into())),
     }
 }
@@ -271,6 +302,16 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut b
                         }
                     }
                 }
+                replies.push(Reply::Done(reply, Ok(())));
+            }
+            Job::Prune { before, reply } => {
+                let at = before.0 as i64;
+                tx.prepare_cached(
+                    "DELETE FROM processed WHERE (plugin, event_id) IN
+                     (SELECT plugin, event_id FROM processed WHERE processed_at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![at, PRUNE_BATCH])?;
+                tx.prepare_cached("DELETE FROM ingress_journal WHERE received_at < ?1")?.execute([at])?;
                 replies.push(Reply::Done(reply, Ok(())));
             }
             Job::Execute { sql, reply } => {
@@ -457,6 +498,19 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(w.commit(p, "e2".into(), fresh).await.unwrap(), Outcome::Committed);
+    }
+
+    #[tokio::test]
+    async fn expired_markers_are_pruned_and_recent_ones_kept() {
+        let (_d, w, r) = writer();
+        let p: Arc<str> = "p".into();
+        w.commit(p.clone(), "old".into(), Effects::default()).await.unwrap();
+        let cutoff = Millis(Millis::now().0 + 1);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        w.commit(p, "new".into(), Effects::default()).await.unwrap();
+        w.prune(cutoff).await.unwrap().unwrap();
+        assert!(!r.processed("p", "old").unwrap(), "older than the cutoff: dropped");
+        assert!(r.processed("p", "new").unwrap(), "younger: kept");
     }
 
     #[tokio::test]

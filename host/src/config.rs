@@ -259,6 +259,14 @@ pub struct StoreConfig {
     /// Most invocations committed in one transaction (group commit).
     #[serde(default = "default_batch_max")]
     pub batch_max: usize,
+    /// How long the (plugin, event id) processed-markers are kept, in hours. A redelivery
+    /// within this window is recognised and not applied again; one after it would be.
+    #[serde(default = "default_processed_retention_hours")]
+    pub processed_retention_hours: u64,
+}
+
+fn default_processed_retention_hours() -> u64 {
+    24 * 7
 }
 
 fn default_batch_max() -> usize {
@@ -267,7 +275,11 @@ fn default_batch_max() -> usize {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { synchronous: Synchronous::default(), batch_max: default_batch_max() }
+        StoreConfig {
+            synchronous: Synchronous::default(),
+            batch_max: default_batch_max(),
+            processed_retention_hours: default_processed_retention_hours(),
+        }
     }
 }
 
@@ -588,6 +600,9 @@ impl Config {
         }
         if self.router.admin_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             problems.push("router.admin_token: must be at least 16 characters".into());
+        }
+        if self.store.processed_retention_hours == 0 {
+            problems.push("store.processed_retention_hours: must be at least 1".into());
         }
         if self.store.batch_max == 0 {
             problems.push("store.batch_max: must be at least 1".into());

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS processed (
     processed_at INTEGER NOT NULL,
     PRIMARY KEY (plugin, event_id)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS processed_by_age ON processed (processed_at);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL,
