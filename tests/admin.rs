@@ -190,6 +190,12 @@ async fn bad_uploads_are_refused_with_the_reason_and_the_old_version_keeps_runni
         body["error"]["message"],
         "config names the plugin \"stamp\" but the component says it is \"misbehave\""
     );
+    let (status, body) = put(&t, "/v1/plugins/stamp", wasm("not_a_plugin.wasm")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().starts_with("component does not fit the switchyard:plugin world"),
+        "{body}"
+    );
     let (status, body) = put(&t, "/v1/plugins/stamp?subscriptions=a..b", wasm("stamp_v2.wasm")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let (status, _) = put(&t, "/v1/plugins/newcomer", wasm("stamp_v2.wasm")).await;
