@@ -281,6 +281,11 @@ async fn swapping_twice_under_load_loses_nothing_and_doubles_nothing() {
     }
     let counters = t.router.plugins[0].counters.snapshot();
     assert_eq!((counters.succeeded, counters.dead_lettered), (10_000, 0), "each event ran to commit exactly once");
+    let (_, metrics) = call(&t, "GET", "/metrics", Some(TOKEN), "").await;
+    assert!(
+        metrics.as_str().unwrap().contains("switchyard_queue_ready{plugin=\"stamp\"} 0"),
+        "consumer lag is exported"
+    );
     let queue = format!("{}stamp", rabbit.prefix);
     drop(t.stop().await);
     assert_eq!(

@@ -36,6 +36,14 @@ fn header(extra: &str) -> String {
     format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n[redis]\nurl = \"{}\"\n{extra}", redis_url())
 }
 
+async fn metrics_text(t: &TestRouter) -> String {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let request = axum::http::Request::get("/metrics").body(axum::body::Body::empty()).unwrap();
+    let response = switchyard::admin::app(t.router.admin_state(None)).oneshot(request).await.unwrap();
+    String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
 async fn connected(t: &TestRouter) {
     eventually("the Redis source to connect", SETTLE, || t.router.is_connected().then_some(())).await;
 }
@@ -138,6 +146,13 @@ async fn stream_entries_apply_once_and_entries_of_a_dead_consumer_are_claimed() 
     .await;
     let seen = t.router.readers.scan("misbehave", "seen", "", 100).unwrap();
     assert_eq!(seen.iter().filter(|r| r.body.contains("\"chaos.ok\"")).count(), 3, "dead-1, new-1 once, new-2");
+
+    // The consumer lag Redis reports is exported: nothing left to deliver or to acknowledge.
+    let metrics = metrics_text(&t).await;
+    for gauge in ["switchyard_stream_lag", "switchyard_stream_pending"] {
+        let line = format!("{gauge}{{plugin=\"misbehave\",stream=\"{stream}\"}} 0");
+        assert!(metrics.contains(&line), "{line} missing from:\n{metrics}");
+    }
 
     // The outbox added the event chaos.publish published to the sink stream.
     let entries: redis::streams::StreamRangeReply = conn.xrange_all(&out).await.unwrap();

@@ -124,6 +124,7 @@ impl Router {
                 writer: writer.clone(),
                 registry,
                 rabbitmq: config.rabbitmq.clone(),
+                redis: config.redis.clone(),
             },
             readers,
             bus,
@@ -229,12 +230,7 @@ async fn load(runtime: &Runtime, registry: &Registry, config: &PluginConfig) -> 
 
 /// Ready-message count of a queue, through a passive declare; `None` if it cannot be read.
 pub async fn queue_depth(url: &str, queue: &str) -> Option<u32> {
-    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await.ok()?;
-    let channel = conn.create_channel().await.ok()?;
-    let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-    let q = channel.queue_declare(queue.into(), options, lapin::types::FieldTable::default()).await.ok()?;
-    let _ = conn.close(200, "done".into()).await;
-    Some(q.message_count())
+    crate::source::rabbitmq::queue_depths(url, &[queue.to_string()]).await.pop().flatten()
 }
 
 /// Whether a data dir already holds a database.

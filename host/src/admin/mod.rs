@@ -26,7 +26,7 @@ use utoipa_axum::routes;
 pub use errors::AdminError;
 
 use crate::commit::Writer;
-use crate::config::{InstancePolicy, PluginName, RabbitMqConfig, Secret};
+use crate::config::{InstancePolicy, PluginName, RabbitMqConfig, RedisConfig, Secret};
 use crate::db::{FieldValue, Readers};
 use crate::dispatch::{Dispatch, Inbound, PluginSlot};
 use crate::envelope::{self, HeaderValue, NAME_HEADER, Transport};
@@ -65,6 +65,7 @@ pub struct Control {
     pub writer: Writer,
     pub registry: Registry,
     pub rabbitmq: Option<RabbitMqConfig>,
+    pub redis: Option<RedisConfig>,
 }
 
 impl AdminState {
@@ -606,6 +607,26 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         metrics::gauge!("switchyard_source_connected", "source" => *name).set(up);
     }
     metrics::gauge!("switchyard_in_flight").set(state.in_flight.get() as f64);
+    // Consumer lag, where the broker tells it.
+    let plugins: Vec<String> = state.dispatches.iter().map(|d| d.slot().current().name.to_string()).collect();
+    if let Some(rabbit) = &state.control.rabbitmq {
+        let queues: Vec<String> = plugins.iter().map(|p| RabbitMqSource::queue_name(rabbit, p)).collect();
+        let depths = crate::source::rabbitmq::queue_depths(rabbit.url.expose(), &queues).await;
+        for (plugin, depth) in plugins.iter().zip(depths) {
+            if let Some(depth) = depth {
+                metrics::gauge!("switchyard_queue_ready", "plugin" => plugin.clone()).set(f64::from(depth));
+            }
+        }
+    }
+    if let Some(redis) = &state.control.redis {
+        for g in crate::source::redis::group_lag(redis, &plugins).await {
+            let labels = [("plugin", g.plugin.clone()), ("stream", g.stream.clone())];
+            if let Some(lag) = g.lag {
+                metrics::gauge!("switchyard_stream_lag", &labels).set(lag as f64);
+            }
+            metrics::gauge!("switchyard_stream_pending", &labels).set(g.pending as f64);
+        }
+    }
     let body = telemetry::prometheus().render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -449,6 +449,32 @@ impl Forwarder {
     }
 }
 
+/// Ready-message counts of queues, each through a passive declare on one connection; `None`
+/// for a queue that cannot be read.
+pub async fn queue_depths(url: &str, queues: &[String]) -> Vec<Option<u32>> {
+    let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await else {
+        return vec![None; queues.len()];
+    };
+    let mut depths = Vec::with_capacity(queues.len());
+    for queue in queues {
+        // A failed passive declare closes the channel: one channel per queue.
+        let depth = match conn.create_channel().await {
+            Ok(channel) => {
+                let options = QueueDeclareOptions { passive: true, ..Default::default() };
+                channel
+                    .queue_declare(queue.as_str().into(), options, FieldTable::default())
+                    .await
+                    .ok()
+                    .map(|q| q.message_count())
+            }
+            Err(_) => None,
+        };
+        depths.push(depth);
+    }
+    let _ = conn.close(200, "measured".into()).await;
+    depths
+}
+
 /// Bind a plugin's queue to new patterns, or unbind old ones, on a short connection of its own
 /// (bindings belong to the queue, not to a channel).
 pub async fn rebind(

@@ -448,6 +448,36 @@ impl StreamConsumer {
     }
 }
 
+/// Entries of each (stream, plugin) consumer group not yet delivered (`lag`) and delivered but
+/// not acknowledged (`pending`), from `XINFO GROUPS`.
+pub async fn group_lag(config: &RedisConfig, plugins: &[String]) -> Vec<GroupLag> {
+    let Some(streams) = &config.streams else { return Vec::new() };
+    let Ok(client) = redis::Client::open(config.url.expose()) else { return Vec::new() };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return Vec::new() };
+    let mut lags = Vec::new();
+    for stream in &streams.streams {
+        let info: redis::RedisResult<redis::streams::StreamInfoGroupsReply> = conn.xinfo_groups(stream).await;
+        let Ok(info) = info else { continue };
+        for plugin in plugins {
+            let group = format!("{}{plugin}", streams.group_prefix);
+            if let Some(g) = info.groups.iter().find(|g| g.name == group) {
+                lags.push(GroupLag { stream: stream.clone(), plugin: plugin.clone(), lag: g.lag, pending: g.pending });
+            }
+        }
+    }
+    lags
+}
+
+/// The backlog of one plugin's consumer group on one stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupLag {
+    pub stream: String,
+    pub plugin: String,
+    /// Entries not delivered to the group yet; Redis may not know it (after deletions).
+    pub lag: Option<usize>,
+    pub pending: usize,
+}
+
 /// Publish every non-empty line of a JSONL file (one envelope per line) to Redis, on the
 /// channel of its event name (pub/sub) or to the first configured stream; returns the count.
 pub async fn publish_jsonl(config: &RedisConfig, path: &std::path::Path) -> anyhow::Result<usize> {
