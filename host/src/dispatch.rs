@@ -51,14 +51,10 @@ impl PluginSlot {
         }
     }
 
-    /// Stop taking events: lanes finish the invocation under way and then wait. Events keep
-    /// queueing at the broker (beyond the prefetch) until [`PluginSlot::resume`].
-    pub fn pause(&self) {
-        self.running.send_replace(false);
-    }
-
-    pub fn resume(&self) {
-        self.running.send_replace(true);
+    /// Pause (`false`) or resume (`true`). A paused plugin's lanes finish the invocation under
+    /// way and then wait; events keep queueing at the broker (beyond the prefetch).
+    pub fn set_running(&self, running: bool) {
+        self.running.send_replace(running);
     }
 
     pub fn is_paused(&self) -> bool {

@@ -266,10 +266,7 @@ async fn get_plugin(State(state): State<AdminState>, Path(name): Path<String>) -
     (status = 404, body = ErrorBody),
 ))]
 async fn pause(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<PluginView>, AdminError> {
-    let slot = state.slot(&name)?;
-    slot.pause();
-    tracing::info!(plugin = %name, "paused");
-    Ok(Json(view(slot)))
+    set_running(&state, &name, false)
 }
 
 /// Take events again, from where the plugin stopped.
@@ -278,9 +275,13 @@ async fn pause(State(state): State<AdminState>, Path(name): Path<String>) -> Res
     (status = 404, body = ErrorBody),
 ))]
 async fn resume(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<PluginView>, AdminError> {
-    let slot = state.slot(&name)?;
-    slot.resume();
-    tracing::info!(plugin = %name, "resumed");
+    set_running(&state, &name, true)
+}
+
+fn set_running(state: &AdminState, name: &str, running: bool) -> Result<Json<PluginView>, AdminError> {
+    let slot = state.slot(name)?;
+    slot.set_running(running);
+    tracing::info!(plugin = %name, running, "plugin state changed");
     Ok(Json(view(slot)))
 }
 
