@@ -141,6 +141,9 @@ pub fn decode(body: &[u8], transport: &Transport) -> Result<Decoded, DecodeError
 fn decode_event(body: &[u8], transport: &Transport) -> Result<(Envelope, Event), DecodeError> {
     let text = std::str::from_utf8(body).map_err(|e| DecodeError::NotUtf8(e.valid_up_to()))?;
     if let Some(ty) = binary_ce_attribute(transport, "type") {
+        if ty.as_text().is_empty() {
+            return Err(DecodeError::MissingAttribute("type"));
+        }
         serde_json::from_str::<&RawValue>(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
         return decode_binary_cloudevent(ty, body, transport).map(|e| (Envelope::CloudEventsBinary, e));
     }
@@ -333,7 +336,7 @@ fn decode_nestjs(m: &BTreeMap<String, &RawValue>, body: &[u8], transport: &Trans
         .message_id
         .clone()
         .filter(|s| !s.is_empty())
-        .or(string_member(m, "id").ok().flatten())
+        .or(string_member(m, "id").ok().flatten().filter(|s| !s.is_empty()))
         .map(EventId)
         .unwrap_or_else(|| content_id(&name, body));
     Ok(event_from_transport(id, name, data.as_bytes().to_vec(), transport))
@@ -429,38 +432,58 @@ pub struct Encoded {
     pub content_type: &'static str,
 }
 
-/// Encode an event the router publishes. The payload must be JSON (checked at publish time).
+/// Encode an event the router publishes. The payload must be JSON (checked at publish time);
+/// it is copied into the envelope byte for byte, never parsed and re-printed.
 pub fn encode(event: &Event, format: SinkFormat) -> Encoded {
-    let data = std::str::from_utf8(&event.payload).ok().and_then(|s| RawValue::from_string(s.to_string()).ok());
-    let data = data.unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"));
-    match format {
-        SinkFormat::Nestjs => {
-            let body = serde_json::json!({ "pattern": event.name, "data": data });
-            Encoded { body: body.to_string().into_bytes(), content_type: JSON }
-        }
-        SinkFormat::Cloudevents => {
-            let mut body = serde_json::json!({
-                "specversion": "1.0",
-                "id": event.id.0,
-                "type": event.name,
-                "source": event.source,
-                "time": format_rfc3339(event.occurred_at),
-                "datacontenttype": JSON,
-                "data": data,
-            });
-            let ext = [
-                ("correlationid", &event.correlation_id),
-                ("causationid", &event.causation_id),
-                ("partitionkey", &event.key),
-            ];
-            for (name, value) in ext {
-                if let Some(v) = value {
-                    body[name] = serde_json::Value::String(v.clone());
-                }
-            }
-            Encoded { body: body.to_string().into_bytes(), content_type: CLOUDEVENTS_JSON }
-        }
-    }
+    let data = std::str::from_utf8(&event.payload).ok().and_then(|s| serde_json::from_str::<&RawValue>(s).ok());
+    let null = RawValue::from_string("null".into()).expect("null is JSON");
+    let data = data.unwrap_or(&null);
+    let body = match format {
+        SinkFormat::Nestjs => serde_json::to_vec(&NestJsOut { pattern: &event.name, data }),
+        SinkFormat::Cloudevents => serde_json::to_vec(&CloudEventOut {
+            specversion: "1.0",
+            id: &event.id.0,
+            ty: &event.name,
+            source: &event.source,
+            time: format_rfc3339(event.occurred_at),
+            datacontenttype: JSON,
+            data,
+            correlationid: event.correlation_id.as_deref(),
+            causationid: event.causation_id.as_deref(),
+            partitionkey: event.key.as_deref(),
+        }),
+    };
+    let content_type = match format {
+        SinkFormat::Nestjs => JSON,
+        SinkFormat::Cloudevents => CLOUDEVENTS_JSON,
+    };
+    Encoded { body: body.expect("an envelope of strings and valid JSON serializes"), content_type }
+}
+
+/// NestJS's `{pattern, data}`.
+#[derive(serde::Serialize)]
+struct NestJsOut<'a> {
+    pattern: &'a str,
+    data: &'a RawValue,
+}
+
+/// A structured-mode CloudEvent.
+#[derive(serde::Serialize)]
+struct CloudEventOut<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    #[serde(rename = "type")]
+    ty: &'a str,
+    source: &'a str,
+    time: String,
+    datacontenttype: &'static str,
+    data: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlationid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    causationid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partitionkey: Option<&'a str>,
 }
 
 #[cfg(test)]
@@ -584,6 +607,19 @@ mod tests {
     }
 
     #[test]
+    fn empty_names_and_ids_are_never_accepted() {
+        let mut t = transport("rk");
+        t.headers = vec![
+            ("ce-type".into(), HeaderValue::Text(String::new())),
+            ("ce-id".into(), HeaderValue::Text("1".into())),
+            ("ce-source".into(), HeaderValue::Text("s".into())),
+        ];
+        assert_eq!(decode(b"{}", &t).unwrap_err(), DecodeError::MissingAttribute("type"));
+        let (_, e) = decoded(r#"{"pattern":"a","data":1,"id":""}"#, &transport("q"));
+        assert!(e.id.0.starts_with("sha256:"), "an empty id is no id: {}", e.id);
+    }
+
+    #[test]
     fn raw_json_is_named_by_header_then_routing_key() {
         let (kind, e) = decoded(r#"{"user_id":"u1"}"#, &transport("user.deleted"));
         assert_eq!((kind, e.name.as_str()), (Envelope::Raw, "user.deleted"));
@@ -646,6 +682,135 @@ mod tests {
         assert_eq!(back, event);
 
         let nest = encode(&event, SinkFormat::Nestjs);
-        assert_eq!(nest.body, br#"{"data":{"orderId":"o1"},"pattern":"stock.reserved"}"#);
+        assert_eq!(nest.body, br#"{"pattern":"stock.reserved","data":{"orderId":"o1"}}"#);
+    }
+}
+
+/// Property tests: whatever bytes and headers a broker hands over, decoding returns an event or
+/// an error, never a panic; and what the outbox encodes decodes back to the same event.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn header_value() -> impl Strategy<Value = HeaderValue> {
+        prop_oneof![
+            any::<String>().prop_map(HeaderValue::Text),
+            any::<i64>().prop_map(HeaderValue::Integer),
+            any::<u64>().prop_map(HeaderValue::Timestamp),
+            any::<bool>().prop_map(HeaderValue::Boolean),
+        ]
+    }
+
+    fn header_name() -> impl Strategy<Value = String> {
+        let prefixes =
+            prop_oneof![Just(""), Just("ce-"), Just("ce_"), Just("cloudEvents:"), Just("cloudEvents_"), Just("x-")];
+        let attrs = prop_oneof![
+            Just("id".to_string()),
+            Just("type".to_string()),
+            Just("source".to_string()),
+            Just("time".to_string()),
+            Just("specversion".to_string()),
+            Just("event-name".to_string()),
+            Just("occurred-at".to_string()),
+            "[a-z]{0,8}",
+        ];
+        (prefixes, attrs).prop_map(|(p, a)| format!("{p}{a}"))
+    }
+
+    fn transport() -> impl Strategy<Value = Transport> {
+        (
+            any::<String>(),
+            proptest::option::of(prop_oneof![Just(CLOUDEVENTS_JSON.to_string()), any::<String>()]),
+            proptest::option::of(any::<String>()),
+            proptest::option::of(any::<u64>()),
+            proptest::collection::vec((header_name(), header_value()), 0..6),
+        )
+            .prop_map(|(routing_key, content_type, message_id, timestamp, headers)| Transport {
+                routing_key,
+                origin: "fuzz".into(),
+                content_type,
+                message_id,
+                correlation_id: None,
+                timestamp,
+                headers,
+                received_at: Millis(1),
+            })
+    }
+
+    /// JSON bodies shaped like the envelopes, with members of any type.
+    fn json_body() -> impl Strategy<Value = Vec<u8>> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|i| serde_json::json!(i)),
+            any::<f64>().prop_map(|f| serde_json::json!(f)),
+            any::<String>().prop_map(serde_json::Value::String),
+        ];
+        let value = leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map("[a-z_]{0,12}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        });
+        let key = prop_oneof![
+            Just("pattern"),
+            Just("data"),
+            Just("id"),
+            Just("specversion"),
+            Just("type"),
+            Just("source"),
+            Just("time"),
+            Just("data_base64"),
+            Just("datacontenttype"),
+        ];
+        proptest::collection::vec((key, value), 0..6).prop_map(|members| {
+            let object: serde_json::Map<String, serde_json::Value> =
+                members.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            serde_json::Value::Object(object).to_string().into_bytes()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256), t in transport()) {
+            let _ = decode(&body, &t);
+        }
+
+        #[test]
+        fn envelope_shaped_json_never_panics(body in json_body(), t in transport()) {
+            if let Ok(decoded) = decode(&body, &t) {
+                prop_assert!(!decoded.event.name.is_empty());
+                prop_assert!(!decoded.event.id.0.is_empty());
+            }
+        }
+
+        #[test]
+        fn what_the_outbox_encodes_decodes_back(
+            name in "[a-z]{1,8}(\\.[a-z]{1,8}){0,3}",
+            id in "[a-zA-Z0-9-]{1,36}",
+            data in json_body(),
+            at in 0u64..4_102_444_800_000,
+        ) {
+            let event = Event {
+                id: EventId(id),
+                name: name.clone(),
+                source: "plugin".into(),
+                key: None,
+                correlation_id: Some("c".into()),
+                causation_id: Some("cause".into()),
+                occurred_at: Millis(at),
+                content_type: JSON.into(),
+                headers: vec![],
+                payload: data,
+            };
+            let encoded = encode(&event, SinkFormat::Cloudevents);
+            let t = Transport { routing_key: name, content_type: Some(encoded.content_type.into()), ..Transport::default() };
+            let back = decode(&encoded.body, &t).expect("our own encoding decodes").event;
+            prop_assert_eq!(back, event);
+        }
     }
 }
