@@ -349,3 +349,29 @@ async fn the_source_reconnects_after_the_connection_drops_and_loses_nothing() {
         eventually(id, SETTLE, || t.doc("user-replica", "user_refs", id)).await;
     }
 }
+
+#[tokio::test]
+async fn events_with_one_key_are_handled_in_order_while_keys_run_in_parallel() {
+    let rabbit = Rabbit::new().await;
+    let plugin = ("misbehave", "misbehave.wasm", "concurrency = 8\nordering_key = [\"key\"]\n");
+    let t = TestRouter::start(&config(&rabbit, false, &[plugin])).await;
+    connected(&t).await;
+    let keys = ["k1", "k2", "k3"];
+    let per_key = 200;
+    let messages = (1..=per_key).flat_map(|seq| {
+        keys.iter().map(move |key| {
+            let body = json!({ "key": key, "seq": seq }).to_string().into_bytes();
+            let props = BasicProperties::default().with_message_id(format!("{key}-{seq}").as_str().into());
+            ("chaos.seq".to_string(), body, props)
+        })
+    });
+    rabbit.publish_many(messages).await;
+    for key in keys {
+        eventually(key, SETTLE, || t.doc("misbehave", "seq", key).filter(|d| d["seq"] == per_key)).await;
+    }
+    assert!(
+        t.dead_letters("misbehave").is_empty(),
+        "an event was handled out of order: {:?}",
+        t.dead_letters("misbehave")
+    );
+}
