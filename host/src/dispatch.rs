@@ -30,6 +30,13 @@ pub struct Inbound {
     pub attempt: u32,
 }
 
+/// An event queued on its lane, with the ordering key that chose the lane (read from the
+/// payload once, here, and handed to the plugin as the event's key).
+struct Queued {
+    inbound: Inbound,
+    key: Option<String>,
+}
+
 /// The current version of a plugin; replaced on swap, read by lanes before each event.
 pub struct PluginSlot {
     current: RwLock<Arc<LoadedPlugin>>,
@@ -104,7 +111,7 @@ impl PluginSlot {
 #[derive(Clone)]
 pub struct Dispatch {
     slot: Arc<PluginSlot>,
-    lanes: Vec<mpsc::Sender<Inbound>>,
+    lanes: Vec<mpsc::Sender<Queued>>,
 }
 
 impl Dispatch {
@@ -132,12 +139,11 @@ impl Dispatch {
     /// Queue an event on the lane of its ordering key; waits while that lane is full.
     pub async fn submit(&self, inbound: Inbound) {
         let plugin = self.slot.current();
-        let spread =
-            inbound.event.ordering_key(&plugin.settings.ordering_key).unwrap_or_else(|| inbound.event.id.0.clone());
+        let key = inbound.event.ordering_key(&plugin.settings.ordering_key);
         let mut hasher = DefaultHasher::new();
-        spread.hash(&mut hasher);
+        key.as_ref().unwrap_or(&inbound.event.id.0).hash(&mut hasher);
         let lane = (hasher.finish() % self.lanes.len() as u64) as usize;
-        if self.lanes[lane].send(inbound).await.is_err() {
+        if self.lanes[lane].send(Queued { inbound, key }).await.is_err() {
             tracing::error!(plugin = %plugin.name, "lane stopped; the message will be redelivered");
         }
     }
@@ -183,8 +189,8 @@ enum Settled {
 }
 
 impl Lane {
-    async fn run(mut self, mut rx: mpsc::Receiver<Inbound>) {
-        while let Some(inbound) = rx.recv().await {
+    async fn run(mut self, mut rx: mpsc::Receiver<Queued>) {
+        while let Some(Queued { inbound, key }) = rx.recv().await {
             self.slot.wait_running().await;
             let span = tracing::info_span!(
                 "event",
@@ -192,7 +198,7 @@ impl Lane {
                 name = %inbound.event.name,
                 correlation_id = inbound.event.correlation_id.as_deref().unwrap_or(""),
             );
-            let settled = self.handle(&inbound.event, &inbound.received, inbound.attempt).instrument(span).await;
+            let settled = self.handle(&inbound.event, key, &inbound.received, inbound.attempt).instrument(span).await;
             match settled {
                 Settled::Committed | Settled::Duplicate | Settled::DeadLettered => inbound.ack.ack().await,
                 Settled::Abandoned => inbound.ack.requeue().await,
@@ -214,7 +220,7 @@ impl Lane {
         Ok(self.instance.as_mut().expect("instance was just set"))
     }
 
-    async fn handle(&mut self, event: &Event, received: &Received, first_attempt: u32) -> Settled {
+    async fn handle(&mut self, event: &Event, key: Option<String>, received: &Received, first_attempt: u32) -> Settled {
         let plugin = self.slot.current();
         let name: Arc<str> = Arc::from(plugin.name.as_str());
         let count = |outcome| self.slot.counters.record(&name, outcome);
@@ -228,7 +234,6 @@ impl Lane {
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "cannot check the processed-marker; the commit will"),
         }
-        let key = event.ordering_key(&plugin.settings.ordering_key);
         let retry = plugin.settings.retry;
         let first_failed_at = Millis::now();
         let mut attempt = first_attempt.max(1);

@@ -436,8 +436,7 @@ pub struct Encoded {
 /// it is copied into the envelope byte for byte, never parsed and re-printed.
 pub fn encode(event: &Event, format: SinkFormat) -> Encoded {
     let data = std::str::from_utf8(&event.payload).ok().and_then(|s| serde_json::from_str::<&RawValue>(s).ok());
-    let null = RawValue::from_string("null".into()).expect("null is JSON");
-    let data = data.unwrap_or(&null);
+    let data = data.unwrap_or(RawValue::NULL);
     let body = match format {
         SinkFormat::Nestjs => serde_json::to_vec(&NestJsOut { pattern: &event.name, data }),
         SinkFormat::Cloudevents => serde_json::to_vec(&CloudEventOut {

@@ -24,7 +24,7 @@ impl Received {
     /// The transport metadata as JSON, kept with dead letters.
     pub fn transport_json(&self) -> String {
         let t = &self.transport;
-        let headers: Vec<(String, String)> = t.headers.iter().map(|(n, v)| (n.clone(), format!("{v:?}"))).collect();
+        let headers: Vec<(String, String)> = t.headers.iter().map(|(n, v)| (n.clone(), v.to_string())).collect();
         serde_json::json!({
             "routing_key": t.routing_key,
             "origin": t.origin,
