@@ -6,14 +6,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use switchyard::admin;
-use switchyard::config::Secret;
-use switchyard_tests::{TestRouter, eventually, plugin_table};
-use tower::ServiceExt;
-
-const TOKEN: &str = "a-long-enough-admin-token";
+use switchyard_tests::{ADMIN_TOKEN as TOKEN, Rabbit, TestRouter, eventually, plugin_table};
 
 async fn router() -> TestRouter {
     let text = "[router]\ndata_dir = \"{data_dir}\"\nlog = \"warn\"\n".to_string()
@@ -27,13 +21,7 @@ async fn call(t: &TestRouter, method: &str, path: &str, token: Option<&str>, bod
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
     }
-    let app = admin::app(t.router.admin_state(Some(Secret::new(TOKEN))));
-    let response = app.oneshot(request.body(Body::from(body.to_string())).unwrap()).await.unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    let value =
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-    (status, value)
+    t.admin_request(request.body(Body::from(body.to_string())).unwrap()).await
 }
 
 fn login(id: &str, email: &str) -> String {
@@ -154,18 +142,7 @@ async fn the_configured_address_serves_the_api_and_no_token_means_loopback_only(
 }
 
 async fn put(t: &TestRouter, path: &str, bytes: Vec<u8>) -> (StatusCode, Value) {
-    let request = Request::builder()
-        .method("PUT")
-        .uri(path)
-        .header("content-type", "application/wasm")
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(Body::from(bytes))
-        .unwrap();
-    let app = admin::app(t.router.admin_state(Some(Secret::new(TOKEN))));
-    let response = app.oneshot(request).await.unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    t.admin("PUT", path, "application/wasm", bytes).await
 }
 
 fn wasm(file: &str) -> Vec<u8> {
@@ -196,10 +173,22 @@ async fn bad_uploads_are_refused_with_the_reason_and_the_old_version_keeps_runni
         body["error"]["message"].as_str().unwrap().starts_with("component does not fit the switchyard:plugin world"),
         "{body}"
     );
-    let (status, body) = put(&t, "/v1/plugins/stamp?subscriptions=a..b", wasm("stamp_v2.wasm")).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    let (status, _) = put(&t, "/v1/plugins/newcomer", wasm("stamp_v2.wasm")).await;
-    assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+    let (status, body) = put(&t, "/v1/plugins/overreach", wasm("overreach.wasm")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("component does not fit the switchyard:plugin world")
+            && message.contains("fixture:overreach/escape"),
+        "an import the host does not grant is named: {body}"
+    );
+    for query in ["subscriptions=a..b", "concurrency=0", "multiplier=0.5", "colour=blue"] {
+        let (status, body) = put(&t, &format!("/v1/plugins/stamp?{query}"), wasm("stamp_v2.wasm")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+    }
+    let (status, body) = put(&t, "/v1/plugins/newcomer", wasm("stamp_v2.wasm")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "a new name must match the component's: {body}");
+    let (_, plugins) = call(&t, "GET", "/v1/plugins", Some(TOKEN), "").await;
+    assert_eq!(plugins.as_array().unwrap().len(), 1, "no failed upload added a plugin: {plugins}");
     let (status, _) = call(&t, "POST", "/v1/plugins/stamp/rollback", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::CONFLICT, "nothing to roll back to");
     let (_, after) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
@@ -207,13 +196,23 @@ async fn bad_uploads_are_refused_with_the_reason_and_the_old_version_keeps_runni
     assert_eq!(after["version"], "1.0.0");
 }
 
+/// The build of the stamp plugin that handles a posted `stamp.it` event with this id.
+async fn stamped_by(t: &TestRouter, id: &str) -> u64 {
+    let event = json!({ "pattern": "stamp.it", "data": {}, "id": id }).to_string();
+    let (status, body) = call(t, "POST", "/v1/events", Some(TOKEN), &event).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    t.doc("stamp", "stamped", id).unwrap()["build"].as_u64().unwrap()
+}
+
 #[tokio::test]
-async fn an_uploaded_version_survives_a_restart_and_can_be_rolled_back() {
+async fn an_uploaded_version_survives_a_restart_and_can_be_rolled_back_after_it() {
     let toml = stamp_router_toml("");
     let t = TestRouter::start(&toml).await;
-    let (status, body) = put(&t, "/v1/plugins/stamp?timeout_ms=1234", wasm("stamp_v2.wasm")).await;
+    let (status, body) =
+        put(&t, "/v1/plugins/stamp?timeout_ms=1234&concurrency=3&max_attempts=7", wasm("stamp_v2.wasm")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["version"], "2.0.0");
+    assert_eq!(body["previous_digest"].as_str().map(str::len), Some(64));
     let dir = t.stop().await;
 
     let t = TestRouter::start_in(&toml, dir).await;
@@ -223,21 +222,65 @@ async fn an_uploaded_version_survives_a_restart_and_can_be_rolled_back() {
         (Some("2.0.0"), Some(1234)),
         "the registry wins over router.toml"
     );
-    let (status, _) =
-        call(&t, "POST", "/v1/events", Some(TOKEN), r#"{"pattern":"stamp.it","data":{},"id":"after-restart"}"#).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(t.doc("stamp", "stamped", "after-restart").unwrap()["build"], 2);
+    assert_eq!(plugin["concurrency"], 3);
+    assert_eq!(stamped_by(&t, "after-restart").await, 2);
 
-    let (status, body) = put(&t, "/v1/plugins/stamp", wasm("stamp_v1.wasm")).await;
-    assert_eq!((status, body["version"].as_str()), (StatusCode::OK, Some("1.0.0")));
+    // The version the upload replaced was kept too: roll back to it after the restart.
     let (status, body) = call(&t, "POST", "/v1/plugins/stamp/rollback", Some(TOKEN), "").await;
-    assert_eq!((status, body["version"].as_str()), (StatusCode::OK, Some("2.0.0")));
+    assert_eq!((status, body["version"].as_str()), (StatusCode::OK, Some("1.0.0")), "{body}");
+    assert_eq!(stamped_by(&t, "rolled-back").await, 1);
+    let dir = t.stop().await;
+
+    let t = TestRouter::start_in(&toml, dir).await;
+    assert_eq!(stamped_by(&t, "after-second-restart").await, 1, "the rollback is kept across restarts");
+    let (status, body) = call(&t, "POST", "/v1/plugins/stamp/rollback", Some(TOKEN), "").await;
+    assert_eq!((status, body["version"].as_str()), (StatusCode::OK, Some("2.0.0")), "and rolls forward again");
+    let (_, plugin) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(plugin["timeout_ms"], 1234, "with the settings it was uploaded with");
+}
+
+#[tokio::test]
+async fn a_plugin_added_over_the_api_runs_comes_back_after_a_restart_and_is_removed_by_delete() {
+    let toml = "[router]\ndata_dir = \"{data_dir}\"\nlog = \"warn\"\n".to_string()
+        + &plugin_table("user-replica", "user_replica.wasm", "");
+    let t = TestRouter::start(&toml).await;
+    let (status, body) = put(&t, "/v1/plugins/stamp?subscriptions=stamp.it,extra.*", wasm("stamp_v1.wasm")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["previous_digest"], Value::Null);
+    assert_eq!(stamped_by(&t, "added").await, 1);
+    let (status, _) = put(&t, "/v1/plugins/stamp?subscriptions=stamp.it,extra.*", wasm("stamp_v1.wasm")).await;
+    assert_eq!(status, StatusCode::OK, "the same name again is a swap");
+    let dir = t.stop().await;
+
+    let t = TestRouter::start_in(&toml, dir).await;
+    let (_, plugin) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(plugin["subscriptions"], json!(["stamp.it", "extra.*"]), "back from the registry: {plugin}");
+    let event = json!({ "pattern": "extra.thing", "data": {}, "id": "extra-1" }).to_string();
+    let (_, body) = call(&t, "POST", "/v1/events", Some(TOKEN), &event).await;
+    assert_eq!(body["plugins"], json!(["stamp"]));
+
+    let (status, body) = call(&t, "DELETE", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["drained"], true);
+    let (status, _) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let event = json!({ "pattern": "stamp.it", "data": {}, "id": "after-delete" }).to_string();
+    let (_, body) = call(&t, "POST", "/v1/events", Some(TOKEN), &event).await;
+    assert_eq!(body["plugins"], json!([]), "a removed plugin takes no events");
+    let (status, _) = call(&t, "DELETE", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let dir = t.stop().await;
+
+    let t = TestRouter::start_in(&toml, dir).await;
+    let (_, plugins) = call(&t, "GET", "/v1/plugins", Some(TOKEN), "").await;
+    let names: Vec<&str> = plugins.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["user-replica"], "the registry forgot the removed plugin");
 }
 
 #[tokio::test]
 async fn swapping_twice_under_load_loses_nothing_and_doubles_nothing() {
     use lapin::BasicProperties;
-    let rabbit = switchyard_tests::Rabbit::new().await;
+    let rabbit = Rabbit::new().await;
     rabbit.track_plugin("stamp");
     let t = TestRouter::start(&stamp_router_toml(&rabbit.section(false))).await;
     eventually("RabbitMQ", Duration::from_secs(30), || t.router.is_connected().then_some(())).await;
@@ -253,7 +296,7 @@ async fn swapping_twice_under_load_loses_nothing_and_doubles_nothing() {
             })
             .collect::<Vec<_>>()
     };
-    let succeeded = || t.router.plugins[0].counters.snapshot().succeeded;
+    let succeeded = || t.router.plugins.get("stamp").unwrap().slot().counters.snapshot().succeeded;
     let wait_for =
         |n: u64| eventually("events to be handled", Duration::from_secs(120), move || (succeeded() >= n).then_some(()));
 
@@ -279,7 +322,7 @@ async fn swapping_twice_under_load_loses_nothing_and_doubles_nothing() {
         build(format!("p3-{i}"));
         assert_eq!(build(format!("p4-{i}")), 1, "published after the second swap");
     }
-    let counters = t.router.plugins[0].counters.snapshot();
+    let counters = t.router.plugins.get("stamp").unwrap().slot().counters.snapshot();
     assert_eq!((counters.succeeded, counters.dead_lettered), (10_000, 0), "each event ran to commit exactly once");
     let (_, metrics) = call(&t, "GET", "/metrics", Some(TOKEN), "").await;
     assert!(
@@ -333,6 +376,96 @@ async fn the_openapi_description_matches_the_real_routes() {
         }
     }
     // And a route that is not described is not served.
-    let (status, body) = call(&t, "DELETE", "/v1/plugins/user-replica", Some(TOKEN), "").await;
+    let (status, body) = call(&t, "PATCH", "/v1/plugins/user-replica", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+}
+
+/// `stamp.event` messages with ids `{phase}-{i}`.
+fn stamp_batch(phase: &str, n: usize) -> Vec<(String, Vec<u8>, lapin::BasicProperties)> {
+    (0..n)
+        .map(|i| {
+            let props = lapin::BasicProperties::default().with_message_id(format!("{phase}-{i}").as_str().into());
+            ("stamp.event".to_string(), b"{}".to_vec(), props)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn over_rabbitmq_an_added_plugin_misses_nothing_and_pause_and_delete_keep_the_queues_events() {
+    let rabbit = Rabbit::new().await;
+    rabbit.track_plugin("stamp");
+    let queue = format!("{}stamp", rabbit.prefix);
+    let url = switchyard_tests::amqp_url();
+    let depth = || switchyard::router::queue_depth(&url, &queue);
+    let toml = format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n{}", rabbit.section(false))
+        + &plugin_table("user-replica", "user_replica.wasm", "");
+    let t = TestRouter::start(&toml).await;
+    eventually("RabbitMQ", Duration::from_secs(30), || t.router.is_connected().then_some(())).await;
+    let docs =
+        |phase: &str, n: usize| (0..n).filter(|i| t.doc("stamp", "stamped", &format!("{phase}-{i}")).is_some()).count();
+
+    // Added while running: its queue is bound before the reply, so what is published next reaches it.
+    let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=4", wasm("stamp_v1.wasm")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    rabbit.publish_many(stamp_batch("a", 200)).await;
+    let stamp = t.router.plugins.get("stamp").unwrap();
+    let succeeded = || stamp.slot().counters.snapshot().succeeded;
+    eventually("the added plugin to handle its events", Duration::from_secs(60), || (succeeded() == 200).then_some(()))
+        .await;
+
+    // Paused: the consumer holds one prefetch (64) in its lanes and the queue keeps the rest.
+    call(&t, "POST", "/v1/plugins/stamp/pause", Some(TOKEN), "").await;
+    rabbit.publish_many(stamp_batch("b", 1000)).await;
+    let mut ready = None;
+    for _ in 0..200 {
+        ready = depth().await;
+        if ready == Some(1000 - 64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready, Some(1000 - 64), "a paused plugin's queue keeps filling");
+    assert_eq!(stamp.slot().counters.snapshot().consumed, 200, "a paused plugin starts no event");
+    call(&t, "POST", "/v1/plugins/stamp/resume", Some(TOKEN), "").await;
+    eventually("the held events after resume", Duration::from_secs(60), || (succeeded() == 1200).then_some(())).await;
+    assert_eq!(docs("b", 1000), 1000);
+
+    // Deleted under load: what it took is handled and acknowledged; the rest stays in its queue.
+    call(&t, "POST", "/v1/plugins/stamp/pause", Some(TOKEN), "").await;
+    rabbit.publish_many(stamp_batch("c", 3000)).await;
+    call(&t, "POST", "/v1/plugins/stamp/resume", Some(TOKEN), "").await;
+    let (status, body) = call(&t, "DELETE", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["drained"], true, "{body}");
+    let handled = usize::try_from(succeeded() - 1200).unwrap();
+    assert_eq!(docs("c", 3000), handled, "every event the removed plugin took was committed");
+    assert_eq!(stamp.pending(), 0);
+    let mut left = None;
+    for _ in 0..200 {
+        left = depth().await;
+        if left == Some(u32::try_from(3000 - handled).unwrap()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, Some(u32::try_from(3000 - handled).unwrap()), "the queue keeps what was not handled");
+    rabbit.publish_many(stamp_batch("d", 50)).await;
+    assert_eq!(depth().await, left, "a removed plugin's queue is unbound");
+
+    // Added again: it takes up the queue where the removed one stopped; nothing runs twice.
+    let (status, body) = put(&t, "/v1/plugins/stamp", wasm("stamp_v2.wasm")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let again = t.router.plugins.get("stamp").unwrap();
+    eventually("the kept events", Duration::from_secs(60), || (docs("c", 3000) == 3000).then_some(())).await;
+    eventually("the queue to drain", Duration::from_secs(30), || {
+        (again.slot().counters.snapshot().succeeded == (3000 - handled) as u64).then_some(())
+    })
+    .await;
+    assert_eq!(again.slot().counters.snapshot().duplicates, 0, "no event handled before was handled again");
+    assert_eq!(docs("d", 50), 0, "events published while it was removed are not its");
+
+    // Deleted with its queue: the queue goes, with what it held.
+    let (status, body) = call(&t, "DELETE", "/v1/plugins/stamp?discard_queue=true", Some(TOKEN), "").await;
+    assert_eq!((status, body["discarded_queue"].as_bool()), (StatusCode::OK, Some(true)), "{body}");
+    assert_eq!(depth().await, None, "the queue is deleted");
 }

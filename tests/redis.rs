@@ -244,3 +244,48 @@ async fn routers_sharing_a_consumer_group_share_the_entries() {
         );
     }
 }
+
+#[tokio::test]
+async fn pubsub_and_streams_follow_plugins_added_swapped_and_removed_over_the_admin_api() {
+    let prefix = format!("{}:", unique("t"));
+    let stream = unique("stream");
+    let _keys = Keys(vec![stream.clone()]);
+    let text =
+        header(&format!("[redis.pubsub]\nchannel_prefix = \"{prefix}\"\n[redis.streams]\nstreams = [\"{stream}\"]\n"))
+            + &plugin_table("user-replica", "user_replica.wasm", "");
+    let t = TestRouter::start(&text).await;
+    connected(&t).await;
+    let mut conn = redis().await;
+    let stamp = std::fs::read(switchyard_tests::plugin("stamp_v1.wasm")).unwrap();
+    let stamped = |id: &str| t.doc("stamp", "stamped", id);
+    let event = |name: &str, id: &str| json!({ "pattern": name, "data": {}, "id": id }).to_string();
+
+    // Added while running: pub/sub subscribes to its channel and its stream consumer group starts.
+    let (status, body) = t
+        .admin("PUT", "/v1/plugins/stamp?subscriptions=stamp.one&concurrency=1", "application/wasm", stamp.clone())
+        .await;
+    assert_eq!(status, axum::http::StatusCode::CREATED, "{body}");
+    let _: () = conn.publish(format!("{prefix}stamp.one"), event("stamp.one", "ps-1")).await.unwrap();
+    let _: String = conn.xadd(&stream, "*", &[("event", event("stamp.one", "st-1"))]).await.unwrap();
+    eventually("the pub/sub event", SETTLE, || stamped("ps-1")).await;
+    eventually("the stream entry", SETTLE, || stamped("st-1")).await;
+
+    // Swapped to other subscriptions: pub/sub re-subscribes on the same connection.
+    let (status, body) =
+        t.admin("PUT", "/v1/plugins/stamp?subscriptions=stamp.two", "application/wasm", stamp.clone()).await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    // One lane, and Redis delivers one publisher's messages in order: when `ps-2` is handled,
+    // `ps-old` would have been handled before it.
+    let _: () = conn.publish(format!("{prefix}stamp.one"), event("stamp.one", "ps-old")).await.unwrap();
+    let _: () = conn.publish(format!("{prefix}stamp.two"), event("stamp.two", "ps-2")).await.unwrap();
+    eventually("the event of the new subscription", SETTLE, || stamped("ps-2")).await;
+    assert!(stamped("ps-old").is_none(), "the old subscription is dropped");
+
+    // Removed: its consumer group stays where it stopped and picks up again when it is back.
+    let (status, body) = t.admin("DELETE", "/v1/plugins/stamp", "application/json", "").await;
+    assert_eq!((status, body["drained"].as_bool()), (axum::http::StatusCode::OK, Some(true)), "{body}");
+    let _: String = conn.xadd(&stream, "*", &[("event", event("stamp.two", "st-2"))]).await.unwrap();
+    let (status, body) = t.admin("PUT", "/v1/plugins/stamp?subscriptions=stamp.two", "application/wasm", stamp).await;
+    assert_eq!(status, axum::http::StatusCode::CREATED, "{body}");
+    eventually("the entry added while it was removed", SETTLE, || stamped("st-2")).await;
+}

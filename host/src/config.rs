@@ -370,11 +370,11 @@ pub struct PluginConfig {
     pub config: BTreeMap<String, ConfigValue>,
 }
 
-fn default_concurrency() -> usize {
+pub(crate) fn default_concurrency() -> usize {
     8
 }
 
-fn default_recycle_after() -> u64 {
+pub(crate) fn default_recycle_after() -> u64 {
     10_000
 }
 
@@ -406,7 +406,7 @@ impl Default for Limits {
 
 /// Retries of failed invocations (a `retry` error, a trap, a timeout). A `reject` error is
 /// dead-lettered at once.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included; after the last the event is dead-lettered.

@@ -4,9 +4,11 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::commit::{DeadLetter, Outcome, Writer};
@@ -40,8 +42,6 @@ struct Queued {
 /// The current version of a plugin; replaced on swap, read by lanes before each event.
 pub struct PluginSlot {
     current: RwLock<Arc<LoadedPlugin>>,
-    /// The version before the last swap, for rollback.
-    previous: RwLock<Option<Arc<LoadedPlugin>>>,
     running: watch::Sender<bool>,
     pub counters: Counters,
     pub loaded_at: Millis,
@@ -51,7 +51,6 @@ impl PluginSlot {
     pub fn new(plugin: LoadedPlugin) -> Self {
         PluginSlot {
             current: RwLock::new(Arc::new(plugin)),
-            previous: RwLock::new(None),
             running: watch::Sender::new(true),
             counters: Counters::default(),
             loaded_at: Millis::now(),
@@ -77,26 +76,10 @@ impl PluginSlot {
     /// event a lane starts afterwards runs on the new one. Returns the old version.
     pub fn swap(&self, plugin: LoadedPlugin) -> Arc<LoadedPlugin> {
         let new = Arc::new(plugin);
-        let old = match self.current.write() {
+        match self.current.write() {
             Ok(mut current) => std::mem::replace(&mut *current, new),
             Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
-        };
-        if let Ok(mut previous) = self.previous.write() {
-            *previous = Some(old.clone());
         }
-        old
-    }
-
-    /// Swap back to the version before the last swap; `None` if there is none.
-    pub fn rollback(&self) -> Option<Arc<LoadedPlugin>> {
-        let previous = self.previous.write().ok()?.take()?;
-        let mut current = self.current.write().ok()?;
-        let old = std::mem::replace(&mut *current, previous);
-        drop(current);
-        if let Ok(mut slot) = self.previous.write() {
-            *slot = Some(old.clone());
-        }
-        Some(old)
     }
 
     pub fn current(&self) -> Arc<LoadedPlugin> {
@@ -107,44 +90,113 @@ impl PluginSlot {
     }
 }
 
+/// Events a plugin has taken and not settled yet, and whether it still takes new ones: what a
+/// removal waits on.
+#[derive(Default)]
+struct Pending {
+    count: AtomicU64,
+    closed: AtomicBool,
+    /// Cancelled with `closed`, to wake lanes waiting on a paused plugin.
+    closing: CancellationToken,
+    settled: Notify,
+}
+
+impl Pending {
+    /// Count one more event, unless the plugin is closed.
+    fn enter(&self) -> bool {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.leave();
+            return false;
+        }
+        true
+    }
+
+    fn leave(&self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.settled.notify_waiters();
+        }
+    }
+}
+
 /// The lanes of one plugin.
 #[derive(Clone)]
 pub struct Dispatch {
+    name: Arc<str>,
     slot: Arc<PluginSlot>,
     lanes: Vec<mpsc::Sender<Queued>>,
+    pending: Arc<Pending>,
 }
 
 impl Dispatch {
     /// Start the lanes of a plugin.
     pub fn start(slot: Arc<PluginSlot>, writer: Writer, readers: Readers) -> Self {
-        let count = slot.current().settings.concurrency.max(1);
-        let lanes = (0..count)
+        let plugin = slot.current();
+        let name: Arc<str> = Arc::from(plugin.name.as_str());
+        let pending = Arc::new(Pending::default());
+        let lanes = (0..plugin.settings.concurrency.max(1))
             .map(|index| {
                 let (tx, rx) = mpsc::channel(LANE_DEPTH);
-                let lane =
-                    Lane { slot: slot.clone(), writer: writer.clone(), readers: readers.clone(), instance: None };
-                tokio::spawn(
-                    lane.run(rx).instrument(tracing::info_span!("lane", plugin = %slot.current().name, index)),
-                );
+                let lane = Lane {
+                    slot: slot.clone(),
+                    writer: writer.clone(),
+                    readers: readers.clone(),
+                    instance: None,
+                    pending: pending.clone(),
+                };
+                tokio::spawn(lane.run(rx).instrument(tracing::info_span!("lane", plugin = %name, index)));
                 tx
             })
             .collect();
-        Dispatch { slot, lanes }
+        Dispatch { name, slot, lanes, pending }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn slot(&self) -> &Arc<PluginSlot> {
         &self.slot
     }
 
-    /// Queue an event on the lane of its ordering key; waits while that lane is full.
+    /// Queue an event on the lane of its ordering key; waits while that lane is full. A closed
+    /// plugin (removed) refuses it: the message is left unsettled, for the broker to keep.
     pub async fn submit(&self, inbound: Inbound) {
+        if !self.pending.enter() {
+            tracing::debug!(plugin = %self.name, "plugin removed; the message stays with the broker");
+            return;
+        }
         let plugin = self.slot.current();
         let key = inbound.event.ordering_key(&plugin.settings.ordering_key);
         let mut hasher = DefaultHasher::new();
         key.as_ref().unwrap_or(&inbound.event.id.0).hash(&mut hasher);
         let lane = (hasher.finish() % self.lanes.len() as u64) as usize;
         if self.lanes[lane].send(Queued { inbound, key }).await.is_err() {
-            tracing::error!(plugin = %plugin.name, "lane stopped; the message will be redelivered");
+            self.pending.leave();
+            tracing::error!(plugin = %self.name, "lane stopped; the message will be redelivered");
+        }
+    }
+
+    /// Take no more events (those already taken are still handled).
+    pub fn close(&self) {
+        self.pending.closed.store(true, Ordering::SeqCst);
+        self.pending.closing.cancel();
+    }
+
+    /// Events taken and not settled yet.
+    pub fn pending(&self) -> u64 {
+        self.pending.count.load(Ordering::SeqCst)
+    }
+
+    /// Wait until every event this plugin took is settled (committed or dead-lettered and
+    /// acked, or given back to the broker). Meant after [`close`](Self::close).
+    pub async fn drained(&self) {
+        loop {
+            let settled = self.pending.settled.notified();
+            if self.pending() == 0 {
+                return;
+            }
+            settled.await;
         }
     }
 }
@@ -177,6 +229,7 @@ struct Lane {
     writer: Writer,
     readers: Readers,
     instance: Option<Instance>,
+    pending: Arc<Pending>,
 }
 
 /// How one event ended in a lane.
@@ -191,7 +244,18 @@ enum Settled {
 impl Lane {
     async fn run(mut self, mut rx: mpsc::Receiver<Queued>) {
         while let Some(Queued { inbound, key }) = rx.recv().await {
-            self.slot.wait_running().await;
+            let closing = self.pending.closing.clone();
+            let runs = tokio::select! {
+                biased;
+                _ = self.slot.wait_running() => true,
+                _ = closing.cancelled() => false,
+            };
+            if !runs {
+                // Removed while paused: the event goes back to the broker, unhandled.
+                inbound.ack.requeue().await;
+                self.pending.leave();
+                continue;
+            }
             let span = tracing::info_span!(
                 "event",
                 event_id = %inbound.event.id,
@@ -203,6 +267,7 @@ impl Lane {
                 Settled::Committed | Settled::Duplicate | Settled::DeadLettered => inbound.ack.ack().await,
                 Settled::Abandoned => inbound.ack.requeue().await,
             }
+            self.pending.leave();
         }
     }
 

@@ -8,7 +8,8 @@
 //! publish, log, config: what a plugin may do) → `commit` (one SQLite transaction per batch of
 //! invocations, then ack) → `outbox` (publishes committed events).
 //! `config` is `router.toml` as types; `db` is the SQLite schema and reads; `admin` is the
-//! HTTP API; `telemetry` logs and counts; `router` wires it all together.
+//! HTTP API; `telemetry` logs and counts; `plugins` is the live set of plugins the admin API changes
+//! and the sources follow; `router` wires it all together.
 
 pub mod admin;
 pub mod capability;
@@ -19,6 +20,7 @@ pub mod dispatch;
 pub mod envelope;
 pub mod event;
 pub mod outbox;
+pub mod plugins;
 pub mod route;
 pub mod router;
 pub mod runtime;

@@ -148,8 +148,10 @@ async fn serve(config: Config, feed: Option<PathBuf>, exit_when_idle: bool) -> a
         let queues: Vec<String> = match &rabbit {
             Some(r) => router
                 .plugins
+                .snapshot()
+                .plugins
                 .iter()
-                .map(|p| RabbitMqSource::queue_name(r, p.current().name.as_str()))
+                .map(|p| RabbitMqSource::queue_name(r, p.name()))
                 .chain(r.ingress_queues.iter().cloned())
                 .collect(),
             None => Vec::new(),

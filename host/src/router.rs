@@ -1,5 +1,5 @@
-//! Wiring: builds the running router from a [`Config`] — store writer, runtime, plugins,
-//! lanes, source and outbox relay — and stops it.
+//! Wiring: builds the running router from a [`Config`] — store writer, runtime, plugins (from
+//! `router.toml` and the admin registry), lanes, sources and outbox relay — and stops it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,13 +10,13 @@ use anyhow::Context as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminState, Control};
+use crate::admin::{self, AdminState};
 use crate::commit::Writer;
-use crate::config::{Config, PluginConfig, Secret, SinkChoice};
+use crate::config::{Config, PluginConfig, PluginName, Secret, SinkChoice};
 use crate::db::{self, Readers};
-use crate::dispatch::{Dispatch, PluginSlot};
 use crate::outbox::{self, RabbitSink, RedisSink, Sink};
-use crate::runtime::registry::Registry;
+use crate::plugins::{Control, PluginSet};
+use crate::runtime::registry::{Registry, Which};
 use crate::runtime::{LoadedPlugin, Overrides, Runtime};
 use crate::source::InFlight;
 use crate::source::bus::Bus;
@@ -31,15 +31,14 @@ pub struct Router {
     pub bus: Option<Arc<Bus>>,
     /// Each source's name and a flag that is true while it is connected.
     sources: Arc<Vec<(&'static str, Arc<AtomicBool>)>>,
-    dispatches: Arc<Vec<Dispatch>>,
     control: Control,
     /// Where the admin API listens, when configured.
     pub admin_address: Option<std::net::SocketAddr>,
-    pub plugins: Vec<Arc<PluginSlot>>,
+    /// The running plugins; the admin API adds and removes them.
+    pub plugins: PluginSet,
     in_flight: Arc<InFlight>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
-    _runtime: Arc<Runtime>,
 }
 
 impl Router {
@@ -54,27 +53,33 @@ impl Router {
         let in_flight = Arc::new(InFlight::default());
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        let plugins = PluginSet::new(Vec::new());
+        let control = Control {
+            plugins: plugins.clone(),
+            runtime: runtime.clone(),
+            writer: writer.clone(),
+            readers: readers.clone(),
+            registry: registry.clone(),
+            rabbitmq: config.rabbitmq.clone(),
+            redis: config.redis.clone(),
+            configured: Arc::new(config.plugins.clone()),
+        };
 
-        let mut dispatches = Vec::new();
         for plugin_config in &config.plugins {
             let plugin = load(&runtime, &registry, plugin_config).await?;
-            for (collection, field) in &plugin.indexes {
-                writer
-                    .execute(db::index_ddl(field))
-                    .await?
-                    .map_err(anyhow::Error::msg)
-                    .with_context(|| format!("indexing {collection}.{field} for plugin {}", plugin.name))?;
-            }
-            tracing::info!(
-                plugin = %plugin.name,
-                version = %plugin.version,
-                digest = %plugin.digest,
-                subscriptions = ?plugin.settings.subscriptions.0.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
-                "plugin loaded"
-            );
-            dispatches.push(Dispatch::start(Arc::new(PluginSlot::new(plugin)), writer.clone(), readers.clone()));
+            let name = plugin.name.to_string();
+            let dispatch = control.install(plugin).await.with_context(|| format!("installing plugin {name}"))?;
+            plugins.add(dispatch)?;
         }
-        let plugins = dispatches.iter().map(|d| d.slot().clone()).collect();
+        // Plugins added over the admin API that router.toml does not name.
+        for name in registry.names().context("listing the plugin registry")? {
+            if config.plugins.iter().any(|p| p.name == name) {
+                continue;
+            }
+            let plugin = load_uploaded(&runtime, &registry, &name).await?;
+            let dispatch = control.install(plugin).await.with_context(|| format!("installing plugin {name}"))?;
+            plugins.add(dispatch)?;
+        }
         telemetry::prometheus();
 
         let mut sources = Vec::new();
@@ -88,18 +93,17 @@ impl Router {
                 in_flight: in_flight.clone(),
                 connected,
             };
-            tasks.spawn(source.run(dispatches.clone(), shutdown.clone()));
+            tasks.spawn(source.run(plugins.clone(), shutdown.clone()));
         }
         if let Some(redis) = config.redis.as_ref().filter(|r| r.pubsub.is_some() || r.streams.is_some()) {
             let connected = Arc::new(AtomicBool::new(false));
             sources.push(("redis", connected.clone()));
             let source =
                 RedisSource { config: redis.clone(), writer: writer.clone(), in_flight: in_flight.clone(), connected };
-            tasks.spawn(source.run(dispatches.clone(), shutdown.clone()));
+            tasks.spawn(source.run(plugins.clone(), shutdown.clone()));
         }
         let use_redis_sink =
             config.redis.is_some() && (config.rabbitmq.is_none() || config.router.sink == SinkChoice::Redis);
-        let dispatches = Arc::new(dispatches);
         let (bus, sink) = match (&config.rabbitmq, &config.redis) {
             (_, Some(redis)) if use_redis_sink => {
                 (None, Sink::Redis(RedisSink::new(redis).context("connecting the Redis sink")?))
@@ -109,33 +113,22 @@ impl Router {
                 (None, Sink::RabbitMq(sink))
             }
             (None, _) => {
-                let bus = Arc::new(Bus::new(writer.clone(), in_flight.clone()));
-                for dispatch in dispatches.iter() {
-                    bus.attach(dispatch.clone());
-                }
+                let bus = Arc::new(Bus::new(plugins.clone(), writer.clone(), in_flight.clone()));
                 tracing::info!("no broker configured: running on the in-process bus");
                 (Some(bus.clone()), Sink::Bus(bus))
             }
         };
         tasks.spawn(outbox::relay(readers.clone(), writer.clone(), sink, shutdown.clone()));
         let mut router = Router {
-            control: Control {
-                runtime: runtime.clone(),
-                writer: writer.clone(),
-                registry,
-                rabbitmq: config.rabbitmq.clone(),
-                redis: config.redis.clone(),
-            },
+            control,
             readers,
             bus,
             sources: Arc::new(sources),
-            dispatches,
             admin_address: None,
             plugins,
             in_flight,
             shutdown,
             tasks,
-            _runtime: runtime,
         };
         if let Some(address) = &config.router.admin_address {
             let state = router.admin_state(config.router.admin_token.clone());
@@ -152,7 +145,6 @@ impl Router {
         AdminState {
             token,
             readers: self.readers.clone(),
-            dispatches: self.dispatches.clone(),
             sources: self.sources.clone(),
             in_flight: self.in_flight.clone(),
             control: self.control.clone(),
@@ -198,18 +190,9 @@ impl Router {
 /// Load a configured plugin: the version uploaded over the admin API if the registry has one
 /// (it wins), else the file `router.toml` names.
 async fn load(runtime: &Runtime, registry: &Registry, config: &PluginConfig) -> anyhow::Result<LoadedPlugin> {
-    let mut overrides = Overrides {
-        subscriptions: config.subscriptions.clone(),
-        ordering_key: config.ordering_key.clone(),
-        concurrency: config.concurrency,
-        instances: config.instances,
-        recycle_after: config.recycle_after,
-        limits: config.limits,
-        retry: config.retry,
-        config: config.resolved_values(&|name| std::env::var(name).ok()),
-    };
+    let mut overrides = Overrides::configured(config, &|name| std::env::var(name).ok());
     let uploaded = registry
-        .load(config.name.as_str())
+        .load(config.name.as_str(), Which::Current)
         .with_context(|| format!("reading the registry entry of {}", config.name))?;
     let (bytes, origin) = match uploaded {
         Some(entry) => {
@@ -226,6 +209,21 @@ async fn load(runtime: &Runtime, registry: &Registry, config: &PluginConfig) -> 
         .load(&config.name, &bytes, overrides)
         .await
         .with_context(|| format!("loading plugin {} from {origin}", config.name))
+}
+
+/// Load a plugin that only the registry knows (added over the admin API): the defaults of a
+/// `[[plugins]]` entry with the settings it was uploaded with.
+async fn load_uploaded(runtime: &Runtime, registry: &Registry, name: &PluginName) -> anyhow::Result<LoadedPlugin> {
+    let entry = registry
+        .load(name.as_str(), Which::Current)
+        .with_context(|| format!("reading the registry entry of {name}"))?
+        .with_context(|| format!("the registry entry of {name} disappeared"))?;
+    let mut overrides = Overrides::defaults();
+    overrides.apply(&entry.settings).with_context(|| format!("registry settings of {name}"))?;
+    runtime
+        .load(name, &entry.bytes, overrides)
+        .await
+        .with_context(|| format!("loading plugin {name} from the admin registry"))
 }
 
 /// Ready-message count of a queue, through a passive declare; `None` if it cannot be read.

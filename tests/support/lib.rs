@@ -5,13 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use switchyard::config::Config;
+use switchyard::config::{Config, Secret};
 use switchyard::router::Router;
 
 /// The repository root.
@@ -55,6 +57,9 @@ pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut(
     }
 }
 
+/// The admin token of [`TestRouter::admin`].
+pub const ADMIN_TOKEN: &str = "a-long-enough-admin-token";
+
 /// A router under test with its own data dir.
 pub struct TestRouter {
     pub router: Router,
@@ -95,6 +100,38 @@ impl TestRouter {
     }
 
     /// Stop the router and keep its data dir for a restart.
+    /// Send a request to this router's admin API (configured with [`ADMIN_TOKEN`]); returns the
+    /// status and the JSON body (or the text as a JSON string).
+    pub async fn admin_request(&self, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let app = switchyard::admin::app(self.router.admin_state(Some(Secret::new(ADMIN_TOKEN))));
+        let response = app.oneshot(request).await.expect("the admin API answers");
+        let status = response.status();
+        let bytes = response.into_body().collect().await.expect("a body").to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, value)
+    }
+
+    /// An authorized admin request with a body of `content_type`.
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: impl Into<Body>,
+    ) -> (StatusCode, serde_json::Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", content_type)
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(body.into())
+            .expect("a valid request");
+        self.admin_request(request).await
+    }
+
     pub async fn stop(self) -> tempfile::TempDir {
         self.router.stop().await;
         self.dir

@@ -20,8 +20,6 @@ pub enum AdminError {
     Conflict(String),
     #[error("{0}")]
     TooLarge(String),
-    #[error("{0}")]
-    NotImplemented(String),
     /// Logged in full; the client sees a generic message.
     #[error("{0}")]
     Internal(String),

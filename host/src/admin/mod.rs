@@ -1,5 +1,6 @@
-//! The admin HTTP API (axum): health and readiness, plugins and their counters, pause and
-//! resume, read-only store inspection, the HTTP event source, and Prometheus metrics.
+//! The admin HTTP API (axum): health and readiness, plugins and their counters; adding,
+//! swapping, rolling back, pausing, resuming and removing plugins; read-only store
+//! inspection; the HTTP event source; and Prometheus metrics.
 //!
 //! Every route but `GET /v1/health` requires `Authorization: Bearer <token>` when a token is
 //! configured; without one the server binds to loopback only. Errors have one shape:
@@ -25,16 +26,15 @@ use utoipa_axum::routes;
 
 pub use errors::AdminError;
 
-use crate::commit::Writer;
-use crate::config::{InstancePolicy, PluginName, RabbitMqConfig, RedisConfig, Secret};
+use crate::config::{InstancePolicy, PluginName, Secret};
 use crate::db::{FieldValue, Readers};
-use crate::dispatch::{Dispatch, Inbound, PluginSlot};
+use crate::dispatch::{Dispatch, Inbound};
 use crate::envelope::{self, HeaderValue, NAME_HEADER, Transport};
 use crate::event::Millis;
+use crate::plugins::{Change, Control, ControlError};
 use crate::route::Pattern;
-use crate::runtime::registry::Registry;
-use crate::runtime::{LoadError, LoadedPlugin, Overrides, Runtime};
-use crate::source::rabbitmq::{RabbitMqSource, rebind};
+use crate::runtime::{LoadError, Overrides};
+use crate::source::rabbitmq::RabbitMqSource;
 use crate::source::{Ack, InFlight, Received};
 use crate::telemetry::{self, CountersSnapshot};
 
@@ -42,6 +42,8 @@ use crate::telemetry::{self, CountersSnapshot};
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest event body accepted.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// How long `DELETE /v1/plugins/{name}` waits for the plugin's events to settle.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest component accepted.
 const MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
 
@@ -50,31 +52,31 @@ const MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
 pub struct AdminState {
     pub token: Option<Secret>,
     pub readers: Readers,
-    pub dispatches: Arc<Vec<Dispatch>>,
     /// Each source's name and whether it is connected.
     pub sources: Arc<Vec<(&'static str, Arc<std::sync::atomic::AtomicBool>)>>,
     pub in_flight: Arc<InFlight>,
     pub control: Control,
 }
 
-/// What swapping plugins needs: the runtime to compile them, the writer for their indexes,
-/// the registry to keep them, and RabbitMQ to rebind their queues.
-#[derive(Clone)]
-pub struct Control {
-    pub runtime: Arc<Runtime>,
-    pub writer: Writer,
-    pub registry: Registry,
-    pub rabbitmq: Option<RabbitMqConfig>,
-    pub redis: Option<RedisConfig>,
+impl AdminState {
+    fn plugin(&self, name: &str) -> Result<Dispatch, AdminError> {
+        self.control.plugins.get(name).ok_or_else(|| AdminError::NotFound(format!("no plugin named {name:?}")))
+    }
 }
 
-impl AdminState {
-    fn slot(&self, name: &str) -> Result<&Arc<PluginSlot>, AdminError> {
-        self.dispatches
-            .iter()
-            .map(Dispatch::slot)
-            .find(|s| s.current().name.as_str() == name)
-            .ok_or_else(|| AdminError::NotFound(format!("no plugin named {name:?}")))
+impl From<ControlError> for AdminError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::NotFound(name) => AdminError::NotFound(format!("no plugin named {name:?}")),
+            ControlError::AlreadyRunning(e) => AdminError::Conflict(e.to_string()),
+            ControlError::NoPrevious(_) => AdminError::Conflict(e.to_string()),
+            ControlError::Load(LoadError::NotAComponent(_) | LoadError::Read { .. }) => {
+                AdminError::BadRequest(e.to_string())
+            }
+            ControlError::Load(_) => AdminError::Unprocessable(e.to_string()),
+            ControlError::Broker { .. } => AdminError::Unavailable(e.to_string()),
+            ControlError::Registry(_) | ControlError::Index { .. } => AdminError::Internal(e.to_string()),
+        }
     }
 }
 
@@ -104,7 +106,7 @@ pub fn routes(state: AdminState) -> (axum::Router, utoipa::openapi::OpenApi) {
     let guarded = OpenApiRouter::new()
         .routes(routes!(ready))
         .routes(routes!(list_plugins))
-        .routes(routes!(get_plugin, put_plugin))
+        .routes(routes!(get_plugin, put_plugin, delete_plugin))
         .routes(routes!(rollback))
         .routes(routes!(pause))
         .routes(routes!(resume))
@@ -206,7 +208,7 @@ async fn ready(State(state): State<AdminState>) -> Result<Json<serde_json::Value
     if !down.is_empty() {
         return Err(AdminError::NotReady(format!("not connected: {}", down.join(", "))));
     }
-    Ok(Json(serde_json::json!({ "status": "ready", "plugins": state.dispatches.len() })))
+    Ok(Json(serde_json::json!({ "status": "ready", "plugins": state.control.plugins.snapshot().plugins.len() })))
 }
 
 /// A plugin as the API shows it.
@@ -226,7 +228,8 @@ pub struct PluginView {
     pub counters: CountersSnapshot,
 }
 
-fn view(slot: &PluginSlot) -> PluginView {
+fn view(dispatch: &Dispatch) -> PluginView {
+    let slot = dispatch.slot();
     let p = slot.current();
     let s = &p.settings;
     PluginView {
@@ -248,7 +251,7 @@ fn view(slot: &PluginSlot) -> PluginView {
 /// Every running plugin.
 #[utoipa::path(get, path = "/v1/plugins", tag = "admin", security(("bearer" = [])), responses((status = 200, body = [PluginView])))]
 async fn list_plugins(State(state): State<AdminState>) -> Json<Vec<PluginView>> {
-    Json(state.dispatches.iter().map(|d| view(d.slot())).collect())
+    Json(state.control.plugins.snapshot().plugins.iter().map(view).collect())
 }
 
 /// One plugin: version, digest, subscriptions, limits, state, counters.
@@ -257,7 +260,7 @@ async fn list_plugins(State(state): State<AdminState>) -> Json<Vec<PluginView>> 
     (status = 404, body = ErrorBody),
 ))]
 async fn get_plugin(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<PluginView>, AdminError> {
-    Ok(Json(view(state.slot(&name)?)))
+    Ok(Json(view(&state.plugin(&name)?)))
 }
 
 /// Stop taking events; the queue keeps filling.
@@ -279,14 +282,15 @@ async fn resume(State(state): State<AdminState>, Path(name): Path<String>) -> Re
 }
 
 fn set_running(state: &AdminState, name: &str, running: bool) -> Result<Json<PluginView>, AdminError> {
-    let slot = state.slot(name)?;
-    slot.set_running(running);
+    let plugin = state.plugin(name)?;
+    plugin.slot().set_running(running);
     tracing::info!(plugin = %name, running, "plugin state changed");
-    Ok(Json(view(slot)))
+    Ok(Json(view(&plugin)))
 }
 
-/// Query of `PUT /v1/plugins/{name}`: settings that override the component's own metadata;
-/// the rest keep the running version's values.
+/// Query of `PUT /v1/plugins/{name}`: settings that override the component's own metadata.
+/// What is not given keeps the running version's value on a swap; a new plugin takes its
+/// `router.toml` entry's values if it has one, else the defaults of an entry.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -295,141 +299,152 @@ pub struct PutQuery {
     pub subscriptions: Option<String>,
     /// Comma-separated payload paths of the ordering key.
     pub ordering_key: Option<String>,
+    /// Lanes: events handled at once.
+    pub concurrency: Option<usize>,
     pub memory_mb: Option<u64>,
     pub timeout_ms: Option<u64>,
     pub instances: Option<InstancePolicy>,
     pub recycle_after: Option<u64>,
+    /// Attempts in all before an event is dead-lettered.
+    pub max_attempts: Option<u32>,
+    pub initial_backoff_ms: Option<u64>,
+    pub multiplier: Option<f64>,
+    pub max_backoff_ms: Option<u64>,
 }
 
-/// Reply of a swap or a rollback.
+impl PutQuery {
+    /// The overrides of an upload: `base` changed by what the query gives. Subscriptions and
+    /// the ordering key not given come from the component's metadata.
+    fn overrides(&self, mut base: Overrides) -> Result<Overrides, AdminError> {
+        base.subscriptions = match &self.subscriptions {
+            Some(text) => {
+                let patterns = list(text).iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>();
+                Some(patterns.map_err(|e| AdminError::BadRequest(format!("subscriptions: {e}")))?)
+            }
+            None => None,
+        };
+        base.ordering_key = self.ordering_key.as_deref().map(list);
+        if self.concurrency == Some(0) {
+            return Err(AdminError::BadRequest("concurrency must be at least 1".into()));
+        }
+        base.concurrency = self.concurrency.unwrap_or(base.concurrency);
+        base.limits.memory_mb = self.memory_mb.unwrap_or(base.limits.memory_mb);
+        base.limits.timeout_ms = self.timeout_ms.unwrap_or(base.limits.timeout_ms);
+        base.instances = self.instances.unwrap_or(base.instances);
+        base.recycle_after = self.recycle_after.unwrap_or(base.recycle_after);
+        let retry = &mut base.retry;
+        retry.max_attempts = self.max_attempts.unwrap_or(retry.max_attempts);
+        retry.initial_backoff_ms = self.initial_backoff_ms.unwrap_or(retry.initial_backoff_ms);
+        retry.multiplier = self.multiplier.unwrap_or(retry.multiplier);
+        retry.max_backoff_ms = self.max_backoff_ms.unwrap_or(retry.max_backoff_ms);
+        if retry.max_attempts == 0 || !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
+            return Err(AdminError::BadRequest("max_attempts must be at least 1 and multiplier at least 1.0".into()));
+        }
+        Ok(base)
+    }
+}
+
+/// Reply of an upload, a rollback or a removal.
 #[derive(Debug, Serialize, Deserialize, PartialEq, ToSchema)]
-pub struct Swapped {
+pub struct Changed {
     pub name: String,
     pub version: String,
     pub digest: String,
-    pub previous_digest: String,
+    /// The version replaced; absent for a new plugin.
+    pub previous_digest: Option<String>,
+}
+
+impl Changed {
+    fn new(name: String, change: Change) -> Self {
+        Changed { name, version: change.version, digest: change.digest, previous_digest: change.previous_digest }
+    }
 }
 
 fn list(text: &str) -> Vec<String> {
     text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 
-/// Load a new version of a plugin: compiled and checked before anything changes, then
-/// swapped in atomically (invocations under way finish on the old version), kept in the
-/// registry, and its queue rebound when its subscriptions changed.
+/// Load a plugin: compiled and checked before anything changes. A new name starts a new
+/// plugin (its queue bound before it is added, so it misses nothing published from then on);
+/// a running one is swapped atomically (invocations under way finish on the old version) and
+/// its queue rebound when its subscriptions changed. Either way it is kept in the registry.
 #[utoipa::path(put, path = "/v1/plugins/{name}", tag = "admin", security(("bearer" = [])),
     params(("name" = String, Path), PutQuery),
     request_body(content = Vec<u8>, content_type = "application/wasm", description = "the component"),
     responses(
-        (status = 200, description = "swapped", body = Swapped),
+        (status = 200, description = "swapped", body = Changed),
+        (status = 201, description = "added", body = Changed),
         (status = 400, description = "not a component, or bad settings", body = ErrorBody),
         (status = 422, description = "a component that does not fit the plugin world", body = ErrorBody),
-        (status = 501, description = "the plugin is not running", body = ErrorBody),
+        (status = 503, description = "the broker could not bind the plugin's queue", body = ErrorBody),
 ))]
 async fn put_plugin(
     State(state): State<AdminState>,
     Path(name): Path<String>,
     Query(query): Query<PutQuery>,
     body: Bytes,
-) -> Result<Json<Swapped>, AdminError> {
+) -> Result<(StatusCode, Json<Changed>), AdminError> {
     let plugin_name = PluginName::parse(&name).map_err(AdminError::BadRequest)?;
-    let Ok(slot) = state.slot(&name) else {
-        return Err(AdminError::NotImplemented(format!(
-            "no plugin named {name:?} is running; adding plugins over the API is not supported yet: add it to router.toml"
-        )));
-    };
-    let current = slot.current();
-    let mut overrides = Overrides::of(&current.settings);
-    overrides.subscriptions = None;
-    overrides.ordering_key = None;
-    if let Some(text) = &query.subscriptions {
-        let patterns = list(text).iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>();
-        overrides.subscriptions = Some(patterns.map_err(|e| AdminError::BadRequest(format!("subscriptions: {e}")))?);
+    let running = state.control.plugins.get(&name).is_some();
+    let overrides = query.overrides(state.control.base_settings(&name))?;
+    let loaded = state.control.runtime.load(&plugin_name, &body, overrides).await.map_err(ControlError::from)?;
+    if running {
+        Ok((StatusCode::OK, Json(Changed::new(name, state.control.swap(loaded).await?))))
+    } else {
+        Ok((StatusCode::CREATED, Json(Changed::new(name, state.control.add(loaded).await?))))
     }
-    overrides.ordering_key = query.ordering_key.as_deref().map(list);
-    overrides.limits.memory_mb = query.memory_mb.unwrap_or(overrides.limits.memory_mb);
-    overrides.limits.timeout_ms = query.timeout_ms.unwrap_or(overrides.limits.timeout_ms);
-    overrides.instances = query.instances.unwrap_or(overrides.instances);
-    overrides.recycle_after = query.recycle_after.unwrap_or(overrides.recycle_after);
-    let loaded = state.control.runtime.load(&plugin_name, &body, overrides).await.map_err(|e| match e {
-        LoadError::NotAComponent(_) | LoadError::Read { .. } => AdminError::BadRequest(e.to_string()),
-        other => AdminError::Unprocessable(other.to_string()),
-    })?;
-    for (collection, field) in &loaded.indexes {
-        let indexed = state.control.writer.execute(crate::db::index_ddl(field)).await;
-        if !matches!(indexed, Ok(Ok(()))) {
-            return Err(AdminError::Internal(format!("cannot index {collection}.{field}")));
-        }
-    }
-    let (added, removed) = subscription_changes(&current, &loaded);
-    let queue = state.control.rabbitmq.as_ref().map(|r| (r, RabbitMqSource::queue_name(r, &name)));
-    if let Some((rabbit, queue)) = &queue
-        && !added.is_empty()
-    {
-        rebind(rabbit, queue, &added, &[]).await.map_err(|e| AdminError::Internal(format!("binding {queue}: {e}")))?;
-    }
-    state
-        .control
-        .registry
-        .save(&name, &loaded.bytes, &loaded.settings.stored())
-        .map_err(|e| AdminError::Internal(format!("saving {name} in the registry: {e}")))?;
-    let reply = Swapped {
-        name: name.clone(),
-        version: loaded.version.clone(),
-        digest: loaded.digest.clone(),
-        previous_digest: current.digest.clone(),
-    };
-    slot.swap(loaded);
-    tracing::info!(plugin = %name, version = %reply.version, digest = %reply.digest, "plugin swapped");
-    // Old bindings go only after the new version runs, so no event falls between them.
-    if let Some((rabbit, queue)) = &queue
-        && !removed.is_empty()
-        && let Err(e) = rebind(rabbit, queue, &[], &removed).await
-    {
-        tracing::warn!(plugin = %name, error = %e, "could not unbind old subscriptions; the plugin may receive events it no longer subscribes to");
-    }
-    Ok(Json(reply))
 }
 
-fn subscription_changes(old: &LoadedPlugin, new: &LoadedPlugin) -> (Vec<String>, Vec<String>) {
-    let names =
-        |p: &LoadedPlugin| p.settings.subscriptions.0.iter().map(|s| s.as_str().to_string()).collect::<Vec<_>>();
-    let (old, new) = (names(old), names(new));
-    let added = new.iter().filter(|s| !old.contains(s)).cloned().collect();
-    let removed = old.iter().filter(|s| !new.contains(s)).cloned().collect();
-    (added, removed)
+/// Query of `DELETE /v1/plugins/{name}`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Also delete the plugin's queue (and Redis consumer groups) with the events in it;
+    /// by default they are kept for when the plugin comes back.
+    #[serde(default)]
+    pub discard_queue: bool,
 }
 
-/// Swap back to the version before the last swap.
+/// Reply of a removal.
+#[derive(Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Removed {
+    pub name: String,
+    /// Whether every event the plugin had taken was handled before the reply.
+    pub drained: bool,
+    /// Whether its queue and the events in it were deleted.
+    pub discarded_queue: bool,
+}
+
+/// Remove a plugin: it stops taking events, the events it took are handled and acknowledged,
+/// its queue is unbound (and kept, with its events, unless `discard_queue`), and the registry
+/// forgets it. A plugin `router.toml` names comes back at the next start.
+#[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path), DeleteQuery),
+    responses(
+        (status = 200, body = Removed),
+        (status = 404, body = ErrorBody),
+        (status = 503, description = "the broker could not unbind the plugin's queue", body = ErrorBody),
+))]
+async fn delete_plugin(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    Query(query): Query<DeleteQuery>,
+) -> Result<Json<Removed>, AdminError> {
+    let removal = state.control.remove(&name, query.discard_queue, DRAIN_TIMEOUT).await?;
+    Ok(Json(Removed { name, drained: removal.drained, discarded_queue: removal.discarded }))
+}
+
+/// Swap back to the version the last swap replaced (kept by the registry, across restarts).
 #[utoipa::path(post, path = "/v1/plugins/{name}/rollback", tag = "admin", security(("bearer" = [])), params(("name" = String, Path)), responses(
-    (status = 200, body = Swapped),
+    (status = 200, body = Changed),
     (status = 404, body = ErrorBody),
     (status = 409, description = "no previous version", body = ErrorBody),
 ))]
-async fn rollback(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<Swapped>, AdminError> {
-    let slot = state.slot(&name)?;
-    let before = slot.current();
-    let Some(replaced) = slot.rollback() else {
-        return Err(AdminError::Conflict(format!("plugin {name} has no previous version to roll back to")));
-    };
-    let now = slot.current();
-    let (added, removed) = subscription_changes(&before, &now);
-    if let Some(rabbit) = &state.control.rabbitmq {
-        let queue = RabbitMqSource::queue_name(rabbit, &name);
-        if let Err(e) = rebind(rabbit, &queue, &added, &removed).await {
-            tracing::warn!(plugin = %name, error = %e, "could not rebind after rollback");
-        }
-    }
-    if let Err(e) = state.control.registry.save(&name, &now.bytes, &now.settings.stored()) {
-        tracing::warn!(plugin = %name, error = %e, "could not save the rolled-back version in the registry");
-    }
-    tracing::info!(plugin = %name, version = %now.version, "plugin rolled back");
-    Ok(Json(Swapped {
-        name,
-        version: now.version.clone(),
-        digest: now.digest.clone(),
-        previous_digest: replaced.digest.clone(),
-    }))
+async fn rollback(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<Changed>, AdminError> {
+    let change = state.control.rollback(&name).await?;
+    tracing::info!(plugin = %name, version = %change.version, "plugin rolled back");
+    Ok(Json(Changed::new(name, change)))
 }
 
 /// A stored document as the API shows it.
@@ -455,7 +470,7 @@ async fn get_document(
     State(state): State<AdminState>,
     Path((name, collection, key)): Path<(String, String, String)>,
 ) -> Result<Json<DocumentView>, AdminError> {
-    state.slot(&name)?;
+    state.plugin(&name)?;
     let stored = state.readers.get(&name, &collection, &key).map_err(|e| AdminError::Internal(e.to_string()))?;
     match stored.and_then(|s| s.body.map(|b| (b, s.version))) {
         Some((body, version)) => Ok(Json(document(key, &body, version)?)),
@@ -494,7 +509,7 @@ async fn list_documents(
     Path((name, collection)): Path<(String, String)>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<PageView>, AdminError> {
-    let plugin = state.slot(&name)?.current();
+    let plugin = state.plugin(&name)?.slot().current();
     let limit = query.limit.unwrap_or(100).clamp(1, 1000) as usize;
     let after = query.cursor.unwrap_or_default();
     let rows = match (&query.field, &query.value) {
@@ -575,7 +590,7 @@ async fn post_event(
     let received = Received { body: body.to_vec(), transport };
     let mut plugins = Vec::new();
     let mut settled = Vec::new();
-    for dispatch in state.dispatches.iter() {
+    for dispatch in state.control.plugins.snapshot().plugins.iter() {
         let plugin = dispatch.slot().current();
         if plugin.settings.subscriptions.matches(&event.name) {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -609,7 +624,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     }
     metrics::gauge!("switchyard_in_flight").set(state.in_flight.get() as f64);
     // Consumer lag, where the broker tells it.
-    let plugins: Vec<String> = state.dispatches.iter().map(|d| d.slot().current().name.to_string()).collect();
+    let plugins: Vec<String> = state.control.plugins.snapshot().plugins.iter().map(|d| d.name().to_string()).collect();
     if let Some(rabbit) = &state.control.rabbitmq {
         let queues: Vec<String> = plugins.iter().map(|p| RabbitMqSource::queue_name(rabbit, p)).collect();
         let depths = crate::source::rabbitmq::queue_depths(rabbit.url.expose(), &queues).await;
@@ -663,7 +678,6 @@ impl AdminError {
             AdminError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_plugin"),
             AdminError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             AdminError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
-            AdminError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
             AdminError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -21,7 +21,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, StoreLimitsBuilder};
 
 use crate::capability::PluginContext;
-use crate::config::{InstancePolicy, Limits, PluginName, RetryPolicy, Secret};
+use crate::config::{InstancePolicy, Limits, PluginConfig, PluginName, RetryPolicy, Secret};
 use crate::db::{self, Readers};
 use crate::route::{Pattern, Subscriptions};
 
@@ -77,6 +77,35 @@ pub struct Overrides {
 }
 
 impl Overrides {
+    /// What a plugin that `router.toml` does not name starts from: the defaults of a
+    /// `[[plugins]]` entry, and the component's own subscriptions and ordering key.
+    pub fn defaults() -> Self {
+        Overrides {
+            subscriptions: None,
+            ordering_key: None,
+            concurrency: crate::config::default_concurrency(),
+            instances: InstancePolicy::default(),
+            recycle_after: crate::config::default_recycle_after(),
+            limits: Limits::default(),
+            retry: RetryPolicy::default(),
+            config: BTreeMap::new(),
+        }
+    }
+
+    /// What a `[[plugin]]` entry of `router.toml` sets; `env` resolves its secrets.
+    pub fn configured(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> Self {
+        Overrides {
+            subscriptions: config.subscriptions.clone(),
+            ordering_key: config.ordering_key.clone(),
+            concurrency: config.concurrency,
+            instances: config.instances,
+            recycle_after: config.recycle_after,
+            limits: config.limits,
+            retry: config.retry,
+            config: config.resolved_values(env),
+        }
+    }
+
     /// Apply the settings an upload was stored with.
     pub fn apply(&mut self, stored: &registry::StoredSettings) -> Result<(), crate::route::PatternError> {
         if let Some(subscriptions) = &stored.subscriptions {
@@ -85,9 +114,11 @@ impl Overrides {
         if let Some(key) = &stored.ordering_key {
             self.ordering_key = Some(key.clone());
         }
+        self.concurrency = stored.concurrency.unwrap_or(self.concurrency);
         self.instances = stored.instances;
         self.recycle_after = stored.recycle_after;
         self.limits = stored.limits;
+        self.retry = stored.retry.unwrap_or(self.retry);
         Ok(())
     }
 
@@ -112,9 +143,11 @@ impl Settings {
         registry::StoredSettings {
             subscriptions: Some(self.subscriptions.0.iter().map(|p| p.as_str().to_string()).collect()),
             ordering_key: Some(self.ordering_key.clone()),
+            concurrency: Some(self.concurrency),
             instances: self.instances,
             recycle_after: self.recycle_after,
             limits: self.limits,
+            retry: Some(self.retry),
         }
     }
 }
@@ -135,6 +168,11 @@ pub struct LoadedPlugin {
 }
 
 impl LoadedPlugin {
+    /// This version as the registry keeps it.
+    pub fn entry(&self) -> registry::Entry {
+        registry::Entry { bytes: self.bytes.as_ref().clone(), settings: self.settings.stored() }
+    }
+
     fn store_limits(&self) -> wasmtime::StoreLimits {
         let bytes = usize::try_from(self.settings.limits.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
         StoreLimitsBuilder::new().memory_size(bytes).trap_on_grow_failure(true).build()

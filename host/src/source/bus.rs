@@ -5,12 +5,13 @@
 //! dies (the outbox rows that plugins wrote are durable and are sent again on restart).
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use crate::commit::Writer;
-use crate::dispatch::{Dispatch, Inbound, dead_letter_undecodable};
+use crate::dispatch::{Inbound, dead_letter_undecodable};
 use crate::envelope::{self, Transport};
 use crate::event::{Event, Millis};
+use crate::plugins::PluginSet;
 use crate::source::{Ack, InFlight, Received};
 
 /// Owner name of messages the bus could not decode.
@@ -18,33 +19,21 @@ pub const BUS_OWNER: &str = "bus";
 
 /// The in-process bus.
 pub struct Bus {
-    routes: RwLock<Vec<Dispatch>>,
+    plugins: PluginSet,
     writer: Writer,
     in_flight: Arc<InFlight>,
 }
 
 impl Bus {
-    pub fn new(writer: Writer, in_flight: Arc<InFlight>) -> Self {
-        Bus { routes: RwLock::new(Vec::new()), writer, in_flight }
-    }
-
-    /// Deliver events to this plugin from now on.
-    pub fn attach(&self, dispatch: Dispatch) {
-        if let Ok(mut routes) = self.routes.write() {
-            routes.push(dispatch);
-        }
+    pub fn new(plugins: PluginSet, writer: Writer, in_flight: Arc<InFlight>) -> Self {
+        Bus { plugins, writer, in_flight }
     }
 
     /// Hand an event to every plugin subscribed to its name; returns how many.
     pub async fn publish(&self, event: Event, received: Received) -> usize {
-        let targets: Vec<Dispatch> = match self.routes.read() {
-            Ok(routes) => routes
-                .iter()
-                .filter(|d| d.slot().current().settings.subscriptions.matches(&event.name))
-                .cloned()
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let members = self.plugins.snapshot();
+        let targets: Vec<_> =
+            members.plugins.iter().filter(|d| d.slot().current().settings.subscriptions.matches(&event.name)).collect();
         if targets.is_empty() {
             tracing::debug!(name = %event.name, "no plugin subscribes to this event");
         }

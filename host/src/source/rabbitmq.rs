@@ -7,15 +7,15 @@
 //! the ack, the redelivered message (same bytes, `redelivered` set) takes the journaled id
 //! again, so the plugins' deduplication sees one event.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -25,9 +25,10 @@ use tokio_util::sync::CancellationToken;
 use crate::commit::{JournalEntry, JournalOp, Writer};
 use crate::config::RabbitMqConfig;
 use crate::db::Readers;
-use crate::dispatch::{Dispatch, Inbound, dead_letter_undecodable};
+use crate::dispatch::{Dispatch, Inbound, PluginSlot, dead_letter_undecodable};
 use crate::envelope::{self, HeaderValue, OCCURRED_AT_HEADER, Transport};
 use crate::event::{EventId, Millis};
+use crate::plugins::{Following, PluginSet};
 use crate::source::{Ack, Backoff, InFlight, Received};
 
 /// A session that lasted this long was healthy: the next reconnect starts from the minimum.
@@ -65,11 +66,12 @@ impl RabbitMqSource {
     }
 
     /// Consume until `shutdown`, reconnecting with backoff whenever the connection ends.
-    pub async fn run(self, dispatches: Vec<Dispatch>, shutdown: CancellationToken) {
+    pub async fn run(self, plugins: PluginSet, shutdown: CancellationToken) {
         let mut backoff = Backoff::new();
+        let following = plugins.follower(self.connected.clone());
         loop {
             let started = std::time::Instant::now();
-            let session = self.session(&dispatches, &shutdown);
+            let session = self.session(&plugins, &following, &shutdown);
             let ended = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 ended = session => ended,
@@ -90,44 +92,25 @@ impl RabbitMqSource {
         }
     }
 
-    async fn session(&self, dispatches: &[Dispatch], shutdown: &CancellationToken) -> Result<(), SessionEnd> {
+    /// One connection: a consumer per plugin, started and stopped as the plugin set changes,
+    /// and a forwarder per ingress queue.
+    async fn session(
+        &self,
+        plugins: &PluginSet,
+        following: &Following,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionEnd> {
         let conn = Connection::connect(self.config.url.expose(), ConnectionProperties::default())
             .await
             .map_err(SessionEnd::Connect)?;
         let setup = conn.create_channel().await.map_err(SessionEnd::Connect)?;
         declare_exchange(&setup, &self.config.exchange).await?;
         let mut tasks = JoinSet::new();
-        for dispatch in dispatches {
-            let plugin = dispatch.slot().current();
-            let queue = Self::queue_name(&self.config, plugin.name.as_str());
-            let channel = conn.create_channel().await.map_err(SessionEnd::Connect)?;
-            declare_queue(&channel, &queue).await?;
-            for pattern in &plugin.settings.subscriptions.0 {
-                channel
-                    .queue_bind(
-                        queue.as_str().into(),
-                        self.config.exchange.as_str().into(),
-                        pattern.as_str().into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|error| SessionEnd::Topology { what: format!("binding {queue} to {pattern}"), error })?;
-            }
-            channel
-                .basic_qos(self.config.prefetch, BasicQosOptions::default())
-                .await
-                .map_err(|error| SessionEnd::Topology { what: format!("prefetch of {queue}"), error })?;
-            let consumer = PluginConsumer {
-                queue,
-                origin: format!("amqp:{}", self.config.exchange),
-                plugin: plugin.name.to_string(),
-                dispatch: dispatch.clone(),
-                writer: self.writer.clone(),
-                in_flight: self.in_flight.clone(),
-            };
-            tasks.spawn(consumer.run(channel));
-        }
+        let mut changes = plugins.subscribe();
+        let mut consumers = HashMap::new();
+        let current = changes.borrow_and_update().clone();
+        self.follow(&conn, &current.plugins, &mut consumers, &mut tasks).await?;
+        following.followed(current.generation);
         for queue in &self.config.ingress_queues {
             let channel = conn.create_channel().await.map_err(SessionEnd::Connect)?;
             declare_queue(&channel, queue).await?;
@@ -147,26 +130,103 @@ impl RabbitMqSource {
                 in_flight: self.in_flight.clone(),
                 claimed: HashSet::new(),
             };
-            tasks.spawn(forwarder.run(channel));
+            tasks.spawn(async move { Some(forwarder.run(channel).await) });
         }
         self.connected.store(true, Ordering::SeqCst);
         tracing::info!(
-            plugins = dispatches.len(),
+            plugins = consumers.len(),
             ingress = self.config.ingress_queues.len(),
             "consuming from RabbitMQ"
         );
-        let ended = tokio::select! {
-            _ = shutdown.cancelled() => Ok(()),
-            first = tasks.join_next() => match first {
-                Some(Ok(end)) => Err(end),
-                Some(Err(join)) => Err(SessionEnd::ConsumerEnded { queue: "?".into(), reason: join.to_string() }),
-                None => Ok(()),
-            },
+        let ended = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break Ok(());
+                    }
+                    let current = changes.borrow_and_update().clone();
+                    if let Err(e) = self.follow(&conn, &current.plugins, &mut consumers, &mut tasks).await {
+                        break Err(e);
+                    }
+                    following.followed(current.generation);
+                }
+                first = tasks.join_next(), if !tasks.is_empty() => match first {
+                    Some(Ok(Some(end))) => break Err(end),
+                    Some(Err(join)) => {
+                        break Err(SessionEnd::ConsumerEnded { queue: "?".into(), reason: join.to_string() });
+                    }
+                    // A consumer stopped because its plugin was removed.
+                    Some(Ok(None)) | None => {}
+                },
+            }
         };
         tasks.abort_all();
         let _ = conn.close(200, "switchyard session ends".into()).await;
         ended
     }
+
+    /// Start a consumer for each plugin of `plugins` that has none, and stop the consumers of
+    /// plugins no longer in it (each drains its plugin's events before closing its channel).
+    async fn follow(
+        &self,
+        conn: &Connection,
+        plugins: &[Dispatch],
+        consumers: &mut HashMap<String, Running>,
+        tasks: &mut JoinSet<Option<SessionEnd>>,
+    ) -> Result<(), SessionEnd> {
+        consumers.retain(|name, running| {
+            let kept = plugins.iter().any(|d| d.name() == name && Arc::ptr_eq(d.slot(), &running.slot));
+            if !kept {
+                running.stop.cancel();
+            }
+            kept
+        });
+        for dispatch in plugins {
+            if consumers.contains_key(dispatch.name()) {
+                continue;
+            }
+            let plugin = dispatch.slot().current();
+            let queue = Self::queue_name(&self.config, dispatch.name());
+            let channel = conn.create_channel().await.map_err(SessionEnd::Connect)?;
+            declare_queue(&channel, &queue).await?;
+            for pattern in &plugin.settings.subscriptions.0 {
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        self.config.exchange.as_str().into(),
+                        pattern.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|error| SessionEnd::Topology { what: format!("binding {queue} to {pattern}"), error })?;
+            }
+            channel
+                .basic_qos(self.config.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|error| SessionEnd::Topology { what: format!("prefetch of {queue}"), error })?;
+            let stop = CancellationToken::new();
+            let consumer = PluginConsumer {
+                queue,
+                origin: format!("amqp:{}", self.config.exchange),
+                dispatch: dispatch.clone(),
+                writer: self.writer.clone(),
+                in_flight: self.in_flight.clone(),
+                stop: stop.clone(),
+            };
+            tasks.spawn(consumer.run(channel));
+            consumers.insert(dispatch.name().to_string(), Running { slot: dispatch.slot().clone(), stop });
+        }
+        Ok(())
+    }
+}
+
+/// The consumer of a plugin in this session.
+struct Running {
+    /// Which plugin it feeds: a plugin removed and added again under the same name is another.
+    slot: Arc<PluginSlot>,
+    stop: CancellationToken,
 }
 
 async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), SessionEnd> {
@@ -247,35 +307,53 @@ pub fn field_table(headers: &[(String, HeaderValue)]) -> FieldTable {
 struct PluginConsumer {
     queue: String,
     origin: String,
-    plugin: String,
     dispatch: Dispatch,
     writer: Writer,
     in_flight: Arc<InFlight>,
+    /// Cancelled when the plugin is removed.
+    stop: CancellationToken,
 }
 
 impl PluginConsumer {
-    async fn run(self, channel: Channel) -> SessionEnd {
+    /// Consume until the plugin is removed (`None`) or the consumer fails (the session ends).
+    async fn run(self, channel: Channel) -> Option<SessionEnd> {
+        let ended = |reason: String| Some(SessionEnd::ConsumerEnded { queue: self.queue.clone(), reason });
         let consumer = channel
             .basic_consume(self.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await;
         let mut consumer = match consumer {
             Ok(c) => c,
-            Err(e) => return SessionEnd::ConsumerEnded { queue: self.queue, reason: e.to_string() },
+            Err(e) => return ended(e.to_string()),
         };
-        while let Some(delivery) = consumer.next().await {
+        loop {
+            let delivery = tokio::select! {
+                _ = self.stop.cancelled() => break,
+                delivery = consumer.next() => delivery,
+            };
             let delivery = match delivery {
-                Ok(d) => d,
-                Err(e) => return SessionEnd::ConsumerEnded { queue: self.queue, reason: e.to_string() },
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return ended(e.to_string()),
+                None => return ended("the broker closed the consumer".into()),
             };
             let transport = transport_of(&delivery, &self.origin);
             let ack = Ack::amqp(delivery.acker, self.in_flight.clone());
             let received = Received { body: delivery.data, transport };
             match envelope::decode(&received.body, &received.transport) {
                 Ok(decoded) => self.dispatch.submit(Inbound { event: decoded.event, received, ack, attempt: 1 }).await,
-                Err(e) => dead_letter_undecodable(&self.writer, &self.plugin, received, ack, e.to_string()).await,
+                Err(e) => {
+                    dead_letter_undecodable(&self.writer, self.dispatch.name(), received, ack, e.to_string()).await
+                }
             }
         }
-        SessionEnd::ConsumerEnded { queue: self.queue, reason: "the broker closed the consumer".into() }
+        // Removed: no more deliveries; the events already taken settle on this channel, and
+        // closing it then gives back what was delivered but never taken.
+        if let Err(e) = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await {
+            tracing::warn!(queue = %self.queue, error = %e, "cancelling the consumer failed");
+        }
+        self.dispatch.drained().await;
+        let _ = channel.close(200, "plugin removed".into()).await;
+        tracing::info!(queue = %self.queue, "consumer stopped: plugin removed");
+        None
     }
 }
 
@@ -475,8 +553,8 @@ pub async fn queue_depths(url: &str, queues: &[String]) -> Vec<Option<u32>> {
     depths
 }
 
-/// Bind a plugin's queue to new patterns, or unbind old ones, on a short connection of its own
-/// (bindings belong to the queue, not to a channel).
+/// Declare a plugin's queue and bind it to new patterns, or unbind old ones, on a short
+/// connection of its own (bindings belong to the queue, not to a channel).
 pub async fn rebind(
     config: &RabbitMqConfig,
     queue: &str,
@@ -485,6 +563,7 @@ pub async fn rebind(
 ) -> Result<(), lapin::Error> {
     let conn = Connection::connect(config.url.expose(), ConnectionProperties::default()).await?;
     let channel = conn.create_channel().await?;
+    channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
     for pattern in bind {
         let (q, x) = (queue.into(), config.exchange.as_str().into());
         channel.queue_bind(q, x, pattern.as_str().into(), QueueBindOptions::default(), FieldTable::default()).await?;
@@ -494,6 +573,15 @@ pub async fn rebind(
         channel.queue_unbind(q, x, pattern.as_str().into(), FieldTable::default()).await?;
     }
     let _ = conn.close(200, "rebound".into()).await;
+    Ok(())
+}
+
+/// Delete a queue with the messages in it.
+pub async fn delete_queue(config: &RabbitMqConfig, queue: &str) -> Result<(), lapin::Error> {
+    let conn = Connection::connect(config.url.expose(), ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
+    let _ = conn.close(200, "deleted".into()).await;
     Ok(())
 }
 

@@ -21,9 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commit::Writer;
 use crate::config::{PubSubConfig, RedisConfig, StreamsConfig};
-use crate::dispatch::{Dispatch, Inbound, dead_letter_undecodable};
+use crate::dispatch::{Dispatch, Inbound, PluginSlot, dead_letter_undecodable};
 use crate::envelope::{self, HeaderValue, Transport};
 use crate::event::Millis;
+use crate::plugins::PluginSet;
 use crate::route::Pattern;
 use crate::source::{Ack, Backoff, InFlight, Received};
 
@@ -46,8 +47,10 @@ pub struct RedisSource {
 }
 
 impl RedisSource {
-    /// Consume until `shutdown`.
-    pub async fn run(self, dispatches: Vec<Dispatch>, shutdown: CancellationToken) {
+    /// Consume until `shutdown`, following the plugin set: a plugin added gets its stream
+    /// consumers, a plugin removed loses them, and pub/sub subscribes to what the plugins
+    /// subscribe to now.
+    pub async fn run(self, plugins: PluginSet, shutdown: CancellationToken) {
         let client = match redis::Client::open(self.config.url.expose()) {
             Ok(c) => c,
             Err(e) => {
@@ -56,57 +59,120 @@ impl RedisSource {
             }
         };
         let mut tasks = JoinSet::new();
-        let mut flags = Vec::new();
+        let mut pubsub_connected = None;
         if let Some(pubsub) = &self.config.pubsub {
             let flag = Arc::new(AtomicBool::new(false));
-            flags.push(flag.clone());
+            pubsub_connected = Some(flag.clone());
             let consumer = PubSubConsumer {
                 client: client.clone(),
                 config: pubsub.clone(),
-                dispatches: dispatches.clone(),
+                plugins: plugins.clone(),
                 writer: self.writer.clone(),
                 in_flight: self.in_flight.clone(),
                 connected: flag,
             };
             tasks.spawn(consumer.run(shutdown.clone()));
         }
-        if let Some(streams) = &self.config.streams {
-            let consumer_name = streams.consumer.clone().unwrap_or_else(default_consumer_name);
-            for dispatch in &dispatches {
-                for stream in &streams.streams {
-                    let flag = Arc::new(AtomicBool::new(false));
-                    flags.push(flag.clone());
-                    let plugin = dispatch.slot().current().name.to_string();
-                    let consumer = StreamConsumer {
-                        client: client.clone(),
-                        stream: stream.clone(),
-                        group: format!("{}{plugin}", streams.group_prefix),
-                        consumer: consumer_name.clone(),
-                        config: streams.clone(),
-                        plugin,
-                        dispatch: dispatch.clone(),
-                        writer: self.writer.clone(),
-                        in_flight: self.in_flight.clone(),
-                        connected: flag,
-                    };
-                    tasks.spawn(consumer.run(shutdown.clone()));
-                }
+        let mut consumers: HashMap<String, StreamConsumers> = HashMap::new();
+        let mut changes = plugins.subscribe();
+        loop {
+            if let Some(streams) = &self.config.streams {
+                let current = changes.borrow_and_update().clone();
+                self.follow(&client, streams, &current.plugins, &mut consumers, &mut tasks, &shutdown);
             }
-        }
-        let connected = self.connected.clone();
-        let watch = async move {
-            loop {
-                connected.store(flags.iter().all(|f| f.load(Ordering::SeqCst)), Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            while tasks.try_join_next().is_some() {}
+            let mut flags = pubsub_connected.iter().chain(consumers.values().flat_map(|c| &c.connected));
+            let all = flags.all(|f| f.load(Ordering::SeqCst));
+            self.connected.store(all, Ordering::SeqCst);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = watch => {}
         }
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
+
+    /// Start stream consumers for plugins that have none; stop those of removed plugins.
+    fn follow(
+        &self,
+        client: &redis::Client,
+        streams: &StreamsConfig,
+        plugins: &[Dispatch],
+        consumers: &mut HashMap<String, StreamConsumers>,
+        tasks: &mut JoinSet<()>,
+        shutdown: &CancellationToken,
+    ) {
+        consumers.retain(|name, running| {
+            let kept = plugins.iter().any(|d| d.name() == name && Arc::ptr_eq(d.slot(), &running.slot));
+            if !kept {
+                running.stop.cancel();
+            }
+            kept
+        });
+        let consumer_name = streams.consumer.clone().unwrap_or_else(default_consumer_name);
+        for dispatch in plugins {
+            if consumers.contains_key(dispatch.name()) {
+                continue;
+            }
+            let stop = shutdown.child_token();
+            let mut connected = Vec::new();
+            for stream in &streams.streams {
+                let flag = Arc::new(AtomicBool::new(false));
+                connected.push(flag.clone());
+                let plugin = dispatch.name().to_string();
+                let consumer = StreamConsumer {
+                    client: client.clone(),
+                    stream: stream.clone(),
+                    group: format!("{}{plugin}", streams.group_prefix),
+                    consumer: consumer_name.clone(),
+                    config: streams.clone(),
+                    plugin,
+                    dispatch: dispatch.clone(),
+                    writer: self.writer.clone(),
+                    in_flight: self.in_flight.clone(),
+                    connected: flag,
+                };
+                tasks.spawn(consumer.run(stop.clone()));
+            }
+            let running = StreamConsumers { slot: dispatch.slot().clone(), stop, connected };
+            consumers.insert(dispatch.name().to_string(), running);
+        }
+    }
+}
+
+/// The stream consumers of one plugin.
+struct StreamConsumers {
+    /// Which plugin they feed: a plugin removed and added again under the same name is another.
+    slot: Arc<PluginSlot>,
+    stop: CancellationToken,
+    connected: Vec<Arc<AtomicBool>>,
+}
+
+/// Subscribe to what is wanted and not subscribed yet, then drop what is no longer wanted, so
+/// that no channel goes unheard in between.
+async fn resubscribe(
+    sink: &mut redis::aio::PubSubSink,
+    now: &BTreeSet<ChannelSub>,
+    wanted: &BTreeSet<ChannelSub>,
+) -> redis::RedisResult<()> {
+    for sub in wanted.difference(now) {
+        match sub {
+            ChannelSub::Exact(c) => sink.subscribe(c).await?,
+            ChannelSub::Glob(g) => sink.psubscribe(g).await?,
+        }
+    }
+    for sub in now.difference(wanted) {
+        match sub {
+            ChannelSub::Exact(c) => sink.unsubscribe(c).await?,
+            ChannelSub::Glob(g) => sink.punsubscribe(g).await?,
+        }
+    }
+    if wanted != now {
+        tracing::info!(subscriptions = wanted.len(), "Redis pub/sub subscriptions changed");
+    }
+    Ok(())
 }
 
 fn default_consumer_name() -> String {
@@ -182,19 +248,20 @@ fn glob_matches(glob: &[u8], text: &[u8]) -> bool {
     }
 }
 
-/// Subscribes to the channels of every plugin's subscriptions.
+/// Subscribes to the channels of every plugin's subscriptions, and changes its subscriptions
+/// as the plugin set changes without reconnecting.
 struct PubSubConsumer {
     client: redis::Client,
     config: PubSubConfig,
-    dispatches: Vec<Dispatch>,
+    plugins: PluginSet,
     writer: Writer,
     in_flight: Arc<InFlight>,
     connected: Arc<AtomicBool>,
 }
 
 impl PubSubConsumer {
-    fn subscriptions(&self) -> BTreeSet<ChannelSub> {
-        self.dispatches
+    fn subscriptions(&self, plugins: &[Dispatch]) -> BTreeSet<ChannelSub> {
+        plugins
             .iter()
             .flat_map(|d| d.slot().current().settings.subscriptions.0.clone())
             .map(|p| ChannelSub::for_pattern(&self.config.channel_prefix, &p))
@@ -204,17 +271,35 @@ impl PubSubConsumer {
     async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new();
         let mut connected_before = false;
+        let mut changes = self.plugins.subscribe();
+        let following = self.plugins.follower(self.connected.clone());
         loop {
-            let subs = self.subscriptions();
+            let current = changes.borrow_and_update().clone();
+            let mut subs = self.subscriptions(&current.plugins);
             match self.session(&subs).await {
-                Ok(mut pubsub) => {
+                Ok(pubsub) => {
                     backoff.reset();
                     connected_before = true;
+                    following.followed(current.generation);
                     self.connected.store(true, Ordering::SeqCst);
-                    let mut messages = pubsub.on_message();
+                    let (mut sink, mut messages) = pubsub.split();
                     loop {
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
+                            _ = changes.changed() => {
+                                let current = changes.borrow_and_update().clone();
+                                let wanted = self.subscriptions(&current.plugins);
+                                match resubscribe(&mut sink, &subs, &wanted).await {
+                                    Ok(()) => {
+                                        subs = wanted;
+                                        following.followed(current.generation);
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "changing Redis subscriptions failed");
+                                        break;
+                                    }
+                                }
+                            }
                             message = messages.next() => match message {
                                 Some(m) => self.handle(&subs, m).await,
                                 None => break,
@@ -268,7 +353,7 @@ impl PubSubConsumer {
         let received = Received { body: message.get_payload_bytes().to_vec(), transport };
         match envelope::decode(&received.body, &received.transport) {
             Ok(decoded) => {
-                for dispatch in &self.dispatches {
+                for dispatch in self.plugins.snapshot().plugins.iter() {
                     if dispatch.slot().current().settings.subscriptions.matches(&decoded.event.name) {
                         let ack = Ack::local(self.in_flight.clone());
                         dispatch
@@ -466,6 +551,17 @@ pub async fn group_lag(config: &RedisConfig, plugins: &[String]) -> Vec<GroupLag
         }
     }
     lags
+}
+
+/// Delete a plugin's consumer group on every configured stream (the entries stay in the
+/// streams; what the group had not acknowledged is forgotten).
+pub async fn destroy_groups(config: &RedisConfig, plugin: &str) -> redis::RedisResult<()> {
+    let Some(streams) = &config.streams else { return Ok(()) };
+    let mut conn = redis::Client::open(config.url.expose())?.get_multiplexed_async_connection().await?;
+    for stream in &streams.streams {
+        let _: bool = conn.xgroup_destroy(stream, format!("{}{plugin}", streams.group_prefix)).await?;
+    }
+    Ok(())
 }
 
 /// The backlog of one plugin's consumer group on one stream.

@@ -1,0 +1,371 @@
+//! The live set of plugins. The router starts with the configured ones; the admin API adds,
+//! swaps and removes plugins while events flow, and every source follows the set: it starts a
+//! consumer for a plugin that appears, stops and drains the one of a plugin that goes, and
+//! re-subscribes when subscriptions change.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::commit::Writer;
+use crate::config::{PluginConfig, RabbitMqConfig, RedisConfig};
+use crate::db::{self, Readers};
+use crate::dispatch::{Dispatch, PluginSlot};
+use crate::runtime::registry::{Registry, Which};
+use crate::runtime::{LoadError, LoadedPlugin, Overrides, Runtime};
+use crate::source::rabbitmq::{RabbitMqSource, delete_queue, rebind};
+use crate::source::redis::destroy_groups;
+
+/// Every running plugin, in the order they were added. Cheap to clone; clones share the set.
+#[derive(Clone)]
+pub struct PluginSet {
+    current: Arc<watch::Sender<Arc<Members>>>,
+    followers: Arc<Mutex<Vec<Follower>>>,
+}
+
+/// The plugins at one moment; `generation` counts the changes so far.
+pub struct Members {
+    pub generation: u64,
+    pub plugins: Vec<Dispatch>,
+}
+
+/// A source that follows the set, as [`PluginSet::settled`] sees it.
+struct Follower {
+    followed: watch::Receiver<u64>,
+    /// A disconnected source is not waited for: it starts from the newest set when it is back.
+    connected: Arc<AtomicBool>,
+}
+
+/// A source's handle to say which generation of the set it has applied.
+pub struct Following(watch::Sender<u64>);
+
+impl Following {
+    /// Everything up to `generation` is applied: consumers started and stopped, channels
+    /// subscribed.
+    pub fn followed(&self, generation: u64) {
+        self.0.send_replace(generation);
+    }
+}
+
+/// A plugin of that name is already running.
+#[derive(Debug, thiserror::Error)]
+#[error("a plugin named {0:?} is already running")]
+pub struct AlreadyRunning(pub String);
+
+impl PluginSet {
+    pub fn new(plugins: Vec<Dispatch>) -> Self {
+        let members = Members { generation: 0, plugins };
+        PluginSet { current: Arc::new(watch::Sender::new(Arc::new(members))), followers: Default::default() }
+    }
+
+    /// The plugins running now.
+    pub fn snapshot(&self) -> Arc<Members> {
+        self.current.borrow().clone()
+    }
+
+    /// The running plugin of that name.
+    pub fn get(&self, name: &str) -> Option<Dispatch> {
+        self.current.borrow().plugins.iter().find(|d| d.name() == name).cloned()
+    }
+
+    /// Change the set with `change`, which returns false to leave it as it is.
+    fn change(&self, change: impl FnOnce(&mut Vec<Dispatch>) -> bool) {
+        self.current.send_if_modified(|members| {
+            let mut plugins = members.plugins.clone();
+            if !change(&mut plugins) {
+                return false;
+            }
+            *members = Arc::new(Members { generation: members.generation + 1, plugins });
+            true
+        });
+    }
+
+    /// Start delivering events to a new plugin.
+    pub fn add(&self, dispatch: Dispatch) -> Result<(), AlreadyRunning> {
+        let mut outcome = Ok(());
+        self.change(|plugins| {
+            if plugins.iter().any(|d| d.name() == dispatch.name()) {
+                outcome = Err(AlreadyRunning(dispatch.name().to_string()));
+                return false;
+            }
+            plugins.push(dispatch.clone());
+            true
+        });
+        outcome
+    }
+
+    /// Take a plugin out of the set and close it: it accepts no more events, and the sources
+    /// stop its consumers. Wait on [`Dispatch::drained`] for the events it already took.
+    pub fn remove(&self, name: &str) -> Option<Dispatch> {
+        let mut removed = None;
+        self.change(|plugins| {
+            let Some(index) = plugins.iter().position(|d| d.name() == name) else { return false };
+            removed = Some(plugins.remove(index));
+            true
+        });
+        if let Some(dispatch) = &removed {
+            dispatch.close();
+        }
+        removed
+    }
+
+    /// Tell the sources that a plugin's settings changed (a swap or a rollback), so that they
+    /// subscribe to what it subscribes to now.
+    pub fn touch(&self) {
+        self.change(|_| true);
+    }
+
+    /// Follow the set: the receiver sees every change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Members>> {
+        self.current.subscribe()
+    }
+
+    /// Register a source that follows the set; `connected` is its connection flag.
+    pub fn follower(&self, connected: Arc<AtomicBool>) -> Following {
+        let (tx, rx) = watch::channel(0);
+        if let Ok(mut followers) = self.followers.lock() {
+            followers.push(Follower { followed: rx, connected });
+        }
+        Following(tx)
+    }
+
+    /// Wait until every connected source has applied the set as it is now, for at most
+    /// `timeout`; returns whether they all did.
+    pub async fn settled(&self, timeout: Duration) -> bool {
+        let target = self.current.borrow().generation;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let behind = match self.followers.lock() {
+                Ok(followers) => {
+                    followers.iter().any(|f| f.connected.load(Ordering::SeqCst) && *f.followed.borrow() < target)
+                }
+                Err(_) => false,
+            };
+            if !behind {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// How long a change waits for the sources to apply it.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Changes to the running plugins, each made whole or not at all: what the admin API's
+/// plugin routes do, and how the router installs its plugins at start.
+#[derive(Clone)]
+pub struct Control {
+    pub plugins: PluginSet,
+    pub runtime: Arc<Runtime>,
+    pub writer: Writer,
+    pub readers: Readers,
+    pub registry: Registry,
+    pub rabbitmq: Option<RabbitMqConfig>,
+    pub redis: Option<RedisConfig>,
+    /// The `[[plugin]]` entries of `router.toml`.
+    pub configured: Arc<Vec<PluginConfig>>,
+}
+
+/// Why a change to the plugins was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no plugin named {0:?} is running")]
+    NotFound(String),
+    #[error(transparent)]
+    AlreadyRunning(#[from] AlreadyRunning),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("plugin {0} has no previous version to roll back to")]
+    NoPrevious(String),
+    #[error("the registry: {0}")]
+    Registry(#[from] std::io::Error),
+    #[error("indexing {collection}.{field}: {reason}")]
+    Index { collection: String, field: String, reason: String },
+    #[error("RabbitMQ queue {queue}: {reason}")]
+    Broker { queue: String, reason: String },
+}
+
+/// A version change of a plugin: what runs now and what it replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub version: String,
+    pub digest: String,
+    /// The digest of the version replaced, `None` for a new plugin.
+    pub previous_digest: Option<String>,
+}
+
+/// How a removal ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    /// Whether every event the plugin had taken settled within the deadline; those that did
+    /// not are still handled, or given back to the broker.
+    pub drained: bool,
+    /// Whether its queue (or consumer groups) and their events were discarded.
+    pub discarded: bool,
+}
+
+impl Control {
+    /// What a new version of plugin `name` starts from before its own settings: the running
+    /// version's settings, else its `router.toml` entry, else the defaults of an entry.
+    pub fn base_settings(&self, name: &str) -> Overrides {
+        if let Some(running) = self.plugins.get(name) {
+            return Overrides::of(&running.slot().current().settings);
+        }
+        match self.configured.iter().find(|p| p.name.as_str() == name) {
+            Some(config) => Overrides::configured(config, &|var| std::env::var(var).ok()),
+            None => Overrides::defaults(),
+        }
+    }
+
+    /// Create a loaded plugin's indexes and start its lanes; it is not in the set yet.
+    pub async fn install(&self, plugin: LoadedPlugin) -> Result<Dispatch, ControlError> {
+        self.create_indexes(&plugin).await?;
+        tracing::info!(
+            plugin = %plugin.name,
+            version = %plugin.version,
+            digest = %plugin.digest,
+            subscriptions = ?plugin.settings.subscriptions.0.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+            "plugin loaded"
+        );
+        Ok(Dispatch::start(Arc::new(PluginSlot::new(plugin)), self.writer.clone(), self.readers.clone()))
+    }
+
+    async fn create_indexes(&self, plugin: &LoadedPlugin) -> Result<(), ControlError> {
+        for (collection, field) in &plugin.indexes {
+            let failed =
+                |reason: String| ControlError::Index { collection: collection.clone(), field: field.clone(), reason };
+            match self.writer.execute(db::index_ddl(field)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(failed(e)),
+                Err(e) => return Err(failed(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Start a plugin that is not running: its queue is declared and bound first, so that no
+    /// event published from now on misses it, then it is kept in the registry and added.
+    pub async fn add(&self, plugin: LoadedPlugin) -> Result<Change, ControlError> {
+        let name = plugin.name.to_string();
+        if self.plugins.get(&name).is_some() {
+            return Err(AlreadyRunning(name).into());
+        }
+        self.bind(&name, &pattern_names(&plugin), &[]).await?;
+        self.registry.save(&name, &plugin.entry(), None)?;
+        let change = Change { version: plugin.version.clone(), digest: plugin.digest.clone(), previous_digest: None };
+        let dispatch = self.install(plugin).await?;
+        self.plugins.add(dispatch)?;
+        self.settle(&name).await;
+        tracing::info!(plugin = %name, version = %change.version, "plugin added");
+        Ok(change)
+    }
+
+    /// Replace a running plugin's version: invocations under way finish on the old version,
+    /// every event started afterwards runs the new one. New subscriptions are bound before
+    /// the swap and old ones unbound after it, so no event falls between them. The registry
+    /// keeps the replaced version for [`rollback`](Self::rollback).
+    pub async fn swap(&self, plugin: LoadedPlugin) -> Result<Change, ControlError> {
+        let name = plugin.name.to_string();
+        let dispatch = self.plugins.get(&name).ok_or_else(|| ControlError::NotFound(name.clone()))?;
+        let current = dispatch.slot().current();
+        self.create_indexes(&plugin).await?;
+        let (old, new) = (pattern_names(&current), pattern_names(&plugin));
+        let added: Vec<String> = new.iter().filter(|s| !old.contains(s)).cloned().collect();
+        let removed: Vec<String> = old.iter().filter(|s| !new.contains(s)).cloned().collect();
+        self.bind(&name, &added, &[]).await?;
+        self.registry.save(&name, &plugin.entry(), Some(&current.entry()))?;
+        let change = Change {
+            version: plugin.version.clone(),
+            digest: plugin.digest.clone(),
+            previous_digest: Some(current.digest.clone()),
+        };
+        dispatch.slot().swap(plugin);
+        self.plugins.touch();
+        self.settle(&name).await;
+        tracing::info!(plugin = %name, version = %change.version, digest = %change.digest, "plugin swapped");
+        if let Err(e) = self.bind(&name, &[], &removed).await {
+            tracing::warn!(plugin = %name, error = %e, "could not unbind old subscriptions; the plugin may receive events it no longer subscribes to");
+        }
+        Ok(change)
+    }
+
+    /// Swap back to the version the current one replaced, as the registry kept it (so this
+    /// works after a restart too); the replaced version becomes the one to roll back to.
+    pub async fn rollback(&self, name: &str) -> Result<Change, ControlError> {
+        let dispatch = self.plugins.get(name).ok_or_else(|| ControlError::NotFound(name.to_string()))?;
+        let previous =
+            self.registry.load(name, Which::Previous)?.ok_or_else(|| ControlError::NoPrevious(name.to_string()))?;
+        let current = dispatch.slot().current();
+        let mut overrides = Overrides::of(&current.settings);
+        overrides.apply(&previous.settings).map_err(|e| LoadError::InvalidMetadata(e.to_string()))?;
+        let plugin = self.runtime.load(&current.name, &previous.bytes, overrides).await?;
+        self.swap(plugin).await
+    }
+
+    /// Remove a plugin: it takes no more events, its consumers stop, and the events it took
+    /// are handled and acknowledged (within `drain_timeout`). Its queue is unbound but keeps
+    /// what is in it, for when the plugin comes back, unless `discard` deletes the queue (and
+    /// the Redis consumer groups) with their events. The registry forgets it; a plugin that
+    /// `router.toml` names comes back from there at the next start.
+    pub async fn remove(&self, name: &str, discard: bool, drain_timeout: Duration) -> Result<Removal, ControlError> {
+        let dispatch = self.plugins.get(name).ok_or_else(|| ControlError::NotFound(name.to_string()))?;
+        self.bind(name, &[], &pattern_names(&dispatch.slot().current())).await?;
+        let Some(dispatch) = self.plugins.remove(name) else { return Err(ControlError::NotFound(name.to_string())) };
+        let drained = tokio::time::timeout(drain_timeout, dispatch.drained()).await.is_ok();
+        if !drained {
+            tracing::warn!(plugin = %name, pending = dispatch.pending(), "removed plugin still has events under way");
+        }
+        self.registry.remove(name)?;
+        if discard {
+            self.discard(name).await?;
+        }
+        tracing::info!(plugin = %name, drained, discard, "plugin removed");
+        Ok(Removal { drained, discarded: discard })
+    }
+
+    /// Wait for the sources to apply a change (consumers started, channels subscribed), so that
+    /// what is published after the reply reaches the plugin, even over Redis pub/sub.
+    async fn settle(&self, name: &str) {
+        if !self.plugins.settled(SETTLE_TIMEOUT).await {
+            tracing::warn!(plugin = %name, "a source has not applied the change yet; it will");
+        }
+    }
+
+    /// Bind and unbind the plugin's RabbitMQ queue, declaring it first; nothing without RabbitMQ.
+    async fn bind(&self, name: &str, bind: &[String], unbind: &[String]) -> Result<(), ControlError> {
+        let Some(rabbit) = &self.rabbitmq else { return Ok(()) };
+        if bind.is_empty() && unbind.is_empty() {
+            return Ok(());
+        }
+        let queue = RabbitMqSource::queue_name(rabbit, name);
+        rebind(rabbit, &queue, bind, unbind)
+            .await
+            .map_err(|e| ControlError::Broker { queue: queue.clone(), reason: e.to_string() })
+    }
+
+    /// Delete a removed plugin's queue and consumer groups with the events they hold.
+    async fn discard(&self, name: &str) -> Result<(), ControlError> {
+        if let Some(rabbit) = &self.rabbitmq {
+            let queue = RabbitMqSource::queue_name(rabbit, name);
+            delete_queue(rabbit, &queue)
+                .await
+                .map_err(|e| ControlError::Broker { queue: queue.clone(), reason: e.to_string() })?;
+        }
+        if let Some(redis) = &self.redis
+            && let Err(e) = destroy_groups(redis, name).await
+        {
+            tracing::warn!(plugin = %name, error = %e, "could not delete the plugin's Redis consumer groups");
+        }
+        Ok(())
+    }
+}
+
+fn pattern_names(plugin: &LoadedPlugin) -> Vec<String> {
+    plugin.settings.subscriptions.0.iter().map(|p| p.as_str().to_string()).collect()
+}
