@@ -76,6 +76,8 @@ async fn posted_events_are_handled_before_the_reply_and_the_store_can_be_inspect
     assert!(body["error"]["message"].as_str().unwrap().starts_with("body is not JSON"), "{body}");
     let (status, _) = call(&t, "GET", "/v1/plugins/user-replica/store/user_refs/none", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = call(&t, "GET", "/v1/plugins/user-replica/store/user_refs?limit=many", Some(TOKEN), "").await;
+    assert_eq!((status, &body["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("bad_request")), "{body}");
 
     let (_, plugin) = call(&t, "GET", "/v1/plugins/user-replica", Some(TOKEN), "").await;
     assert_eq!(plugin["counters"]["succeeded"], 3);
@@ -468,4 +470,66 @@ async fn over_rabbitmq_an_added_plugin_misses_nothing_and_pause_and_delete_keep_
     let (status, body) = call(&t, "DELETE", "/v1/plugins/stamp?discard_queue=true", Some(TOKEN), "").await;
     assert_eq!((status, body["discarded_queue"].as_bool()), (StatusCode::OK, Some(true)), "{body}");
     assert_eq!(depth().await, None, "the queue is deleted");
+}
+
+/// A `multipart/form-data` body with a `component` part and, if given, a `settings` JSON part.
+fn multipart(component: Vec<u8>, settings: Option<&str>) -> (String, Vec<u8>) {
+    let boundary = "switchyard-test-boundary";
+    let mut body = Vec::new();
+    if let Some(settings) = settings {
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"settings\"\r\nContent-Type: application/json\r\n\r\n{settings}\r\n").as_bytes());
+    }
+    body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"component\"; filename=\"p.wasm\"\r\nContent-Type: application/wasm\r\n\r\n").as_bytes());
+    body.extend_from_slice(&component);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test]
+async fn config_values_come_in_a_multipart_settings_part_and_secrets_stay_references() {
+    let t = TestRouter::start(&stamp_router_toml("")).await;
+    let settings =
+        r#"{"subscriptions": ["stamp.#"], "timeout_ms": 2500, "config": {"label": "blue", "path": {"env": "PATH"}}}"#;
+    let (content_type, body) = multipart(wasm("stamp_v2.wasm"), Some(settings));
+    let (status, reply) = t.admin("PUT", "/v1/plugins/stamp", &content_type, body).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    let (_, plugin) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(plugin["timeout_ms"], 2500);
+    let event = json!({ "pattern": "stamp.it", "data": {}, "id": "configured" }).to_string();
+    call(&t, "POST", "/v1/events", Some(TOKEN), &event).await;
+    assert_eq!(t.doc("stamp", "stamped", "configured").unwrap()["label"], "blue");
+    let stored = std::fs::read_to_string(t.dir.path().join("plugins/stamp.json")).unwrap();
+    let path = std::env::var("PATH").unwrap();
+    assert!(
+        stored.contains("\"env\": \"PATH\"") && !stored.contains(&path),
+        "the registry keeps the reference: {stored}"
+    );
+
+    // A swap without config values keeps the running ones.
+    let (status, _) = put(&t, "/v1/plugins/stamp", wasm("stamp_v1.wasm")).await;
+    assert_eq!(status, StatusCode::OK);
+    let event = json!({ "pattern": "stamp.it", "data": {}, "id": "kept" }).to_string();
+    call(&t, "POST", "/v1/events", Some(TOKEN), &event).await;
+    assert_eq!(t.doc("stamp", "stamped", "kept").unwrap()["label"], "blue");
+
+    let cases = [
+        (
+            Some(r#"{"config": {"key": {"env": "SWITCHYARD_SURELY_UNSET_VARIABLE"}}}"#),
+            "config value key: environment variable SWITCHYARD_SURELY_UNSET_VARIABLE is not set",
+        ),
+        (Some(r#"{"colour": "blue"}"#), "settings part: unknown field `colour`"),
+        (Some("{not json"), "settings part: key must be a string"),
+    ];
+    for (settings, message) in cases {
+        let (content_type, body) = multipart(wasm("stamp_v2.wasm"), settings);
+        let (status, reply) = t.admin("PUT", "/v1/plugins/stamp", &content_type, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
+        let text = reply["error"]["message"].as_str().unwrap();
+        assert!(text.starts_with(message), "{text}");
+    }
+    let (status, reply) = t.admin("PUT", "/v1/plugins/stamp?config=x", "application/wasm", wasm("stamp_v2.wasm")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
+    assert_eq!(reply["error"]["code"], "bad_request", "query errors have the one error shape: {reply}");
+    let (_, plugin) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(plugin["version"], "1.0.0", "refused uploads changed nothing");
 }

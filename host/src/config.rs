@@ -460,7 +460,7 @@ impl RetryPolicy {
 }
 
 /// A plugin config value: text, or the name of an environment variable holding it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(untagged, deny_unknown_fields)]
 pub enum ConfigValue {
     Text(String),
@@ -643,22 +643,6 @@ impl Config {
             }
         }
         problems
-    }
-}
-
-impl PluginConfig {
-    /// The plugin's config values with environment references resolved (checked at load).
-    pub fn resolved_values(&self, env: &dyn Fn(&str) -> Option<String>) -> BTreeMap<String, Secret> {
-        self.config
-            .iter()
-            .filter_map(|(k, v)| {
-                let value = match v {
-                    ConfigValue::Text(t) => Some(t.clone()),
-                    ConfigValue::Env { env: var } => env(var),
-                };
-                value.map(|v| (k.clone(), Secret(v)))
-            })
-            .collect()
     }
 }
 

@@ -218,7 +218,7 @@ impl Control {
             return Overrides::of(&running.slot().current().settings);
         }
         match self.configured.iter().find(|p| p.name.as_str() == name) {
-            Some(config) => Overrides::configured(config, &|var| std::env::var(var).ok()),
+            Some(config) => Overrides::configured(config),
             None => Overrides::defaults(),
         }
     }

@@ -190,7 +190,7 @@ impl Router {
 /// Load a configured plugin: the version uploaded over the admin API if the registry has one
 /// (it wins), else the file `router.toml` names.
 async fn load(runtime: &Runtime, registry: &Registry, config: &PluginConfig) -> anyhow::Result<LoadedPlugin> {
-    let mut overrides = Overrides::configured(config, &|name| std::env::var(name).ok());
+    let mut overrides = Overrides::configured(config);
     let uploaded = registry
         .load(config.name.as_str(), Which::Current)
         .with_context(|| format!("reading the registry entry of {}", config.name))?;

@@ -7,6 +7,7 @@
 //! `{"error": {"code", "message"}}`; 4xx messages say why, 5xx are generic and logged.
 
 mod errors;
+mod upload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -25,15 +27,16 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use errors::AdminError;
+use upload::Upload;
+pub use upload::UploadSettings;
 
-use crate::config::{InstancePolicy, PluginName, Secret};
+use crate::config::{PluginName, Secret};
 use crate::db::{FieldValue, Readers};
 use crate::dispatch::{Dispatch, Inbound};
 use crate::envelope::{self, HeaderValue, NAME_HEADER, Transport};
 use crate::event::Millis;
 use crate::plugins::{Change, Control, ControlError};
-use crate::route::Pattern;
-use crate::runtime::{LoadError, Overrides};
+use crate::runtime::LoadError;
 use crate::source::rabbitmq::RabbitMqSource;
 use crate::source::{Ack, InFlight, Received};
 use crate::telemetry::{self, CountersSnapshot};
@@ -70,7 +73,7 @@ impl From<ControlError> for AdminError {
             ControlError::NotFound(name) => AdminError::NotFound(format!("no plugin named {name:?}")),
             ControlError::AlreadyRunning(e) => AdminError::Conflict(e.to_string()),
             ControlError::NoPrevious(_) => AdminError::Conflict(e.to_string()),
-            ControlError::Load(LoadError::NotAComponent(_) | LoadError::Read { .. }) => {
+            ControlError::Load(LoadError::NotAComponent(_) | LoadError::Read { .. } | LoadError::MissingEnv { .. }) => {
                 AdminError::BadRequest(e.to_string())
             }
             ControlError::Load(_) => AdminError::Unprocessable(e.to_string()),
@@ -171,6 +174,11 @@ async fn authorize(State(state): State<AdminState>, request: Request, next: Next
             AdminError::Unauthorized.into_response()
         }
     }
+}
+
+/// A query string that does not parse gets the one error shape, saying why.
+fn query_of<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, AdminError> {
+    query.map(|Query(q)| q).map_err(|e| AdminError::BadRequest(format!("query: {}", e.body_text())))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -288,62 +296,6 @@ fn set_running(state: &AdminState, name: &str, running: bool) -> Result<Json<Plu
     Ok(Json(view(&plugin)))
 }
 
-/// Query of `PUT /v1/plugins/{name}`: settings that override the component's own metadata.
-/// What is not given keeps the running version's value on a swap; a new plugin takes its
-/// `router.toml` entry's values if it has one, else the defaults of an entry.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct PutQuery {
-    /// Comma-separated subscription patterns.
-    pub subscriptions: Option<String>,
-    /// Comma-separated payload paths of the ordering key.
-    pub ordering_key: Option<String>,
-    /// Lanes: events handled at once.
-    pub concurrency: Option<usize>,
-    pub memory_mb: Option<u64>,
-    pub timeout_ms: Option<u64>,
-    pub instances: Option<InstancePolicy>,
-    pub recycle_after: Option<u64>,
-    /// Attempts in all before an event is dead-lettered.
-    pub max_attempts: Option<u32>,
-    pub initial_backoff_ms: Option<u64>,
-    pub multiplier: Option<f64>,
-    pub max_backoff_ms: Option<u64>,
-}
-
-impl PutQuery {
-    /// The overrides of an upload: `base` changed by what the query gives. Subscriptions and
-    /// the ordering key not given come from the component's metadata.
-    fn overrides(&self, mut base: Overrides) -> Result<Overrides, AdminError> {
-        base.subscriptions = match &self.subscriptions {
-            Some(text) => {
-                let patterns = list(text).iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>();
-                Some(patterns.map_err(|e| AdminError::BadRequest(format!("subscriptions: {e}")))?)
-            }
-            None => None,
-        };
-        base.ordering_key = self.ordering_key.as_deref().map(list);
-        if self.concurrency == Some(0) {
-            return Err(AdminError::BadRequest("concurrency must be at least 1".into()));
-        }
-        base.concurrency = self.concurrency.unwrap_or(base.concurrency);
-        base.limits.memory_mb = self.memory_mb.unwrap_or(base.limits.memory_mb);
-        base.limits.timeout_ms = self.timeout_ms.unwrap_or(base.limits.timeout_ms);
-        base.instances = self.instances.unwrap_or(base.instances);
-        base.recycle_after = self.recycle_after.unwrap_or(base.recycle_after);
-        let retry = &mut base.retry;
-        retry.max_attempts = self.max_attempts.unwrap_or(retry.max_attempts);
-        retry.initial_backoff_ms = self.initial_backoff_ms.unwrap_or(retry.initial_backoff_ms);
-        retry.multiplier = self.multiplier.unwrap_or(retry.multiplier);
-        retry.max_backoff_ms = self.max_backoff_ms.unwrap_or(retry.max_backoff_ms);
-        if retry.max_attempts == 0 || !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
-            return Err(AdminError::BadRequest("max_attempts must be at least 1 and multiplier at least 1.0".into()));
-        }
-        Ok(base)
-    }
-}
-
 /// Reply of an upload, a rollback or a removal.
 #[derive(Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Changed {
@@ -360,17 +312,16 @@ impl Changed {
     }
 }
 
-fn list(text: &str) -> Vec<String> {
-    text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
-}
-
 /// Load a plugin: compiled and checked before anything changes. A new name starts a new
 /// plugin (its queue bound before it is added, so it misses nothing published from then on);
 /// a running one is swapped atomically (invocations under way finish on the old version) and
 /// its queue rebound when its subscriptions changed. Either way it is kept in the registry.
 #[utoipa::path(put, path = "/v1/plugins/{name}", tag = "admin", security(("bearer" = [])),
-    params(("name" = String, Path), PutQuery),
-    request_body(content = Vec<u8>, content_type = "application/wasm", description = "the component"),
+    params(("name" = String, Path), UploadSettings),
+    request_body(
+        description = "`application/wasm`: the component, with settings as query parameters; or `multipart/form-data`: a `component` part and a `settings` JSON part with the query's fields (lists as arrays) and `config` (name: text or {\"env\": NAME})",
+        content((Vec<u8> = "application/wasm"), (Object = "multipart/form-data")),
+    ),
     responses(
         (status = 200, description = "swapped", body = Changed),
         (status = 201, description = "added", body = Changed),
@@ -381,13 +332,14 @@ fn list(text: &str) -> Vec<String> {
 async fn put_plugin(
     State(state): State<AdminState>,
     Path(name): Path<String>,
-    Query(query): Query<PutQuery>,
-    body: Bytes,
+    request: Request,
 ) -> Result<(StatusCode, Json<Changed>), AdminError> {
     let plugin_name = PluginName::parse(&name).map_err(AdminError::BadRequest)?;
+    let upload = Upload::read(request).await?;
     let running = state.control.plugins.get(&name).is_some();
-    let overrides = query.overrides(state.control.base_settings(&name))?;
-    let loaded = state.control.runtime.load(&plugin_name, &body, overrides).await.map_err(ControlError::from)?;
+    let overrides = upload.settings.overrides(state.control.base_settings(&name))?;
+    let loaded =
+        state.control.runtime.load(&plugin_name, &upload.component, overrides).await.map_err(ControlError::from)?;
     if running {
         Ok((StatusCode::OK, Json(Changed::new(name, state.control.swap(loaded).await?))))
     } else {
@@ -429,8 +381,9 @@ pub struct Removed {
 async fn delete_plugin(
     State(state): State<AdminState>,
     Path(name): Path<String>,
-    Query(query): Query<DeleteQuery>,
+    query: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> Result<Json<Removed>, AdminError> {
+    let query = query_of(query)?;
     let removal = state.control.remove(&name, query.discard_queue, DRAIN_TIMEOUT).await?;
     Ok(Json(Removed { name, drained: removal.drained, discarded_queue: removal.discarded }))
 }
@@ -507,8 +460,9 @@ pub struct PageView {
 async fn list_documents(
     State(state): State<AdminState>,
     Path((name, collection)): Path<(String, String)>,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<PageView>, AdminError> {
+    let query = query_of(query)?;
     let plugin = state.plugin(&name)?.slot().current();
     let limit = query.limit.unwrap_or(100).clamp(1, 1000) as usize;
     let after = query.cursor.unwrap_or_default();

@@ -21,7 +21,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, StoreLimitsBuilder};
 
 use crate::capability::PluginContext;
-use crate::config::{InstancePolicy, Limits, PluginConfig, PluginName, RetryPolicy, Secret};
+use crate::config::{ConfigValue, InstancePolicy, Limits, PluginConfig, PluginName, RetryPolicy, Secret};
 use crate::db::{self, Readers};
 use crate::route::{Pattern, Subscriptions};
 
@@ -47,6 +47,8 @@ pub enum LoadError {
     InvalidMetadata(String),
     #[error("config names the plugin {configured:?} but the component says it is {reported:?}")]
     NameMismatch { configured: String, reported: String },
+    #[error("config value {key}: environment variable {var} is not set")]
+    MissingEnv { key: String, var: String },
 }
 
 /// Settings of a plugin as the router runs it: the component's metadata overridden by
@@ -60,7 +62,10 @@ pub struct Settings {
     pub recycle_after: u64,
     pub limits: Limits,
     pub retry: RetryPolicy,
+    /// Config values, environment references resolved.
     pub config: BTreeMap<String, Secret>,
+    /// Config values as given (`{ env = "NAME" }` kept as a reference), what the registry keeps.
+    pub config_source: BTreeMap<String, ConfigValue>,
 }
 
 /// What the caller overrides when loading; `None` keeps the component's own metadata.
@@ -73,7 +78,8 @@ pub struct Overrides {
     pub recycle_after: u64,
     pub limits: Limits,
     pub retry: RetryPolicy,
-    pub config: BTreeMap<String, Secret>,
+    /// Config values, resolved from the environment when the plugin is loaded.
+    pub config: BTreeMap<String, ConfigValue>,
 }
 
 impl Overrides {
@@ -92,8 +98,8 @@ impl Overrides {
         }
     }
 
-    /// What a `[[plugin]]` entry of `router.toml` sets; `env` resolves its secrets.
-    pub fn configured(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> Self {
+    /// What a `[[plugin]]` entry of `router.toml` sets.
+    pub fn configured(config: &PluginConfig) -> Self {
         Overrides {
             subscriptions: config.subscriptions.clone(),
             ordering_key: config.ordering_key.clone(),
@@ -102,7 +108,7 @@ impl Overrides {
             recycle_after: config.recycle_after,
             limits: config.limits,
             retry: config.retry,
-            config: config.resolved_values(env),
+            config: config.config.clone(),
         }
     }
 
@@ -119,6 +125,9 @@ impl Overrides {
         self.recycle_after = stored.recycle_after;
         self.limits = stored.limits;
         self.retry = stored.retry.unwrap_or(self.retry);
+        if let Some(config) = &stored.config {
+            self.config = config.clone();
+        }
         Ok(())
     }
 
@@ -132,7 +141,7 @@ impl Overrides {
             recycle_after: settings.recycle_after,
             limits: settings.limits,
             retry: settings.retry,
-            config: settings.config.clone(),
+            config: settings.config_source.clone(),
         }
     }
 }
@@ -148,6 +157,7 @@ impl Settings {
             recycle_after: self.recycle_after,
             limits: self.limits,
             retry: Some(self.retry),
+            config: Some(self.config_source.clone()),
         }
     }
 }
@@ -221,6 +231,16 @@ impl Runtime {
 
     /// Compile, link and describe a plugin; nothing of the running router changes.
     pub async fn load(&self, name: &PluginName, bytes: &[u8], overrides: Overrides) -> Result<LoadedPlugin, LoadError> {
+        let mut config = BTreeMap::new();
+        for (key, value) in &overrides.config {
+            let resolved = match value {
+                ConfigValue::Text(text) => text.clone(),
+                ConfigValue::Env { env } => {
+                    std::env::var(env).map_err(|_| LoadError::MissingEnv { key: key.clone(), var: env.clone() })?
+                }
+            };
+            config.insert(key.clone(), Secret::new(resolved));
+        }
         let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
         let pre = bindings::PluginPre::new(pre).map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
@@ -228,7 +248,7 @@ impl Runtime {
             name: Arc::from(name.as_str()),
             readers: self.readers.clone(),
             indexes: HashSet::new(),
-            config: overrides.config.clone(),
+            config: config.clone(),
         });
         let metadata = describe(&self.engine, &pre, context.clone(), overrides.limits).await?;
         if metadata.name != name.as_str() {
@@ -253,7 +273,7 @@ impl Runtime {
             name: context.name.clone(),
             readers: self.readers.clone(),
             indexes: indexes.iter().cloned().collect(),
-            config: overrides.config.clone(),
+            config: config.clone(),
         });
         let settings = Settings {
             subscriptions: Subscriptions(overrides.subscriptions.unwrap_or(own_subscriptions)),
@@ -263,7 +283,8 @@ impl Runtime {
             recycle_after: overrides.recycle_after,
             limits: overrides.limits,
             retry: overrides.retry,
-            config: overrides.config,
+            config,
+            config_source: overrides.config,
         };
         Ok(LoadedPlugin {
             name: name.clone(),

@@ -3,11 +3,12 @@
 //! with the version each one replaced, so that a rollback works after a restart too.
 //! A registry entry wins over the `router.toml` entry of the same name.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{InstancePolicy, Limits, PluginName, RetryPolicy};
+use crate::config::{ConfigValue, InstancePolicy, Limits, PluginName, RetryPolicy};
 
 /// Settings given with an upload, stored beside its bytes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -22,6 +23,9 @@ pub struct StoredSettings {
     pub limits: Limits,
     #[serde(default)]
     pub retry: Option<RetryPolicy>,
+    /// Config values as given: `{ "env": "NAME" }` is kept as the reference, never the secret.
+    #[serde(default)]
+    pub config: Option<BTreeMap<String, ConfigValue>>,
 }
 
 /// One version of a plugin as the registry keeps it.
@@ -141,6 +145,7 @@ mod tests {
             recycle_after: 10,
             limits: Limits::default(),
             retry: None,
+            config: None,
         };
         Entry { bytes: bytes.to_vec(), settings }
     }
@@ -173,6 +178,6 @@ mod tests {
         let old = r#"{"subscriptions":null,"ordering_key":null,"instances":"reuse","recycle_after":5,"limits":{"memory_mb":8,"timeout_ms":100}}"#;
         std::fs::write(dir.path().join("plugins/old.json"), old).unwrap();
         let loaded = registry.load("old", Which::Current).unwrap().unwrap();
-        assert_eq!((loaded.settings.concurrency, loaded.settings.retry), (None, None));
+        assert_eq!((loaded.settings.concurrency, loaded.settings.retry, loaded.settings.config), (None, None, None));
     }
 }
