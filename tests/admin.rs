@@ -356,6 +356,8 @@ async fn the_openapi_description_matches_the_real_routes() {
         "/v1/openapi.json",
         "/v1/plugins",
         "/v1/plugins/{name}",
+        "/v1/plugins/{name}/dead-letters",
+        "/v1/plugins/{name}/dead-letters/replay",
         "/v1/plugins/{name}/pause",
         "/v1/plugins/{name}/resume",
         "/v1/plugins/{name}/rollback",
@@ -532,4 +534,61 @@ async fn config_values_come_in_a_multipart_settings_part_and_secrets_stay_refere
     assert_eq!(reply["error"]["code"], "bad_request", "query errors have the one error shape: {reply}");
     let (_, plugin) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
     assert_eq!(plugin["version"], "1.0.0", "refused uploads changed nothing");
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_replayed_with_their_ids_and_discarded() {
+    let toml = "[router]\ndata_dir = \"{data_dir}\"\nlog = \"warn\"\n".to_string()
+        + &plugin_table("misbehave", "misbehave.wasm", "ordering_key = [\"key\"]\n[plugin.retry]\nmax_attempts = 1\n");
+    let t = TestRouter::start(&toml).await;
+    let t = &t;
+    let post = |body: Value| async move { call(t, "POST", "/v1/events", Some(TOKEN), &body.to_string()).await };
+    let seq = |n: u32| json!({ "pattern": "chaos.seq", "data": { "key": "z", "seq": n }, "id": format!("z-{n}") });
+    // z-2 arrives before z-1: rejected as out of order, and kept.
+    assert_eq!(post(seq(2)).await.0, StatusCode::OK);
+    assert_eq!(post(json!({ "pattern": "chaos.reject", "data": {}, "id": "r-1" })).await.0, StatusCode::OK);
+    t.router.bus.as_ref().unwrap().publish_bytes(b"{broken".to_vec()).await;
+
+    let (status, first) = call(t, "GET", "/v1/plugins/misbehave/dead-letters?limit=1", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let letter = &first["dead_letters"][0];
+    assert_eq!((letter["event_id"].as_str(), letter["attempts"].as_u64()), (Some("z-2"), Some(1)));
+    assert_eq!(letter["reason"], "handler rejected the event: out of order: z got 2 after 0");
+    assert_eq!(serde_json::from_str::<Value>(letter["body"].as_str().unwrap()).unwrap(), seq(2));
+    assert_eq!(letter["transport"]["origin"], "http");
+    let next = format!("/v1/plugins/misbehave/dead-letters?limit=1&cursor={}", first["next_cursor"]);
+    let (_, second) = call(t, "GET", &next, Some(TOKEN), "").await;
+    assert_eq!(second["dead_letters"][0]["event_id"], "r-1");
+    assert_eq!(second["next_cursor"], Value::Null);
+    let (_, undecodable) = call(t, "GET", "/v1/plugins/bus/dead-letters", Some(TOKEN), "").await;
+    assert_eq!(undecodable["dead_letters"][0]["body"], "{broken", "undecodable messages are kept under their source");
+    assert_eq!(undecodable["dead_letters"][0]["event_id"], Value::Null);
+
+    // Once z-1 is in, replaying z-2 succeeds, under its original id.
+    assert_eq!(post(seq(1)).await.0, StatusCode::OK);
+    let ids = json!({ "ids": [letter["id"]] }).to_string();
+    let (status, replayed) = call(t, "POST", "/v1/plugins/misbehave/dead-letters/replay", Some(TOKEN), &ids).await;
+    assert_eq!((status, replayed["replayed"].as_u64()), (StatusCode::OK, Some(1)), "{replayed}");
+    eventually("the replayed event", Duration::from_secs(10), || {
+        t.doc("misbehave", "seq", "z").filter(|d| d["seq"] == 2)
+    })
+    .await;
+    assert!(t.router.readers.processed("misbehave", "z-2").unwrap(), "it ran as z-2");
+    let (_, left) = call(t, "GET", "/v1/plugins/misbehave/dead-letters", Some(TOKEN), "").await;
+    let left: Vec<&str> =
+        left["dead_letters"].as_array().unwrap().iter().map(|l| l["event_id"].as_str().unwrap()).collect();
+    assert_eq!(left, ["r-1"]);
+
+    let (status, _) = call(t, "POST", "/v1/plugins/bus/dead-letters/replay", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "only a running plugin replays");
+    let (status, _) = call(t, "POST", "/v1/plugins/misbehave/dead-letters/replay", Some(TOKEN), "{\"ids\": 3}").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (_, metrics) = call(t, "GET", "/metrics", Some(TOKEN), "").await;
+    assert!(metrics.as_str().unwrap().contains("switchyard_dead_letters{plugin=\"misbehave\"} 1"), "{metrics}");
+    let (status, discarded) = call(t, "DELETE", "/v1/plugins/misbehave/dead-letters", Some(TOKEN), "").await;
+    assert_eq!((status, discarded["discarded"].as_u64()), (StatusCode::OK, Some(1)));
+    let (_, none) = call(t, "GET", "/v1/plugins/misbehave/dead-letters", Some(TOKEN), "").await;
+    assert_eq!(none["dead_letters"], json!([]));
+    let (_, metrics) = call(t, "GET", "/metrics", Some(TOKEN), "").await;
+    assert!(metrics.as_str().unwrap().contains("switchyard_dead_letters{plugin=\"misbehave\"} 0"), "{metrics}");
 }

@@ -138,7 +138,7 @@ async fn undecodable_and_rejected_messages_are_dead_lettered_with_the_reason() {
     assert!(letters.iter().any(|(_, r)| r.starts_with("body is not JSON")), "{letters:?}");
     assert!(letters.iter().any(|(n, r)| n == "user.updated" && r.contains("handler rejected")), "{letters:?}");
     let ingress = eventually("the ingress dead letters", SETTLE, || {
-        let l = t.router.readers.dead_letters(&format!("ingress:{}", rabbit.ingress), 10).unwrap();
+        let l = t.router.readers.dead_letters(&format!("ingress:{}", rabbit.ingress), 0, 10).unwrap();
         (l.len() == 2).then_some(l)
     })
     .await;
@@ -374,4 +374,53 @@ async fn events_with_one_key_are_handled_in_order_while_keys_run_in_parallel() {
         "an event was handled out of order: {:?}",
         t.dead_letters("misbehave")
     );
+}
+
+#[tokio::test]
+async fn a_retrying_event_holds_back_only_its_own_key_and_runs_again_with_the_next_attempt() {
+    let rabbit = Rabbit::new().await;
+    // One lane: a retry that waited in the lane would hold back every other key.
+    let settings = "concurrency = 1\nordering_key = [\"key\"]\n[plugin.retry]\nmax_attempts = 4\ninitial_backoff_ms = 1000\nmultiplier = 1.0\njitter = 0.0\n";
+    let t = TestRouter::start(&config(&rabbit, false, &[("misbehave", "misbehave.wasm", settings)])).await;
+    connected(&t).await;
+    let event = |key: &str, seq: u32, fail_attempts: u32| {
+        let body = json!({ "key": key, "seq": seq, "fail_attempts": fail_attempts }).to_string().into_bytes();
+        let props = BasicProperties::default().with_message_id(format!("{key}-{seq}").as_str().into());
+        ("chaos.seq".to_string(), body, props)
+    };
+    // slow-1 fails twice, then succeeds on its third attempt; everything else succeeds at once.
+    let mut messages = vec![event("slow", 1, 2)];
+    for seq in 2..=20 {
+        messages.push(event("slow", seq, 0));
+    }
+    for seq in 1..=20 {
+        messages.push(event("fast", seq, 0));
+    }
+    rabbit.publish_many(messages).await;
+    let parked_slow = || {
+        let keys = t.router.readers.parked_keys("misbehave").unwrap();
+        keys.iter().find(|(k, _)| k == "slow").map(|(_, n)| *n)
+    };
+    let behind = eventually("the other key to finish while slow-1 waits for its retry", SETTLE, || {
+        let fast_done = t.doc("misbehave", "seq", "fast").is_some_and(|d| d["seq"] == 20);
+        parked_slow().filter(|_| fast_done)
+    })
+    .await;
+    assert!(behind >= 1, "slow-1 is parked, with the later slow events behind it");
+    assert!(t.doc("misbehave", "seq", "slow").is_none(), "no later event of its key overtook it");
+    eventually("the slow key, in order, after the retries", SETTLE, || {
+        t.doc("misbehave", "seq", "slow").filter(|d| d["seq"] == 20)
+    })
+    .await;
+    assert!(
+        t.dead_letters("misbehave").is_empty(),
+        "out of order or out of attempts: {:?}",
+        t.dead_letters("misbehave")
+    );
+    let counters = t.router.plugins.get("misbehave").unwrap().slot().counters.snapshot();
+    assert_eq!((counters.succeeded, counters.retried), (40, 2), "slow-1 ran three times, every other event once");
+    eventually("nothing parked and every message acknowledged", SETTLE, || {
+        (parked_slow().is_none() && t.router.is_idle()).then_some(())
+    })
+    .await;
 }

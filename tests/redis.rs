@@ -79,7 +79,7 @@ async fn nestjs_events_over_pubsub_reach_the_replica_and_published_events_come_b
 
     let _: () = conn.publish(format!("{prefix}user.updated"), "{broken").await.unwrap();
     let letters = eventually("the pub/sub dead letter", SETTLE, || {
-        let l = t.router.readers.dead_letters("redis:pubsub", 10).unwrap();
+        let l = t.router.readers.dead_letters("redis:pubsub", 0, 10).unwrap();
         (!l.is_empty()).then_some(l)
     })
     .await;

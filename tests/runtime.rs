@@ -43,7 +43,7 @@ async fn retry_errors_are_retried_with_the_attempt_then_dead_lettered() {
     publish(&t, r#"{"pattern":"chaos.retry","data":{}}"#).await;
     publish(&t, r#"{"pattern":"chaos.reject","data":{}}"#).await;
     settle(&t).await;
-    let letters = t.router.readers.dead_letters("misbehave", 10).unwrap();
+    let letters = t.router.readers.dead_letters("misbehave", 0, 10).unwrap();
     let retry = letters.iter().find(|d| d.name.as_deref() == Some("chaos.retry")).expect("retry dead-lettered");
     assert_eq!(retry.attempts, 3);
     assert!(retry.reason.contains("asked to retry"), "{}", retry.reason);

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::StoreConfig;
-use crate::db::{self, DbError};
+use crate::db::{self, DbError, ParkedRow};
 use crate::event::Millis;
 
 /// One document write of an invocation, in the order the plugin made it.
@@ -103,6 +103,18 @@ enum Job {
     Journal { op: JournalOp, reply: oneshot::Sender<Result<(), String>> },
     Execute { sql: String, reply: oneshot::Sender<Result<(), String>> },
     Prune { before: Millis, reply: oneshot::Sender<Result<(), String>> },
+    Park { row: ParkedRow, reply: oneshot::Sender<Result<(), String>> },
+    Unpark { seq: i64, reply: oneshot::Sender<Result<(), String>> },
+    Replay { letters: Vec<Replayed>, reply: oneshot::Sender<Result<u64, String>> },
+    Discard { plugin: String, seqs: Option<Vec<i64>>, reply: oneshot::Sender<Result<u64, String>> },
+}
+
+/// A dead letter to replay: it is deleted, its processed-marker too, and `row` parked in its
+/// place, in one transaction.
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    pub dead_letter: i64,
+    pub row: ParkedRow,
 }
 
 /// How often the writer drops expired processed-markers and ingress journal rows.
@@ -206,6 +218,35 @@ impl Writer {
         rx.await.map_err(|_| WriterGone)
     }
 
+    /// Park an event until it is due: a new row, or (with `seq`) the same row with its next
+    /// attempt, so it keeps its place before the later events of its key.
+    pub async fn park(&self, row: ParkedRow) -> Result<Result<(), String>, WriterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job::Park { row, reply }).await.map_err(|_| WriterGone)?;
+        rx.await.map_err(|_| WriterGone)
+    }
+
+    /// Forget a parked event: it was handled (or dead-lettered).
+    pub async fn unpark(&self, seq: i64) -> Result<Result<(), String>, WriterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job::Unpark { seq, reply }).await.map_err(|_| WriterGone)?;
+        rx.await.map_err(|_| WriterGone)
+    }
+
+    /// Replay dead letters: each goes back to its plugin as a parked event; returns how many.
+    pub async fn replay(&self, letters: Vec<Replayed>) -> Result<Result<u64, String>, WriterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job::Replay { letters, reply }).await.map_err(|_| WriterGone)?;
+        rx.await.map_err(|_| WriterGone)
+    }
+
+    /// Delete a plugin's dead letters, those of `seqs` or all; returns how many.
+    pub async fn discard(&self, plugin: String, seqs: Option<Vec<i64>>) -> Result<Result<u64, String>, WriterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job::Discard { plugin, seqs, reply }).await.map_err(|_| WriterGone)?;
+        rx.await.map_err(|_| WriterGone)
+    }
+
     /// Run DDL (index creation) on the writer connection.
     pub async fn execute(&self, sql: String) -> Result<Result<(), String>, WriterGone> {
         let (reply, rx) = oneshot::channel();
@@ -218,6 +259,7 @@ impl Writer {
 enum Reply {
     Commit(oneshot::Sender<Outcome>, Outcome),
     Done(oneshot::Sender<Result<(), String>>, Result<(), String>),
+    Count(oneshot::Sender<Result<u64, String>>, Result<u64, String>),
 }
 
 fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_max: usize, outbox_ready: &Notify) {
@@ -243,6 +285,7 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_max: usize, outb
             match reply {
                 Reply::Commit(tx, outcome) => drop(tx.send(outcome)),
                 Reply::Done(tx, result) => drop(tx.send(result)),
+                Reply::Count(tx, result) => drop(tx.send(result)),
             }
         }
         if outbox_added {
@@ -258,7 +301,10 @@ fn failed_reply(job: Job, error: &str) -> Reply {
         | Job::Journal { reply, .. }
         | Job::Execute { reply, .. }
         | Job::Prune { reply, .. }
+        | Job::Park { reply, .. }
+        | Job::Unpark { reply, .. }
         | Job::OutboxSent { reply, .. } => Reply::Done(reply, Err(error.into())),
+        Job::Replay { reply, .. } | Job::Discard { reply, .. } => Reply::Count(reply, Err(error.into())),
     }
 }
 
@@ -317,6 +363,43 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut b
             Job::Execute { sql, reply } => {
                 let result = tx.execute_batch(&sql).map_err(|e| e.to_string());
                 replies.push(Reply::Done(reply, result));
+            }
+            Job::Park { row, reply } => {
+                park(&tx, &row)?;
+                replies.push(Reply::Done(reply, Ok(())));
+            }
+            Job::Unpark { seq, reply } => {
+                tx.prepare_cached("DELETE FROM parked WHERE seq = ?1")?.execute([seq])?;
+                replies.push(Reply::Done(reply, Ok(())));
+            }
+            Job::Replay { letters, reply } => {
+                let mut replayed = 0;
+                for Replayed { dead_letter, row } in &letters {
+                    let deleted =
+                        tx.prepare_cached("DELETE FROM dead_letters WHERE seq = ?1")?.execute([dead_letter])?;
+                    if deleted == 0 {
+                        continue;
+                    }
+                    tx.prepare_cached("DELETE FROM processed WHERE plugin = ?1 AND event_id = ?2")?
+                        .execute(params![row.plugin, row.event_id])?;
+                    park(&tx, row)?;
+                    replayed += 1;
+                }
+                replies.push(Reply::Count(reply, Ok(replayed)));
+            }
+            Job::Discard { plugin, seqs, reply } => {
+                let deleted = match seqs {
+                    None => tx.prepare_cached("DELETE FROM dead_letters WHERE plugin = ?1")?.execute([&plugin])?,
+                    Some(seqs) => {
+                        let mut stmt = tx.prepare_cached("DELETE FROM dead_letters WHERE plugin = ?1 AND seq = ?2")?;
+                        let mut n = 0;
+                        for seq in seqs {
+                            n += stmt.execute(params![plugin, seq])?;
+                        }
+                        n
+                    }
+                };
+                replies.push(Reply::Count(reply, Ok(deleted as u64)));
             }
         }
     }
@@ -425,6 +508,33 @@ fn commit_one(
         ])?;
     }
     Ok(Outcome::Committed)
+}
+
+fn park(c: &Connection, row: &ParkedRow) -> rusqlite::Result<()> {
+    match row.seq {
+        Some(seq) => {
+            c.prepare_cached("UPDATE parked SET attempt = ?2, deliver_at = ?3, reason = ?4 WHERE seq = ?1")?
+                .execute(params![seq, row.attempt, row.deliver_at.0 as i64, row.reason])?;
+        }
+        None => {
+            c.prepare_cached(
+                "INSERT INTO parked (plugin, event_id, ordering_key, attempt, first_failed_at, deliver_at, reason, transport, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                row.plugin,
+                row.event_id,
+                row.ordering_key,
+                row.attempt,
+                row.first_failed_at.0 as i64,
+                row.deliver_at.0 as i64,
+                row.reason,
+                row.transport,
+                row.body
+            ])?;
+        }
+    }
+    Ok(())
 }
 
 fn insert_dead_letter(c: &Connection, letter: &DeadLetter, now: Millis) -> rusqlite::Result<()> {

@@ -421,6 +421,14 @@ pub struct RetryPolicy {
     /// Longest wait, in milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
+    /// Each wait is shortened by a random part of up to this fraction (0 to 1), so that
+    /// events that failed together do not all come back together.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+}
+
+fn default_jitter() -> f64 {
+    0.2
 }
 
 fn default_max_attempts() -> u32 {
@@ -446,16 +454,23 @@ impl Default for RetryPolicy {
             initial_backoff_ms: default_initial_backoff_ms(),
             multiplier: default_multiplier(),
             max_backoff_ms: default_max_backoff_ms(),
+            jitter: default_jitter(),
         }
     }
 }
 
 impl RetryPolicy {
-    /// The wait before attempt `next` (2 for the first retry).
+    /// The wait before attempt `next` (2 for the first retry), before jitter.
     pub fn backoff(&self, next: u32) -> std::time::Duration {
         let exp = i32::try_from(next.saturating_sub(2)).unwrap_or(i32::MAX);
         let ms = (self.initial_backoff_ms as f64) * self.multiplier.powi(exp);
         std::time::Duration::from_millis(ms.min(self.max_backoff_ms as f64) as u64)
+    }
+
+    /// The wait before attempt `next` with jitter: `random` (0 to 1) takes off up to the
+    /// `jitter` fraction.
+    pub fn jittered(&self, next: u32, random: f64) -> std::time::Duration {
+        self.backoff(next).mul_f64(1.0 - self.jitter * random.clamp(0.0, 1.0))
     }
 }
 
@@ -634,6 +649,9 @@ impl Config {
             if !(p.retry.multiplier >= 1.0 && p.retry.multiplier.is_finite()) {
                 problems.push(format!("{at}.retry.multiplier: must be a finite number >= 1"));
             }
+            if !(0.0..=1.0).contains(&p.retry.jitter) {
+                problems.push(format!("{at}.retry.jitter: must be between 0 and 1"));
+            }
             for (key, value) in &p.config {
                 if let ConfigValue::Env { env: var } = value
                     && env(var).is_none()
@@ -735,9 +753,13 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy { max_attempts: 5, initial_backoff_ms: 100, multiplier: 2.0, max_backoff_ms: 300 };
+        let p =
+            RetryPolicy { max_attempts: 5, initial_backoff_ms: 100, multiplier: 2.0, max_backoff_ms: 300, jitter: 0.5 };
         assert_eq!(p.backoff(2).as_millis(), 100);
         assert_eq!(p.backoff(3).as_millis(), 200);
         assert_eq!(p.backoff(4).as_millis(), 300);
+        assert_eq!(p.jittered(3, 0.0).as_millis(), 200);
+        assert_eq!(p.jittered(3, 1.0).as_millis(), 100, "at most half off");
+        assert_eq!(p.jittered(3, 7.0).as_millis(), 100, "random is clamped");
     }
 }

@@ -61,6 +61,20 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_plugin ON dead_letters (plugin, seq);
+CREATE TABLE IF NOT EXISTS parked (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    plugin TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    ordering_key TEXT,       -- NULL: the event holds back no other
+    attempt INTEGER NOT NULL, -- the attempt it runs as next
+    first_failed_at INTEGER NOT NULL,
+    deliver_at INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS parked_due ON parked (plugin, deliver_at, seq);
+CREATE INDEX IF NOT EXISTS parked_key ON parked (plugin, ordering_key, seq);
 CREATE TABLE IF NOT EXISTS ingress_journal (
     id TEXT PRIMARY KEY,
     queue TEXT NOT NULL,
@@ -304,15 +318,93 @@ impl Readers {
         })
     }
 
-    /// Dead letters of a plugin, oldest first.
-    pub fn dead_letters(&self, plugin: &str, limit: usize) -> Result<Vec<DeadLetterRow>, DbError> {
+    /// A page of a plugin's dead letters, oldest first, after `after` (a `seq`).
+    pub fn dead_letters(&self, plugin: &str, after: i64, limit: usize) -> Result<Vec<DeadLetterRow>, DbError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT seq, event_id, name, reason, attempts FROM dead_letters WHERE plugin = ?1 ORDER BY seq LIMIT ?2",
+                "SELECT seq, event_id, name, reason, attempts, first_failed_at, last_failed_at, transport, body
+                 FROM dead_letters WHERE plugin = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![plugin, limit as i64], |r| {
-                Ok(DeadLetterRow { seq: r.get(0)?, event_id: r.get(1)?, name: r.get(2)?, reason: r.get(3)?, attempts: r.get(4)? })
+            let rows = stmt.query_map(params![plugin, after, limit as i64], |r| {
+                Ok(DeadLetterRow {
+                    seq: r.get(0)?,
+                    event_id: r.get(1)?,
+                    name: r.get(2)?,
+                    reason: r.get(3)?,
+                    attempts: r.get(4)?,
+                    first_failed_at: Millis(r.get::<_, i64>(5)? as u64),
+                    last_failed_at: Millis(r.get::<_, i64>(6)? as u64),
+                    transport: r.get(7)?,
+                    body: r.get(8)?,
+                })
             })?;
+            rows.collect()
+        })
+    }
+
+    /// How many dead letters each plugin has.
+    pub fn dead_letter_counts(&self) -> Result<Vec<(String, u64)>, DbError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT plugin, count(*) FROM dead_letters GROUP BY plugin")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+            rows.collect()
+        })
+    }
+
+    /// Parked events of a plugin that may run now: due, and first of their ordering key.
+    pub fn due_parked(&self, plugin: &str, now: Millis, limit: usize) -> Result<Vec<ParkedRow>, DbError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT p.seq, p.event_id, p.ordering_key, p.attempt, p.first_failed_at, p.deliver_at, p.reason, p.transport, p.body
+                 FROM parked p WHERE p.plugin = ?1 AND p.deliver_at <= ?2
+                 AND (p.ordering_key IS NULL OR p.seq =
+                      (SELECT min(q.seq) FROM parked q WHERE q.plugin = p.plugin AND q.ordering_key = p.ordering_key))
+                 ORDER BY p.seq LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![plugin, now.0 as i64, limit as i64], |r| {
+                Ok(ParkedRow {
+                    seq: Some(r.get(0)?),
+                    plugin: plugin.to_string(),
+                    event_id: r.get(1)?,
+                    ordering_key: r.get(2)?,
+                    attempt: r.get(3)?,
+                    first_failed_at: Millis(r.get::<_, i64>(4)? as u64),
+                    deliver_at: Millis(r.get::<_, i64>(5)? as u64),
+                    reason: r.get(6)?,
+                    transport: r.get(7)?,
+                    body: r.get(8)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// When the next parked event of a plugin falls due, if any.
+    pub fn next_parked_due(&self, plugin: &str) -> Result<Option<Millis>, DbError> {
+        self.with(|c| {
+            c.query_row("SELECT min(deliver_at) FROM parked WHERE plugin = ?1", [plugin], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map(|v| v.map(|ms| Millis(ms as u64)))
+        })
+    }
+
+    /// How many parked events each ordering key of a plugin has.
+    pub fn parked_keys(&self, plugin: &str) -> Result<Vec<(String, u32)>, DbError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT ordering_key, count(*) FROM parked WHERE plugin = ?1 AND ordering_key IS NOT NULL GROUP BY ordering_key",
+            )?;
+            let rows = stmt.query_map([plugin], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// How many events each plugin has parked.
+    pub fn parked_counts(&self) -> Result<Vec<(String, u64)>, DbError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT plugin, count(*) FROM parked GROUP BY plugin")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
             rows.collect()
         })
     }
@@ -339,12 +431,39 @@ pub struct OutboxEntry {
     pub created_at: Millis,
 }
 
-/// A dead letter, as listed.
+/// A dead letter, as kept.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetterRow {
     pub seq: i64,
+    /// None for a message that could not be decoded.
     pub event_id: Option<String>,
     pub name: Option<String>,
     pub reason: String,
     pub attempts: u32,
+    pub first_failed_at: Millis,
+    pub last_failed_at: Millis,
+    /// The transport metadata as JSON.
+    pub transport: String,
+    /// The original bytes.
+    pub body: Vec<u8>,
+}
+
+/// An event parked until it is due: a retry waiting for its backoff, an event waiting behind
+/// an earlier one of its ordering key, or a replayed dead letter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedRow {
+    /// None until it is stored.
+    pub seq: Option<i64>,
+    pub plugin: String,
+    pub event_id: String,
+    pub ordering_key: Option<String>,
+    /// The attempt it runs as next.
+    pub attempt: u32,
+    pub first_failed_at: Millis,
+    /// 0: as soon as it is first of its key.
+    pub deliver_at: Millis,
+    /// Why it is parked (the last failure).
+    pub reason: String,
+    pub transport: String,
+    pub body: Vec<u8>,
 }

@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::commit::{DeadLetter, Outcome, Writer};
-use crate::db::Readers;
+use crate::db::{ParkedRow, Readers};
 use crate::event::{Event, Millis};
+use crate::retry::{Origin, Parking, random_fraction};
 use crate::runtime::{Instance, InvokeError, LoadedPlugin};
 use crate::source::{Ack, Received};
 use crate::telemetry::{Counters, Outcome as Counted};
@@ -28,8 +29,11 @@ pub struct Inbound {
     pub event: Event,
     pub received: Received,
     pub ack: Ack,
-    /// The attempt this delivery is: 1, or more when the broker counted earlier deliveries.
+    /// The attempt this delivery is: 1, or more when the broker counted earlier deliveries or
+    /// the event was parked for a retry.
     pub attempt: u32,
+    /// Set when the event comes from the store's parked events.
+    pub parked: Option<Origin>,
 }
 
 /// An event queued on its lane, with the ordering key that chose the lane (read from the
@@ -126,6 +130,7 @@ pub struct Dispatch {
     slot: Arc<PluginSlot>,
     lanes: Vec<mpsc::Sender<Queued>>,
     pending: Arc<Pending>,
+    parking: Arc<Parking>,
 }
 
 impl Dispatch {
@@ -134,6 +139,7 @@ impl Dispatch {
         let plugin = slot.current();
         let name: Arc<str> = Arc::from(plugin.name.as_str());
         let pending = Arc::new(Pending::default());
+        let parking = Arc::new(Parking::load(&readers, &name));
         let lanes = (0..plugin.settings.concurrency.max(1))
             .map(|index| {
                 let (tx, rx) = mpsc::channel(LANE_DEPTH);
@@ -143,12 +149,23 @@ impl Dispatch {
                     readers: readers.clone(),
                     instance: None,
                     pending: pending.clone(),
+                    parking: parking.clone(),
                 };
                 tokio::spawn(lane.run(rx).instrument(tracing::info_span!("lane", plugin = %name, index)));
                 tx
             })
             .collect();
-        Dispatch { name, slot, lanes, pending }
+        Dispatch { name, slot, lanes, pending, parking }
+    }
+
+    /// What its lanes and its retrier share about its parked events.
+    pub fn parking(&self) -> &Arc<Parking> {
+        &self.parking
+    }
+
+    /// Cancelled when the plugin is removed.
+    pub fn closing(&self) -> CancellationToken {
+        self.pending.closing.clone()
     }
 
     pub fn name(&self) -> &str {
@@ -201,6 +218,29 @@ impl Dispatch {
     }
 }
 
+/// An event as the store parks it, due at `deliver_at` as attempt `attempt`.
+fn parked_row(
+    plugin: &LoadedPlugin,
+    inbound: &Inbound,
+    key: Option<String>,
+    attempt: u32,
+    deliver_at: Millis,
+    reason: String,
+) -> ParkedRow {
+    ParkedRow {
+        seq: None,
+        plugin: plugin.name.to_string(),
+        event_id: inbound.event.id.0.clone(),
+        ordering_key: key,
+        attempt,
+        first_failed_at: inbound.parked.map_or_else(Millis::now, |o| o.first_failed_at),
+        deliver_at,
+        reason,
+        transport: inbound.received.transport_json(),
+        body: inbound.received.body.clone(),
+    }
+}
+
 /// Keep an undecodable message, then ack it: it can never be handled, and the reason is kept.
 pub async fn dead_letter_undecodable(writer: &Writer, owner: &str, received: Received, ack: Ack, reason: String) {
     tracing::warn!(owner, reason = %reason, "undecodable message dead-lettered");
@@ -230,6 +270,7 @@ struct Lane {
     readers: Readers,
     instance: Option<Instance>,
     pending: Arc<Pending>,
+    parking: Arc<Parking>,
 }
 
 /// How one event ended in a lane.
@@ -237,6 +278,8 @@ enum Settled {
     Committed,
     Duplicate,
     DeadLettered,
+    /// Parked in the store for a later attempt (or behind an earlier event of its key).
+    Parked,
     /// Left unacknowledged: the broker redelivers it.
     Abandoned,
 }
@@ -262,12 +305,63 @@ impl Lane {
                 name = %inbound.event.name,
                 correlation_id = inbound.event.correlation_id.as_deref().unwrap_or(""),
             );
-            let settled = self.handle(&inbound.event, key, &inbound.received, inbound.attempt).instrument(span).await;
+            let held = inbound.parked.is_none() && key.as_deref().is_some_and(|k| self.parking.holds(k));
+            let settled = if held {
+                // An earlier event of this key is parked: this one waits behind it.
+                let row = parked_row(
+                    &self.slot.current(),
+                    &inbound,
+                    key.clone(),
+                    inbound.attempt,
+                    Millis(0),
+                    "waiting behind an earlier event of its key".into(),
+                );
+                Self::park(&self.writer, &self.parking, row, inbound.parked, key.as_deref()).instrument(span).await
+            } else {
+                self.handle(&inbound, key.clone()).instrument(span).await
+            };
             match settled {
-                Settled::Committed | Settled::Duplicate | Settled::DeadLettered => inbound.ack.ack().await,
+                Settled::Committed | Settled::Duplicate | Settled::DeadLettered => {
+                    inbound.ack.ack().await;
+                    if inbound.parked.is_some()
+                        && let Some(key) = &key
+                    {
+                        self.parking.release(key);
+                    }
+                }
+                Settled::Parked => inbound.ack.parked().await,
                 Settled::Abandoned => inbound.ack.requeue().await,
             }
             self.pending.leave();
+        }
+    }
+
+    /// Keep an event in the store for later: a new row, or its own row updated when it came
+    /// from there (so it keeps its place before the later events of its key).
+    async fn park(
+        writer: &Writer,
+        parking: &Parking,
+        mut row: ParkedRow,
+        origin: Option<Origin>,
+        key: Option<&str>,
+    ) -> Settled {
+        row.seq = origin.map(|o| o.seq);
+        match writer.park(row).await {
+            Ok(Ok(())) => {
+                match (origin, key) {
+                    (None, Some(key)) => parking.hold(key),
+                    _ => parking.poke(),
+                }
+                Settled::Parked
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not park the event; leaving the message to the broker");
+                Settled::Abandoned
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store writer stopped; leaving the message to the broker");
+                Settled::Abandoned
+            }
         }
     }
 
@@ -285,7 +379,8 @@ impl Lane {
         Ok(self.instance.as_mut().expect("instance was just set"))
     }
 
-    async fn handle(&mut self, event: &Event, key: Option<String>, received: &Received, first_attempt: u32) -> Settled {
+    async fn handle(&mut self, inbound: &Inbound, key: Option<String>) -> Settled {
+        let event = &inbound.event;
         let plugin = self.slot.current();
         let name: Arc<str> = Arc::from(plugin.name.as_str());
         let count = |outcome| self.slot.counters.record(&name, outcome);
@@ -300,10 +395,9 @@ impl Lane {
             Err(e) => tracing::warn!(error = %e, "cannot check the processed-marker; the commit will"),
         }
         let retry = plugin.settings.retry;
-        let first_failed_at = Millis::now();
-        let mut attempt = first_attempt.max(1);
+        let attempt = inbound.attempt.max(1);
         let mut conflicts = 0;
-        loop {
+        let failure = loop {
             let started = std::time::Instant::now();
             let result = match self.instance(&plugin).await {
                 Ok(instance) => instance.handle(event, key.clone(), attempt).await,
@@ -311,7 +405,7 @@ impl Lane {
             };
             let took = started.elapsed();
             let count = |outcome| self.slot.counters.record(&name, outcome);
-            let failure = match result {
+            match result {
                 Ok(effects) => match self.writer.commit(name.clone(), event.id.0.clone(), effects).await {
                     Ok(Outcome::Committed) => {
                         tracing::debug!(attempt, "committed");
@@ -327,43 +421,47 @@ impl Lane {
                         tracing::debug!(conflicts, "read a document that changed meanwhile; running again");
                         continue;
                     }
-                    Ok(Outcome::Conflict) => InvokeError::Retry("too many concurrent conflicts".into()),
-                    Ok(Outcome::Failed(e)) => InvokeError::Retry(format!("commit failed: {e}")),
+                    Ok(Outcome::Conflict) => break InvokeError::Retry("too many concurrent conflicts".into()),
+                    Ok(Outcome::Failed(e)) => break InvokeError::Retry(format!("commit failed: {e}")),
                     Err(e) => {
                         tracing::error!(error = %e, "store writer stopped; leaving the message to the broker");
                         return Settled::Abandoned;
                     }
                 },
-                Err(e) => e,
-            };
-            if failure.poisons_instance() {
-                self.instance = None;
+                Err(e) => break e,
             }
-            let last = attempt >= retry.max_attempts || matches!(failure, InvokeError::Reject(_));
-            tracing::warn!(plugin = %plugin.name, attempt, error = %failure, will_retry = !last, "invocation failed");
-            if matches!(failure, InvokeError::Reject(_)) {
-                count(Counted::Rejected);
-            }
-            if last {
-                count(Counted::DeadLettered);
-                return Self::dead_letter(&self.writer, &plugin, event, received, &failure, attempt, first_failed_at)
-                    .await;
-            }
-            count(Counted::Retried);
-            attempt += 1;
-            tokio::time::sleep(retry.backoff(attempt)).await;
+        };
+        if failure.poisons_instance() {
+            self.instance = None;
         }
+        let count = |outcome| self.slot.counters.record(&name, outcome);
+        let last = attempt >= retry.max_attempts || matches!(failure, InvokeError::Reject(_));
+        tracing::warn!(plugin = %plugin.name, attempt, error = %failure, will_retry = !last, "invocation failed");
+        if matches!(failure, InvokeError::Reject(_)) {
+            count(Counted::Rejected);
+        }
+        let first_failed_at = inbound.parked.map_or_else(Millis::now, |o| o.first_failed_at);
+        if last {
+            count(Counted::DeadLettered);
+            return Self::dead_letter(&self.writer, &plugin, inbound, &failure, attempt, first_failed_at).await;
+        }
+        count(Counted::Retried);
+        let next = attempt + 1;
+        let due = Millis(Millis::now().0.saturating_add(retry.jittered(next, random_fraction()).as_millis() as u64));
+        let mut row = parked_row(&plugin, inbound, key.clone(), next, due, failure.to_string());
+        row.first_failed_at = first_failed_at;
+        Self::park(&self.writer, &self.parking, row, inbound.parked, key.as_deref()).await
     }
 
     async fn dead_letter(
         writer: &Writer,
         plugin: &LoadedPlugin,
-        event: &Event,
-        received: &Received,
+        inbound: &Inbound,
         failure: &InvokeError,
         attempts: u32,
         first_failed_at: Millis,
     ) -> Settled {
+        let (event, received) = (&inbound.event, &inbound.received);
         let letter = DeadLetter {
             plugin: plugin.name.to_string(),
             event_id: Some(event.id.0.clone()),

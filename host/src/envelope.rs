@@ -66,7 +66,7 @@ impl HeaderValue {
 }
 
 /// What the envelope decoder needs to know about how a message travelled.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Transport {
     /// AMQP routing key, Redis channel or stream name.
     pub routing_key: String,

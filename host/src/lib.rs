@@ -21,6 +21,7 @@ pub mod envelope;
 pub mod event;
 pub mod outbox;
 pub mod plugins;
+pub mod retry;
 pub mod route;
 pub mod router;
 pub mod runtime;

@@ -102,7 +102,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DeadLetters { config, plugin } => {
             let config = Config::load(&config)?;
             let readers = open_readers(&config)?;
-            for d in readers.dead_letters(&plugin, 10_000)? {
+            for d in readers.dead_letters(&plugin, 0, 10_000)? {
                 let line = serde_json::json!({
                     "seq": d.seq, "event_id": d.event_id, "name": d.name, "reason": d.reason, "attempts": d.attempts,
                 });

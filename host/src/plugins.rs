@@ -13,8 +13,10 @@ use crate::commit::Writer;
 use crate::config::{PluginConfig, RabbitMqConfig, RedisConfig};
 use crate::db::{self, Readers};
 use crate::dispatch::{Dispatch, PluginSlot};
+use crate::retry::Retrier;
 use crate::runtime::registry::{Registry, Which};
 use crate::runtime::{LoadError, LoadedPlugin, Overrides, Runtime};
+use crate::source::InFlight;
 use crate::source::rabbitmq::{RabbitMqSource, delete_queue, rebind};
 use crate::source::redis::destroy_groups;
 
@@ -170,6 +172,7 @@ pub struct Control {
     pub redis: Option<RedisConfig>,
     /// The `[[plugin]]` entries of `router.toml`.
     pub configured: Arc<Vec<PluginConfig>>,
+    pub in_flight: Arc<InFlight>,
 }
 
 /// Why a change to the plugins was refused or failed.
@@ -223,7 +226,8 @@ impl Control {
         }
     }
 
-    /// Create a loaded plugin's indexes and start its lanes; it is not in the set yet.
+    /// Create a loaded plugin's indexes and start its lanes and its retrier; it is not in the
+    /// set yet.
     pub async fn install(&self, plugin: LoadedPlugin) -> Result<Dispatch, ControlError> {
         self.create_indexes(&plugin).await?;
         tracing::info!(
@@ -233,7 +237,15 @@ impl Control {
             subscriptions = ?plugin.settings.subscriptions.0.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
             "plugin loaded"
         );
-        Ok(Dispatch::start(Arc::new(PluginSlot::new(plugin)), self.writer.clone(), self.readers.clone()))
+        let dispatch = Dispatch::start(Arc::new(PluginSlot::new(plugin)), self.writer.clone(), self.readers.clone());
+        let retrier = Retrier {
+            dispatch: dispatch.clone(),
+            readers: self.readers.clone(),
+            writer: self.writer.clone(),
+            in_flight: self.in_flight.clone(),
+        };
+        tokio::spawn(retrier.run());
+        Ok(dispatch)
     }
 
     async fn create_indexes(&self, plugin: &LoadedPlugin) -> Result<(), ControlError> {

@@ -63,6 +63,7 @@ impl Router {
             rabbitmq: config.rabbitmq.clone(),
             redis: config.redis.clone(),
             configured: Arc::new(config.plugins.clone()),
+            in_flight: in_flight.clone(),
         };
 
         for plugin_config in &config.plugins {
@@ -161,9 +162,12 @@ impl Router {
         self.in_flight.get()
     }
 
-    /// Whether nothing is in flight and the outbox is empty.
+    /// Whether nothing is in flight or parked for a retry, and the outbox is empty.
     pub fn is_idle(&self) -> bool {
-        self.in_flight() == 0 && self.readers.outbox_backlog().map(|n| n == 0).unwrap_or(false)
+        let parked = self.readers.parked_counts().map(|c| c.iter().map(|(_, n)| n).sum::<u64>());
+        self.in_flight() == 0
+            && parked.is_ok_and(|n| n == 0)
+            && self.readers.outbox_backlog().map(|n| n == 0).unwrap_or(false)
     }
 
     /// Wait until the router has been idle for two checks in a row. With RabbitMQ this

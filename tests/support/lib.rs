@@ -92,7 +92,7 @@ impl TestRouter {
     pub fn dead_letters(&self, plugin: &str) -> Vec<(String, String)> {
         self.router
             .readers
-            .dead_letters(plugin, 1000)
+            .dead_letters(plugin, 0, 1000)
             .expect("read dead letters")
             .into_iter()
             .map(|d| (d.name.unwrap_or_default(), d.reason))

@@ -6,6 +6,7 @@
 //! configured; without one the server binds to loopback only. Errors have one shape:
 //! `{"error": {"code", "message"}}`; 4xx messages say why, 5xx are generic and logged.
 
+mod dead_letters;
 mod errors;
 mod upload;
 
@@ -115,6 +116,8 @@ pub fn routes(state: AdminState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(resume))
         .routes(routes!(list_documents))
         .routes(routes!(get_document))
+        .routes(routes!(dead_letters::list, dead_letters::discard))
+        .routes(routes!(dead_letters::replay))
         .routes(routes!(post_event))
         .routes(routes!(metrics))
         .routes(routes!(openapi))
@@ -177,7 +180,7 @@ async fn authorize(State(state): State<AdminState>, request: Request, next: Next
 }
 
 /// A query string that does not parse gets the one error shape, saying why.
-fn query_of<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, AdminError> {
+pub(crate) fn query_of<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, AdminError> {
     query.map(|Query(q)| q).map_err(|e| AdminError::BadRequest(format!("query: {}", e.body_text())))
 }
 
@@ -549,7 +552,9 @@ async fn post_event(
         if plugin.settings.subscriptions.matches(&event.name) {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let ack = Ack::notify(tx, state.in_flight.clone());
-            dispatch.submit(Inbound { event: event.clone(), received: received.clone(), ack, attempt: 1 }).await;
+            dispatch
+                .submit(Inbound { event: event.clone(), received: received.clone(), ack, attempt: 1, parked: None })
+                .await;
             plugins.push(plugin.name.to_string());
             settled.push(rx);
         }
@@ -572,13 +577,26 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     if let Ok(backlog) = state.readers.outbox_backlog() {
         metrics::gauge!("switchyard_outbox_backlog").set(backlog as f64);
     }
+    let plugins: Vec<String> = state.control.plugins.snapshot().plugins.iter().map(|d| d.name().to_string()).collect();
+    // Every running plugin has both gauges, 0 when the store has no rows for it.
+    for (gauge, counts) in [
+        ("switchyard_dead_letters", state.readers.dead_letter_counts()),
+        ("switchyard_parked", state.readers.parked_counts()),
+    ] {
+        let mut counts: std::collections::BTreeMap<String, u64> = counts.unwrap_or_default().into_iter().collect();
+        for plugin in &plugins {
+            counts.entry(plugin.clone()).or_insert(0);
+        }
+        for (plugin, count) in counts {
+            metrics::gauge!(gauge, "plugin" => plugin).set(count as f64);
+        }
+    }
     for (name, connected) in state.sources.iter() {
         let up = if connected.load(std::sync::atomic::Ordering::SeqCst) { 1.0 } else { 0.0 };
         metrics::gauge!("switchyard_source_connected", "source" => *name).set(up);
     }
     metrics::gauge!("switchyard_in_flight").set(state.in_flight.get() as f64);
     // Consumer lag, where the broker tells it.
-    let plugins: Vec<String> = state.control.plugins.snapshot().plugins.iter().map(|d| d.name().to_string()).collect();
     if let Some(rabbit) = &state.control.rabbitmq {
         let queues: Vec<String> = plugins.iter().map(|p| RabbitMqSource::queue_name(rabbit, p)).collect();
         let depths = crate::source::rabbitmq::queue_depths(rabbit.url.expose(), &queues).await;

@@ -42,6 +42,8 @@ pub struct UploadSettings {
     pub initial_backoff_ms: Option<u64>,
     pub multiplier: Option<f64>,
     pub max_backoff_ms: Option<u64>,
+    /// Fraction (0 to 1) of each backoff taken off at random.
+    pub jitter: Option<f64>,
     /// Config values the plugin reads (JSON part only): text, or `{"env": "NAME"}` to read the
     /// router's environment; they replace the running version's values.
     #[param(ignore)]
@@ -150,8 +152,14 @@ impl UploadSettings {
         retry.initial_backoff_ms = self.initial_backoff_ms.unwrap_or(retry.initial_backoff_ms);
         retry.multiplier = self.multiplier.unwrap_or(retry.multiplier);
         retry.max_backoff_ms = self.max_backoff_ms.unwrap_or(retry.max_backoff_ms);
-        if retry.max_attempts == 0 || !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
-            return Err(AdminError::BadRequest("max_attempts must be at least 1 and multiplier at least 1.0".into()));
+        retry.jitter = self.jitter.unwrap_or(retry.jitter);
+        if retry.max_attempts == 0
+            || !(retry.multiplier.is_finite() && retry.multiplier >= 1.0)
+            || !(0.0..=1.0).contains(&retry.jitter)
+        {
+            return Err(AdminError::BadRequest(
+                "max_attempts must be at least 1, multiplier at least 1.0 and jitter between 0 and 1".into(),
+            ));
         }
         if let Some(config) = self.config {
             base.config = config;

@@ -43,6 +43,7 @@ impl Bus {
                 received: received.clone(),
                 ack: Ack::local(self.in_flight.clone()),
                 attempt: 1,
+                parked: None,
             };
             dispatch.submit(inbound).await;
         }

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::Transport;
+use crate::envelope::{HeaderValue, Transport};
+use crate::event::Millis;
+use crate::retry::Parking;
 
 /// A message as received, before or after decoding.
 #[derive(Debug, Clone)]
@@ -21,18 +23,71 @@ pub struct Received {
 }
 
 impl Received {
-    /// The transport metadata as JSON, kept with dead letters.
+    /// The transport metadata as JSON, kept with dead letters and parked events so that the
+    /// message can be decoded again as it was received.
     pub fn transport_json(&self) -> String {
         let t = &self.transport;
-        let headers: Vec<(String, String)> = t.headers.iter().map(|(n, v)| (n.clone(), v.to_string())).collect();
+        let headers: Vec<(&str, serde_json::Value)> = t
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                let value = match v {
+                    HeaderValue::Text(s) => serde_json::Value::from(s.as_str()),
+                    HeaderValue::Integer(i) => serde_json::Value::from(*i),
+                    HeaderValue::Boolean(b) => serde_json::Value::from(*b),
+                    HeaderValue::Timestamp(secs) => serde_json::json!({ "timestamp": secs }),
+                };
+                (n.as_str(), value)
+            })
+            .collect();
         serde_json::json!({
             "routing_key": t.routing_key,
             "origin": t.origin,
             "content_type": t.content_type,
             "message_id": t.message_id,
+            "correlation_id": t.correlation_id,
+            "timestamp": t.timestamp,
+            "received_at": t.received_at.0,
             "headers": headers,
         })
         .to_string()
+    }
+
+    /// A message as [`transport_json`](Self::transport_json) kept it. Metadata that cannot be
+    /// read is left out: the body still decodes, with less context.
+    pub fn from_kept(transport_json: &str, body: Vec<u8>) -> Received {
+        let kept: serde_json::Value = serde_json::from_str(transport_json).unwrap_or_default();
+        let text = |key: &str| kept.get(key).and_then(|v| v.as_str()).map(str::to_string);
+        let headers = kept
+            .get("headers")
+            .and_then(|h| h.as_array())
+            .map(|pairs| {
+                pairs
+                    .iter()
+                    .filter_map(|pair| {
+                        let name = pair.get(0)?.as_str()?.to_string();
+                        let value = match pair.get(1)? {
+                            serde_json::Value::String(s) => HeaderValue::Text(s.clone()),
+                            serde_json::Value::Bool(b) => HeaderValue::Boolean(*b),
+                            serde_json::Value::Number(n) => HeaderValue::Integer(n.as_i64()?),
+                            other => HeaderValue::Timestamp(other.get("timestamp")?.as_u64()?),
+                        };
+                        Some((name, value))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let transport = Transport {
+            routing_key: text("routing_key").unwrap_or_default(),
+            origin: text("origin").unwrap_or_default(),
+            content_type: text("content_type"),
+            message_id: text("message_id"),
+            correlation_id: text("correlation_id"),
+            timestamp: kept.get("timestamp").and_then(|v| v.as_u64()),
+            headers,
+            received_at: kept.get("received_at").and_then(|v| v.as_u64()).map(Millis).unwrap_or_else(Millis::now),
+        };
+        Received { body, transport }
     }
 }
 
@@ -97,6 +152,12 @@ enum AckKind {
     },
     /// The in-process bus or Redis pub/sub: nothing to tell a broker.
     Local,
+    /// An event parked in the store: settling it deletes the row.
+    Parked {
+        writer: crate::commit::Writer,
+        seq: i64,
+        parking: Arc<Parking>,
+    },
     /// An HTTP request waiting for the event to be settled.
     Notify(tokio::sync::oneshot::Sender<()>),
 }
@@ -121,6 +182,16 @@ impl Ack {
     pub(crate) fn notify(settled: tokio::sync::oneshot::Sender<()>, in_flight: Arc<InFlight>) -> Self {
         in_flight.0.fetch_add(1, Ordering::SeqCst);
         Ack { kind: AckKind::Notify(settled), in_flight }
+    }
+
+    pub(crate) fn parked_row(
+        writer: crate::commit::Writer,
+        seq: i64,
+        parking: Arc<Parking>,
+        in_flight: Arc<InFlight>,
+    ) -> Self {
+        in_flight.0.fetch_add(1, Ordering::SeqCst);
+        Ack { kind: AckKind::Parked { writer, seq, parking }, in_flight }
     }
 
     pub(crate) fn local(in_flight: Arc<InFlight>) -> Self {
@@ -151,7 +222,24 @@ impl Ack {
                     tracing::warn!(error = %e, stream, id, "XACK failed; the entry will be claimed again");
                 }
             }
+            AckKind::Parked { writer, seq, .. } => match writer.unpark(*seq).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, seq, "could not delete a parked event; it will run again and be deduplicated")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, seq, "could not delete a parked event; it will run again and be deduplicated")
+                }
+            },
             AckKind::Local | AckKind::Notify(_) => {}
+        }
+    }
+
+    /// The event was parked for a later attempt: the broker may forget the message, now that
+    /// the store holds it; an event that already was parked keeps its (updated) row.
+    pub async fn parked(self) {
+        if !matches!(self.kind, AckKind::Parked { .. }) {
+            self.ack().await;
         }
     }
 
@@ -170,5 +258,37 @@ impl Ack {
 impl Drop for Ack {
     fn drop(&mut self) {
         self.in_flight.0.fetch_sub(1, Ordering::SeqCst);
+        if let AckKind::Parked { seq, parking, .. } = &self.kind {
+            parking.untake(*seq);
+        }
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_message_decodes_as_it_was_received() {
+        let transport = Transport {
+            routing_key: "user.updated".into(),
+            origin: "amqp:x".into(),
+            content_type: Some("application/json".into()),
+            message_id: Some("m-1".into()),
+            correlation_id: Some("c-1".into()),
+            timestamp: Some(1_700_000_000),
+            headers: vec![
+                ("x-text".into(), HeaderValue::Text("t".into())),
+                ("x-int".into(), HeaderValue::Integer(-4)),
+                ("x-bool".into(), HeaderValue::Boolean(true)),
+                ("x-time".into(), HeaderValue::Timestamp(1_700_000_001)),
+            ],
+            received_at: Millis(1_700_000_000_123),
+        };
+        let received = Received { body: b"{}".to_vec(), transport };
+        let kept = Received::from_kept(&received.transport_json(), received.body.clone());
+        assert_eq!(kept.transport, received.transport);
+        assert_eq!(kept.body, received.body);
+        let unreadable = Received::from_kept("not json", b"x".to_vec());
+        assert_eq!((unreadable.transport.routing_key.as_str(), unreadable.body), ("", b"x".to_vec()));
     }
 }

@@ -339,7 +339,11 @@ impl PluginConsumer {
             let ack = Ack::amqp(delivery.acker, self.in_flight.clone());
             let received = Received { body: delivery.data, transport };
             match envelope::decode(&received.body, &received.transport) {
-                Ok(decoded) => self.dispatch.submit(Inbound { event: decoded.event, received, ack, attempt: 1 }).await,
+                Ok(decoded) => {
+                    self.dispatch
+                        .submit(Inbound { event: decoded.event, received, ack, attempt: 1, parked: None })
+                        .await
+                }
                 Err(e) => {
                     dead_letter_undecodable(&self.writer, self.dispatch.name(), received, ack, e.to_string()).await
                 }

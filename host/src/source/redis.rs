@@ -362,6 +362,7 @@ impl PubSubConsumer {
                                 received: received.clone(),
                                 ack,
                                 attempt: 1,
+                                parked: None,
                             })
                             .await;
                     }
@@ -516,7 +517,7 @@ impl StreamConsumer {
             match envelope::decode(&received.body, &received.transport) {
                 Ok(decoded) if subscriptions.matches(&decoded.event.name) => {
                     let attempt = counts.get(&entry.id).copied().unwrap_or(1).max(1);
-                    self.dispatch.submit(Inbound { event: decoded.event, received, ack, attempt }).await;
+                    self.dispatch.submit(Inbound { event: decoded.event, received, ack, attempt, parked: None }).await;
                 }
                 // Not for this plugin: its group moves past the entry.
                 Ok(_) => ack.ack().await,
