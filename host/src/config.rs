@@ -61,6 +61,14 @@ pub struct RouterConfig {
     /// Bearer token every admin request but `GET /v1/health` must carry; prefer
     /// `SWITCHYARD_ADMIN_TOKEN`. Without one, the admin API binds to loopback only.
     pub admin_token: Option<Secret>,
+    /// On SIGTERM/SIGINT: how long to let invocations under way finish and the outbox flush,
+    /// in milliseconds, before exiting anyway (what is not finished is redelivered).
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+fn default_drain_timeout_ms() -> u64 {
+    30_000
 }
 
 /// Which broker receives published events.
@@ -88,6 +96,7 @@ impl Default for RouterConfig {
             sink: SinkChoice::default(),
             admin_address: None,
             admin_token: None,
+            drain_timeout_ms: default_drain_timeout_ms(),
         }
     }
 }

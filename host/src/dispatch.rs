@@ -194,7 +194,8 @@ impl Dispatch {
         }
     }
 
-    /// Take no more events (those already taken are still handled).
+    /// Take no more events, and start none of those queued: invocations under way finish,
+    /// queued events go back to their source unhandled.
     pub fn close(&self) {
         self.pending.closed.store(true, Ordering::SeqCst);
         self.pending.closing.cancel();
@@ -206,7 +207,8 @@ impl Dispatch {
     }
 
     /// Wait until every event this plugin took is settled (committed or dead-lettered and
-    /// acked, or given back to the broker). Meant after [`close`](Self::close).
+    /// acked, or given back to the broker). Meant after [`close`](Self::close), after which
+    /// only the invocations under way finish: queued events are given back unhandled.
     pub async fn drained(&self) {
         loop {
             let settled = self.pending.settled.notified();
@@ -288,13 +290,15 @@ impl Lane {
     async fn run(mut self, mut rx: mpsc::Receiver<Queued>) {
         while let Some(Queued { inbound, key }) = rx.recv().await {
             let closing = self.pending.closing.clone();
-            let runs = tokio::select! {
-                biased;
-                _ = self.slot.wait_running() => true,
-                _ = closing.cancelled() => false,
-            };
+            let runs = !closing.is_cancelled()
+                && tokio::select! {
+                    biased;
+                    _ = self.slot.wait_running() => true,
+                    _ = closing.cancelled() => false,
+                };
             if !runs {
-                // Removed while paused: the event goes back to the broker, unhandled.
+                // Removed or stopping before it started: the event goes back to the broker
+                // (or stays parked) unhandled; only invocations under way finish.
                 inbound.ack.requeue().await;
                 self.pending.leave();
                 continue;

@@ -320,8 +320,9 @@ impl Control {
         self.swap(plugin).await
     }
 
-    /// Remove a plugin: it takes no more events, its consumers stop, and the events it took
-    /// are handled and acknowledged (within `drain_timeout`). Its queue is unbound but keeps
+    /// Remove a plugin: it takes no more events, its consumers stop, the invocations under way
+    /// finish and are acknowledged (within `drain_timeout`), and the events it had queued but
+    /// not started go back to the broker. Its queue is unbound but keeps
     /// what is in it, for when the plugin comes back, unless `discard` deletes the queue (and
     /// the Redis consumer groups) with their events. The registry forgets it; a plugin that
     /// `router.toml` names comes back from there at the next start.

@@ -14,6 +14,7 @@ use crate::admin::{self, AdminState};
 use crate::commit::Writer;
 use crate::config::{Config, PluginConfig, PluginName, Secret, SinkChoice};
 use crate::db::{self, Readers};
+use crate::dispatch::Dispatch;
 use crate::outbox::{self, RabbitSink, RedisSink, Sink};
 use crate::plugins::{Control, PluginSet};
 use crate::runtime::registry::{Registry, Which};
@@ -39,6 +40,7 @@ pub struct Router {
     in_flight: Arc<InFlight>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    drain_timeout: Duration,
 }
 
 impl Router {
@@ -130,6 +132,7 @@ impl Router {
             in_flight,
             shutdown,
             tasks,
+            drain_timeout: Duration::from_millis(config.router.drain_timeout_ms),
         };
         if let Some(address) = &config.router.admin_address {
             let state = router.admin_state(config.router.admin_token.clone());
@@ -184,8 +187,32 @@ impl Router {
         }
     }
 
-    /// Stop taking messages and end every task. Unsettled messages go back to the broker.
+    /// Stop gracefully: take no more messages (each plugin refuses new events, which stay
+    /// with the broker), let the invocations under way finish and be acknowledged, give the
+    /// outbox a chance to flush, all within `router.drain_timeout_ms`; then end every task.
+    /// Unsettled messages go back to the broker; parked events stay in the store.
     pub async fn stop(mut self) {
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        let plugins = self.plugins.snapshot();
+        plugins.plugins.iter().for_each(Dispatch::close);
+        let drained = futures::future::join_all(plugins.plugins.iter().map(Dispatch::drained));
+        let drained = tokio::time::timeout_at(deadline, drained).await.is_ok();
+        let flushed = tokio::time::timeout_at(deadline, async {
+            while !self.readers.outbox_backlog().is_ok_and(|n| n == 0) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .is_ok();
+        if drained && flushed {
+            tracing::info!("drained: every event taken was settled and the outbox is empty");
+        } else {
+            tracing::warn!(
+                drained,
+                flushed,
+                "stopping before everything settled; the rest is redelivered at the next start"
+            );
+        }
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
     }
