@@ -289,3 +289,50 @@ async fn pubsub_and_streams_follow_plugins_added_swapped_and_removed_over_the_ad
     assert_eq!(status, axum::http::StatusCode::CREATED, "{body}");
     eventually("the entry added while it was removed", SETTLE, || stamped("st-2")).await;
 }
+
+#[tokio::test]
+async fn a_redis_outage_mid_stream_reports_not_ready_and_loses_nothing() {
+    let stream = unique("stream");
+    let _keys = Keys(vec![stream.clone()]);
+    let proxy = switchyard_tests::Proxy::start("127.0.0.1:6379").await;
+    let via_proxy = redis_url().replace("127.0.0.1:6379", &format!("127.0.0.1:{}", proxy.port));
+    let text = header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\nclaim_idle_ms = 500\n"))
+        .replace(&redis_url(), &via_proxy)
+        + &plugin_table("misbehave", "misbehave.wasm", "concurrency = 4\nordering_key = [\"bucket\"]\n");
+    let t = TestRouter::start(&text).await;
+    connected(&t).await;
+    let tally = || -> u64 {
+        let rows = t.router.readers.scan("misbehave", "tally", "", 100).unwrap();
+        rows.iter().filter_map(|r| serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["n"].as_u64()).sum()
+    };
+    let events = 3000;
+    let mut conn = redis().await;
+    let mut pipe = redis::pipe();
+    for i in 0..events {
+        let body = json!({ "pattern": "chaos.tally", "data": { "bucket": format!("b{}", i % 8) } }).to_string();
+        pipe.xadd(&stream, "*", &[("event", body), ("id", format!("e-{i}"))]).ignore();
+    }
+    let () = pipe.query_async(&mut conn).await.unwrap();
+    eventually("the stream to be under way", SETTLE, || (tally() >= 300).then_some(())).await;
+
+    proxy.down();
+    eventually("the router to report the outage", SETTLE, || (!t.router.is_connected()).then_some(())).await;
+    let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["message"], "not connected: redis");
+
+    proxy.up();
+    connected(&t).await;
+    eventually("every entry after the outage", SETTLE, || (tally() >= events).then_some(())).await;
+    let mut acked = false;
+    for _ in 0..200 {
+        let info: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(&stream).await.unwrap();
+        if info.groups.iter().all(|g| g.pending == 0 && g.lag == Some(0)) {
+            acked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(acked, "every entry acknowledged after the outage");
+    assert_eq!(tally(), events, "every entry applied once across the outage");
+}

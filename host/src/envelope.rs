@@ -784,6 +784,8 @@ mod fuzz {
             if let Ok(decoded) = decode(&body, &t) {
                 prop_assert!(!decoded.event.name.is_empty());
                 prop_assert!(!decoded.event.id.0.is_empty());
+                // The lane reads the ordering key from the same bytes.
+                let _ = decoded.event.ordering_key(&["id".into(), "data.pattern".into(), "type".into()]);
             }
         }
 

@@ -297,11 +297,12 @@ impl Drop for Rabbit {
     }
 }
 
-/// A TCP proxy on loopback in front of a server, whose connections a test can cut to simulate
-/// a broker outage without touching the shared server.
+/// A TCP proxy on loopback in front of a server, whose connections a test can cut, and keep
+/// refusing for a while, to simulate a broker outage without touching the shared server.
 pub struct Proxy {
     pub port: u16,
     cut: tokio::sync::watch::Sender<u64>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -310,9 +311,15 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refusing = down.clone();
         let upstream = upstream.to_string();
         let accept = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
+                if refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                    // The broker is "down": the connection closes at once.
+                    continue;
+                }
                 let upstream = upstream.clone();
                 let mut cuts = cuts.clone();
                 // Only cuts after this connection was made close it.
@@ -326,12 +333,23 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, cut, accept }
+        Proxy { port, cut, down, accept }
     }
 
     /// Close every connection open through the proxy; new ones are accepted again.
     pub fn cut(&self) {
         self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// An outage: close every connection and refuse new ones until [`up`](Self::up).
+    pub fn down(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut();
+    }
+
+    /// The outage is over.
+    pub fn up(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
