@@ -344,8 +344,13 @@ impl Readers {
 
     /// How many dead letters each plugin has.
     pub fn dead_letter_counts(&self) -> Result<Vec<(String, u64)>, DbError> {
+        self.counts_by_plugin("SELECT plugin, count(*) FROM dead_letters GROUP BY plugin")
+    }
+
+    /// The rows of a `SELECT plugin, count(*) … GROUP BY plugin` query.
+    fn counts_by_plugin(&self, sql: &'static str) -> Result<Vec<(String, u64)>, DbError> {
         self.with(|c| {
-            let mut stmt = c.prepare_cached("SELECT plugin, count(*) FROM dead_letters GROUP BY plugin")?;
+            let mut stmt = c.prepare_cached(sql)?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
             rows.collect()
         })
@@ -402,11 +407,7 @@ impl Readers {
 
     /// How many events each plugin has parked.
     pub fn parked_counts(&self) -> Result<Vec<(String, u64)>, DbError> {
-        self.with(|c| {
-            let mut stmt = c.prepare_cached("SELECT plugin, count(*) FROM parked GROUP BY plugin")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
-            rows.collect()
-        })
+        self.counts_by_plugin("SELECT plugin, count(*) FROM parked GROUP BY plugin")
     }
 }
 

@@ -88,6 +88,13 @@ impl TestRouter {
         stored.body.map(|b| serde_json::from_str(&b).expect("stored documents are JSON"))
     }
 
+    /// The sum of a plugin's `tally` documents (`{"n": …}`): the misbehave fixture adds one per
+    /// `chaos.tally` event, so an event applied twice or never shows in it.
+    pub fn tally(&self, plugin: &str) -> u64 {
+        let rows = self.router.readers.scan(plugin, "tally", "", 1000).expect("read store");
+        rows.iter().filter_map(|r| serde_json::from_str::<serde_json::Value>(&r.body).ok()?["n"].as_u64()).sum()
+    }
+
     /// Dead-letter reasons of a plugin by event name.
     pub fn dead_letters(&self, plugin: &str) -> Vec<(String, String)> {
         self.router
