@@ -84,6 +84,10 @@ CREATE TABLE IF NOT EXISTS ingress_journal (
 CREATE INDEX IF NOT EXISTS ingress_journal_digest ON ingress_journal (queue, digest);
 ";
 
+/// A parked row `p` that may run when due: it has no ordering key, or it is the first of its key.
+const PARKED_HEAD: &str = "(p.ordering_key IS NULL OR p.seq =
+    (SELECT min(q.seq) FROM parked q WHERE q.plugin = p.plugin AND q.ordering_key = p.ordering_key))";
+
 /// Open (creating if needed) the database under `data_dir` and apply the schema.
 pub fn open_writer(data_dir: &Path, synchronous: Synchronous) -> Result<Connection, DbError> {
     std::fs::create_dir_all(data_dir).map_err(|e| {
@@ -359,13 +363,10 @@ impl Readers {
     /// Parked events of a plugin that may run now: due, and first of their ordering key.
     pub fn due_parked(&self, plugin: &str, now: Millis, limit: usize) -> Result<Vec<ParkedRow>, DbError> {
         self.with(|c| {
-            let mut stmt = c.prepare_cached(
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT p.seq, p.event_id, p.ordering_key, p.attempt, p.first_failed_at, p.deliver_at, p.reason, p.transport, p.body
-                 FROM parked p WHERE p.plugin = ?1 AND p.deliver_at <= ?2
-                 AND (p.ordering_key IS NULL OR p.seq =
-                      (SELECT min(q.seq) FROM parked q WHERE q.plugin = p.plugin AND q.ordering_key = p.ordering_key))
-                 ORDER BY p.seq LIMIT ?3",
-            )?;
+                 FROM parked p WHERE p.plugin = ?1 AND p.deliver_at <= ?2 AND {PARKED_HEAD} ORDER BY p.seq LIMIT ?3"
+            ))?;
             let rows = stmt.query_map(params![plugin, now.0 as i64, limit as i64], |r| {
                 Ok(ParkedRow {
                     seq: Some(r.get(0)?),
@@ -384,13 +385,13 @@ impl Readers {
         })
     }
 
-    /// When the next parked event of a plugin falls due, if any.
+    /// When the next parked event of a plugin that is first of its key falls due, if any (the
+    /// events parked behind another wait for it, not for a time).
     pub fn next_parked_due(&self, plugin: &str) -> Result<Option<Millis>, DbError> {
         self.with(|c| {
-            c.query_row("SELECT min(deliver_at) FROM parked WHERE plugin = ?1", [plugin], |r| {
-                r.get::<_, Option<i64>>(0)
-            })
-            .map(|v| v.map(|ms| Millis(ms as u64)))
+            c.prepare_cached(&format!("SELECT min(p.deliver_at) FROM parked p WHERE p.plugin = ?1 AND {PARKED_HEAD}"))?
+                .query_row([plugin], |r| r.get::<_, Option<i64>>(0))
+                .map(|v| v.map(|ms| Millis(ms as u64)))
         })
     }
 

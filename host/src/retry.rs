@@ -117,6 +117,7 @@ impl Retrier {
         let closing = self.dispatch.closing();
         loop {
             let changed = parking.changed.notified();
+            let mut delivered = 0;
             match self.readers.due_parked(self.dispatch.name(), Millis::now(), BATCH) {
                 Ok(rows) => {
                     for row in rows {
@@ -124,13 +125,21 @@ impl Retrier {
                             && parking.take(seq)
                         {
                             self.deliver(seq, row).await;
+                            delivered += 1;
                         }
                     }
                 }
                 Err(e) => tracing::warn!(plugin = %self.dispatch.name(), error = %e, "cannot read parked events"),
             }
+            if delivered == BATCH {
+                // There may be more due right now.
+                continue;
+            }
+            // What is due now was handed out, or is under way and signals `changed` when it
+            // settles: wait for the next due time, a change, or MAX_IDLE.
+            let now = Millis::now().0;
             let next = self.readers.next_parked_due(self.dispatch.name()).ok().flatten();
-            let wait = next.map_or(MAX_IDLE, |due| Duration::from_millis(due.0.saturating_sub(Millis::now().0)));
+            let wait = next.filter(|due| due.0 > now).map_or(MAX_IDLE, |due| Duration::from_millis(due.0 - now));
             tokio::select! {
                 _ = closing.cancelled() => return,
                 _ = changed => {}

@@ -134,6 +134,10 @@ impl InFlight {
     }
 }
 
+/// Longest wait for a broker to take an ack or a nack: a connection that died without the
+/// client noticing must not hold a lane (the message is redelivered either way).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How to settle one message with its source. Dropping it unsettled leaves the message to be
 /// redelivered (RabbitMQ requeues unacknowledged messages when the channel closes).
 pub struct Ack {
@@ -209,17 +213,27 @@ impl Ack {
         }
         match &self.kind {
             AckKind::Amqp(acker) => {
-                if let Err(e) = acker.ack(lapin::options::BasicAckOptions::default()).await {
+                let acked = tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(lapin::options::BasicAckOptions::default()));
+                match acked.await {
+                    Ok(Ok(_)) => {}
                     // The channel is gone; the broker redelivers and the processed-marker dedups.
-                    tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+                    Ok(Err(e)) => tracing::warn!(error = %e, "ack failed; the message will be redelivered"),
+                    Err(_) => tracing::warn!("ack timed out; the message will be redelivered"),
                 }
             }
             AckKind::RedisStream { conn, stream, group, id } => {
                 let mut conn = conn.clone();
-                let acked: ::redis::RedisResult<i64> =
-                    ::redis::AsyncCommands::xack(&mut conn, stream, group, &[id]).await;
-                if let Err(e) = acked {
-                    tracing::warn!(error = %e, stream, id, "XACK failed; the entry will be claimed again");
+                let ids = [id];
+                let acked = tokio::time::timeout(
+                    SETTLE_TIMEOUT,
+                    ::redis::AsyncCommands::xack::<_, _, _, i64>(&mut conn, stream, group, &ids),
+                );
+                match acked.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, stream, id, "XACK failed; the entry will be claimed again")
+                    }
+                    Err(_) => tracing::warn!(stream, id, "XACK timed out; the entry will be claimed again"),
                 }
             }
             AckKind::Parked { writer, seq, .. } => match writer.unpark(*seq).await {
@@ -248,8 +262,10 @@ impl Ack {
     pub async fn requeue(self) {
         if let AckKind::Amqp(acker) = &self.kind {
             let options = lapin::options::BasicNackOptions { requeue: true, ..Default::default() };
-            if let Err(e) = acker.nack(options).await {
-                tracing::warn!(error = %e, "nack failed; the message will be redelivered");
+            match tokio::time::timeout(SETTLE_TIMEOUT, acker.nack(options)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "nack failed; the message will be redelivered"),
+                Err(_) => tracing::warn!("nack timed out; the message will be redelivered"),
             }
         }
     }
