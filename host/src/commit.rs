@@ -104,8 +104,8 @@ enum Job {
     Execute { sql: String, reply: oneshot::Sender<Result<(), String>> },
     Prune { before: Millis, reply: oneshot::Sender<Result<(), String>> },
     Park { row: ParkedRow, reply: oneshot::Sender<Result<(), String>> },
-    Unpark { seq: i64, reply: oneshot::Sender<Result<(), String>> },
-    Replay { letters: Vec<Replayed>, reply: oneshot::Sender<Result<u64, String>> },
+    Unpark { seq: i64, reply: oneshot::Sender<Result<u64, String>> },
+    Replay { letters: Vec<Replayed>, reply: oneshot::Sender<Result<Vec<i64>, String>> },
     Discard { plugin: String, seqs: Option<Vec<i64>>, reply: oneshot::Sender<Result<u64, String>> },
 }
 
@@ -226,15 +226,17 @@ impl Writer {
         rx.await.map_err(|_| WriterGone)
     }
 
-    /// Forget a parked event: it was handled (or dead-lettered).
-    pub async fn unpark(&self, seq: i64) -> Result<Result<(), String>, WriterGone> {
+    /// Forget a parked event: it was handled (or dead-lettered). Returns how many rows went
+    /// (0 if it was gone already).
+    pub async fn unpark(&self, seq: i64) -> Result<Result<u64, String>, WriterGone> {
         let (reply, rx) = oneshot::channel();
         self.jobs.send(Job::Unpark { seq, reply }).await.map_err(|_| WriterGone)?;
         rx.await.map_err(|_| WriterGone)
     }
 
-    /// Replay dead letters: each goes back to its plugin as a parked event; returns how many.
-    pub async fn replay(&self, letters: Vec<Replayed>) -> Result<Result<u64, String>, WriterGone> {
+    /// Replay dead letters: each goes back to its plugin as a parked event; returns the dead
+    /// letters replayed (one discarded meanwhile is not).
+    pub async fn replay(&self, letters: Vec<Replayed>) -> Result<Result<Vec<i64>, String>, WriterGone> {
         let (reply, rx) = oneshot::channel();
         self.jobs.send(Job::Replay { letters, reply }).await.map_err(|_| WriterGone)?;
         rx.await.map_err(|_| WriterGone)
@@ -260,6 +262,7 @@ enum Reply {
     Commit(oneshot::Sender<Outcome>, Outcome),
     Done(oneshot::Sender<Result<(), String>>, Result<(), String>),
     Count(oneshot::Sender<Result<u64, String>>, Result<u64, String>),
+    Seqs(oneshot::Sender<Result<Vec<i64>, String>>, Result<Vec<i64>, String>),
 }
 
 fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_max: usize, outbox_ready: &Notify) {
@@ -286,6 +289,7 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_max: usize, outb
                 Reply::Commit(tx, outcome) => drop(tx.send(outcome)),
                 Reply::Done(tx, result) => drop(tx.send(result)),
                 Reply::Count(tx, result) => drop(tx.send(result)),
+                Reply::Seqs(tx, result) => drop(tx.send(result)),
             }
         }
         if outbox_added {
@@ -302,9 +306,9 @@ fn failed_reply(job: Job, error: &str) -> Reply {
         | Job::Execute { reply, .. }
         | Job::Prune { reply, .. }
         | Job::Park { reply, .. }
-        | Job::Unpark { reply, .. }
         | Job::OutboxSent { reply, .. } => Reply::Done(reply, Err(error.into())),
-        Job::Replay { reply, .. } | Job::Discard { reply, .. } => Reply::Count(reply, Err(error.into())),
+        Job::Unpark { reply, .. } | Job::Discard { reply, .. } => Reply::Count(reply, Err(error.into())),
+        Job::Replay { reply, .. } => Reply::Seqs(reply, Err(error.into())),
     }
 }
 
@@ -369,11 +373,11 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut b
                 replies.push(Reply::Done(reply, Ok(())));
             }
             Job::Unpark { seq, reply } => {
-                tx.prepare_cached("DELETE FROM parked WHERE seq = ?1")?.execute([seq])?;
-                replies.push(Reply::Done(reply, Ok(())));
+                let deleted = tx.prepare_cached("DELETE FROM parked WHERE seq = ?1")?.execute([seq])?;
+                replies.push(Reply::Count(reply, Ok(deleted as u64)));
             }
             Job::Replay { letters, reply } => {
-                let mut replayed = 0;
+                let mut replayed = Vec::new();
                 for Replayed { dead_letter, row } in &letters {
                     let deleted =
                         tx.prepare_cached("DELETE FROM dead_letters WHERE seq = ?1")?.execute([dead_letter])?;
@@ -383,9 +387,9 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut b
                     tx.prepare_cached("DELETE FROM processed WHERE plugin = ?1 AND event_id = ?2")?
                         .execute(params![row.plugin, row.event_id])?;
                     park(&tx, row)?;
-                    replayed += 1;
+                    replayed.push(*dead_letter);
                 }
-                replies.push(Reply::Count(reply, Ok(replayed)));
+                replies.push(Reply::Seqs(reply, Ok(replayed)));
             }
             Job::Discard { plugin, seqs, reply } => {
                 let deleted = match seqs {

@@ -385,6 +385,23 @@ impl Readers {
         })
     }
 
+    /// Whether parked row `seq` still exists, is due and is first of its key: a row read a
+    /// moment ago may have been settled or parked again since.
+    pub fn parked_still_due(&self, seq: i64, now: Millis) -> Result<bool, DbError> {
+        self.with(|c| {
+            c.prepare_cached(&format!(
+                "SELECT count(*) FROM parked p WHERE p.seq = ?1 AND p.deliver_at <= ?2 AND {PARKED_HEAD}"
+            ))?
+            .query_row(params![seq, now.0 as i64], |r| r.get::<_, i64>(0))
+            .map(|n| n == 1)
+        })
+    }
+
+    /// The newest dead letter of a plugin, if any.
+    pub fn last_dead_letter(&self, plugin: &str) -> Result<Option<i64>, DbError> {
+        self.with(|c| c.query_row("SELECT max(seq) FROM dead_letters WHERE plugin = ?1", [plugin], |r| r.get(0)))
+    }
+
     /// When the next parked event of a plugin that is first of its key falls due, if any (the
     /// events parked behind another wait for it, not for a time).
     pub fn next_parked_due(&self, plugin: &str) -> Result<Option<Millis>, DbError> {

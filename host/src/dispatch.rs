@@ -41,6 +41,9 @@ pub struct Inbound {
 struct Queued {
     inbound: Inbound,
     key: Option<String>,
+    /// Counts the event as pending until it is dropped: settled, or lost with a cancelled
+    /// submit or a stopped lane.
+    _pending: Entered,
 }
 
 /// The current version of a plugin; replaced on swap, read by lanes before each event.
@@ -107,19 +110,25 @@ struct Pending {
 
 impl Pending {
     /// Count one more event, unless the plugin is closed.
-    fn enter(&self) -> bool {
+    fn enter(self: &Arc<Self>) -> Option<Entered> {
         self.count.fetch_add(1, Ordering::SeqCst);
-        if self.closed.load(Ordering::SeqCst) {
-            self.leave();
-            return false;
-        }
-        true
+        let entered = Entered(self.clone());
+        (!self.closed.load(Ordering::SeqCst)).then_some(entered)
     }
 
     fn leave(&self) {
         if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.settled.notify_waiters();
         }
+    }
+}
+
+/// One pending event; dropping it settles the count.
+struct Entered(Arc<Pending>);
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 
@@ -179,17 +188,16 @@ impl Dispatch {
     /// Queue an event on the lane of its ordering key; waits while that lane is full. A closed
     /// plugin (removed) refuses it: the message is left unsettled, for the broker to keep.
     pub async fn submit(&self, inbound: Inbound) {
-        if !self.pending.enter() {
+        let Some(entered) = self.pending.enter() else {
             tracing::debug!(plugin = %self.name, "plugin removed; the message stays with the broker");
             return;
-        }
+        };
         let plugin = self.slot.current();
         let key = inbound.event.ordering_key(&plugin.settings.ordering_key);
         let mut hasher = DefaultHasher::new();
         key.as_ref().unwrap_or(&inbound.event.id.0).hash(&mut hasher);
         let lane = (hasher.finish() % self.lanes.len() as u64) as usize;
-        if self.lanes[lane].send(Queued { inbound, key }).await.is_err() {
-            self.pending.leave();
+        if self.lanes[lane].send(Queued { inbound, key, _pending: entered }).await.is_err() {
             tracing::error!(plugin = %self.name, "lane stopped; the message will be redelivered");
         }
     }
@@ -235,7 +243,7 @@ fn parked_row(
         event_id: inbound.event.id.0.clone(),
         ordering_key: key,
         attempt,
-        first_failed_at: inbound.parked.map_or_else(Millis::now, |o| o.first_failed_at),
+        first_failed_at: inbound.parked.as_ref().map_or_else(Millis::now, |o| o.first_failed_at),
         deliver_at,
         reason,
         transport: inbound.received.transport_json(),
@@ -258,7 +266,9 @@ pub async fn dead_letter_undecodable(writer: &Writer, owner: &str, received: Rec
         mark_processed: false,
     };
     match writer.dead_letter(letter).await {
-        Ok(Ok(())) => ack.ack().await,
+        Ok(Ok(())) => {
+            ack.ack().await;
+        }
         Ok(Err(e)) => {
             tracing::error!(owner, error = %e, "could not keep a dead letter; the message will be redelivered")
         }
@@ -288,7 +298,7 @@ enum Settled {
 
 impl Lane {
     async fn run(mut self, mut rx: mpsc::Receiver<Queued>) {
-        while let Some(Queued { inbound, key }) = rx.recv().await {
+        while let Some(Queued { inbound, key, _pending }) = rx.recv().await {
             let closing = self.pending.closing.clone();
             let runs = !closing.is_cancelled()
                 && tokio::select! {
@@ -300,7 +310,6 @@ impl Lane {
                 // Removed or stopping before it started: the event goes back to the broker
                 // (or stays parked) unhandled; only invocations under way finish.
                 inbound.ack.requeue().await;
-                self.pending.leave();
                 continue;
             }
             let span = tracing::info_span!(
@@ -320,23 +329,25 @@ impl Lane {
                     Millis(0),
                     "waiting behind an earlier event of its key".into(),
                 );
-                Self::park(&self.writer, &self.parking, row, inbound.parked, key.as_deref()).instrument(span).await
+                Self::park(&self.writer, &self.parking, row, inbound.parked.clone(), key.as_deref())
+                    .instrument(span)
+                    .await
             } else {
                 self.handle(&inbound, key.clone()).instrument(span).await
             };
             match settled {
                 Settled::Committed | Settled::Duplicate | Settled::DeadLettered => {
-                    inbound.ack.ack().await;
-                    if inbound.parked.is_some()
-                        && let Some(key) = &key
+                    let origin = inbound.parked.clone();
+                    // A parked row that went releases the key it was parked under.
+                    if inbound.ack.ack().await
+                        && let Some(key) = origin.and_then(|o| o.ordering_key)
                     {
-                        self.parking.release(key);
+                        self.parking.release(&key);
                     }
                 }
                 Settled::Parked => inbound.ack.parked().await,
                 Settled::Abandoned => inbound.ack.requeue().await,
             }
-            self.pending.leave();
         }
     }
 
@@ -349,10 +360,10 @@ impl Lane {
         origin: Option<Origin>,
         key: Option<&str>,
     ) -> Settled {
-        row.seq = origin.map(|o| o.seq);
+        row.seq = origin.as_ref().map(|o| o.seq);
         match writer.park(row).await {
             Ok(Ok(())) => {
-                match (origin, key) {
+                match (&origin, key) {
                     (None, Some(key)) => parking.hold(key),
                     _ => parking.poke(),
                 }
@@ -444,7 +455,7 @@ impl Lane {
         if matches!(failure, InvokeError::Reject(_)) {
             count(Counted::Rejected);
         }
-        let first_failed_at = inbound.parked.map_or_else(Millis::now, |o| o.first_failed_at);
+        let first_failed_at = inbound.parked.as_ref().map_or_else(Millis::now, |o| o.first_failed_at);
         if last {
             count(Counted::DeadLettered);
             return Self::dead_letter(&self.writer, &plugin, inbound, &failure, attempt, first_failed_at).await;
@@ -454,7 +465,7 @@ impl Lane {
         let due = Millis(Millis::now().0.saturating_add(retry.jittered(next, random_fraction()).as_millis() as u64));
         let mut row = parked_row(&plugin, inbound, key.clone(), next, due, failure.to_string());
         row.first_failed_at = first_failed_at;
-        Self::park(&self.writer, &self.parking, row, inbound.parked, key.as_deref()).await
+        Self::park(&self.writer, &self.parking, row, inbound.parked.clone(), key.as_deref()).await
     }
 
     async fn dead_letter(

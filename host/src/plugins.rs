@@ -173,6 +173,8 @@ pub struct Control {
     /// The `[[plugin]]` entries of `router.toml`.
     pub configured: Arc<Vec<PluginConfig>>,
     pub in_flight: Arc<InFlight>,
+    /// Held by each change, so that changes happen one at a time.
+    pub changing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Why a change to the plugins was refused or failed.
@@ -264,6 +266,7 @@ impl Control {
     /// Start a plugin that is not running: its queue is declared and bound first, so that no
     /// event published from now on misses it, then it is kept in the registry and added.
     pub async fn add(&self, plugin: LoadedPlugin) -> Result<Change, ControlError> {
+        let _one_at_a_time = self.changing.lock().await;
         let name = plugin.name.to_string();
         if self.plugins.get(&name).is_some() {
             return Err(AlreadyRunning(name).into());
@@ -272,7 +275,10 @@ impl Control {
         self.registry.save(&name, &plugin.entry(), None)?;
         let change = Change { version: plugin.version.clone(), digest: plugin.digest.clone(), previous_digest: None };
         let dispatch = self.install(plugin).await?;
-        self.plugins.add(dispatch)?;
+        if let Err(e) = self.plugins.add(dispatch.clone()) {
+            dispatch.close();
+            return Err(e.into());
+        }
         self.settle(&name).await;
         tracing::info!(plugin = %name, version = %change.version, "plugin added");
         Ok(change)
@@ -283,6 +289,11 @@ impl Control {
     /// the swap and old ones unbound after it, so no event falls between them. The registry
     /// keeps the replaced version for [`rollback`](Self::rollback).
     pub async fn swap(&self, plugin: LoadedPlugin) -> Result<Change, ControlError> {
+        let _one_at_a_time = self.changing.lock().await;
+        self.swap_now(plugin).await
+    }
+
+    async fn swap_now(&self, plugin: LoadedPlugin) -> Result<Change, ControlError> {
         let name = plugin.name.to_string();
         let dispatch = self.plugins.get(&name).ok_or_else(|| ControlError::NotFound(name.clone()))?;
         let current = dispatch.slot().current();
@@ -310,6 +321,7 @@ impl Control {
     /// Swap back to the version the current one replaced, as the registry kept it (so this
     /// works after a restart too); the replaced version becomes the one to roll back to.
     pub async fn rollback(&self, name: &str) -> Result<Change, ControlError> {
+        let _one_at_a_time = self.changing.lock().await;
         let dispatch = self.plugins.get(name).ok_or_else(|| ControlError::NotFound(name.to_string()))?;
         let previous =
             self.registry.load(name, Which::Previous)?.ok_or_else(|| ControlError::NoPrevious(name.to_string()))?;
@@ -317,7 +329,7 @@ impl Control {
         let mut overrides = Overrides::of(&current.settings);
         overrides.apply(&previous.settings).map_err(|e| LoadError::InvalidMetadata(e.to_string()))?;
         let plugin = self.runtime.load(&current.name, &previous.bytes, overrides).await?;
-        self.swap(plugin).await
+        self.swap_now(plugin).await
     }
 
     /// Remove a plugin: it takes no more events, its consumers stop, the invocations under way
@@ -327,6 +339,7 @@ impl Control {
     /// the Redis consumer groups) with their events. The registry forgets it; a plugin that
     /// `router.toml` names comes back from there at the next start.
     pub async fn remove(&self, name: &str, discard: bool, drain_timeout: Duration) -> Result<Removal, ControlError> {
+        let _one_at_a_time = self.changing.lock().await;
         let dispatch = self.plugins.get(name).ok_or_else(|| ControlError::NotFound(name.to_string()))?;
         self.bind(name, &[], &pattern_names(&dispatch.slot().current())).await?;
         let Some(dispatch) = self.plugins.remove(name) else { return Err(ControlError::NotFound(name.to_string())) };

@@ -36,23 +36,14 @@ pub struct Parking {
 impl Parking {
     /// The parking of a plugin, with the keys its parked events hold.
     pub fn load(readers: &Readers, plugin: &str) -> Parking {
-        let parking = Parking::default();
-        parking.reload(readers, plugin);
-        parking
-    }
-
-    /// Count the keys the plugin's parked events hold again, from the store.
-    pub fn reload(&self, readers: &Readers, plugin: &str) {
-        match readers.parked_keys(plugin) {
-            Ok(keys) => {
-                if let Ok(mut held) = self.held.lock() {
-                    *held = keys.into_iter().collect();
-                }
-            }
+        let held = match readers.parked_keys(plugin) {
+            Ok(keys) => keys.into_iter().collect(),
             Err(e) => {
-                tracing::error!(plugin, error = %e, "cannot read the parked events' keys; their order may not hold")
+                tracing::error!(plugin, error = %e, "cannot read the parked events' keys; their order may not hold");
+                HashMap::new()
             }
-        }
+        };
+        Parking { held: Mutex::new(held), ..Default::default() }
     }
 
     /// Whether `key` has parked events: a later event of it must wait behind them.
@@ -115,24 +106,30 @@ impl Retrier {
     pub async fn run(self) {
         let parking = self.dispatch.parking().clone();
         let closing = self.dispatch.closing();
-        loop {
+        while !closing.is_cancelled() {
             let changed = parking.changed.notified();
             let mut delivered = 0;
             match self.readers.due_parked(self.dispatch.name(), Millis::now(), BATCH) {
                 Ok(rows) => {
                     for row in rows {
-                        if let Some(seq) = row.seq
-                            && parking.take(seq)
-                        {
-                            self.deliver(seq, row).await;
-                            delivered += 1;
+                        let Some(seq) = row.seq else { continue };
+                        if !parking.take(seq) {
+                            continue;
                         }
+                        // Settled or parked again since it was read: not for now.
+                        if !self.readers.parked_still_due(seq, Millis::now()).unwrap_or(false) {
+                            parking.untake(seq);
+                            continue;
+                        }
+                        self.deliver(seq, row).await;
+                        delivered += 1;
                     }
                 }
                 Err(e) => tracing::warn!(plugin = %self.dispatch.name(), error = %e, "cannot read parked events"),
             }
             if delivered == BATCH {
                 // There may be more due right now.
+                tokio::task::yield_now().await;
                 continue;
             }
             // What is due now was handed out, or is under way and signals `changed` when it
@@ -155,7 +152,7 @@ impl Retrier {
             Ok(decoded) => {
                 let mut event = decoded.event;
                 event.id = EventId(row.event_id);
-                let parked = Some(Origin { seq, first_failed_at: row.first_failed_at });
+                let parked = Some(Origin { seq, first_failed_at: row.first_failed_at, ordering_key: row.ordering_key });
                 self.dispatch.submit(Inbound { event, received, ack, attempt: row.attempt, parked }).await;
             }
             Err(e) => {
@@ -167,10 +164,12 @@ impl Retrier {
 }
 
 /// Where a parked event handed back to a lane came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
     pub seq: i64,
     pub first_failed_at: Millis,
+    /// The key it was parked under (what it releases when it settles).
+    pub ordering_key: Option<String>,
 }
 
 /// What a replay did.
@@ -183,12 +182,7 @@ pub struct Replay {
 
 /// Put dead letters back in front of their (running) plugin: each is parked as a first
 /// attempt with its original id, and its processed-marker is dropped so that it runs again.
-pub async fn replay(
-    writer: &Writer,
-    readers: &Readers,
-    dispatch: &Dispatch,
-    letters: Vec<DeadLetterRow>,
-) -> Result<Replay, String> {
+pub async fn replay(writer: &Writer, dispatch: &Dispatch, letters: Vec<DeadLetterRow>) -> Result<Replay, String> {
     let plugin = dispatch.slot().current();
     let now = Millis::now();
     let (mut batch, mut skipped) = (Vec::new(), Vec::new());
@@ -213,16 +207,20 @@ pub async fn replay(
         };
         batch.push(Replayed { dead_letter: letter.seq, row });
     }
-    let keys: Vec<String> = batch.iter().filter_map(|r| r.row.ordering_key.clone()).collect();
-    let wanted = batch.len() as u64;
-    let replayed = writer.replay(batch).await.map_err(|e| e.to_string())??;
+    // Keys are held before the rows exist, so that no event of theirs can slip ahead of a
+    // replayed one; those not replayed after all are released again.
     let parking = dispatch.parking();
-    if replayed == wanted {
-        keys.iter().for_each(|key| parking.hold(key));
-    } else {
-        // Some were discarded meanwhile: count the held keys again from the store.
-        parking.reload(readers, dispatch.name());
+    let keyed: Vec<(i64, String)> =
+        batch.iter().filter_map(|r| r.row.ordering_key.clone().map(|k| (r.dead_letter, k))).collect();
+    keyed.iter().for_each(|(_, key)| parking.hold(key));
+    let outcome = writer.replay(batch).await.map_err(|e| e.to_string()).and_then(|r| r);
+    let done: HashSet<i64> = outcome.as_ref().map(|d| d.iter().copied().collect()).unwrap_or_default();
+    for (letter, key) in &keyed {
+        if !done.contains(letter) {
+            parking.release(key);
+        }
     }
     parking.poke();
+    let replayed = outcome?.len() as u64;
     Ok(Replay { replayed, skipped })
 }

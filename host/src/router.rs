@@ -66,6 +66,7 @@ impl Router {
             redis: config.redis.clone(),
             configured: Arc::new(config.plugins.clone()),
             in_flight: in_flight.clone(),
+            changing: Default::default(),
         };
 
         for plugin_config in &config.plugins {

@@ -141,16 +141,16 @@ pub async fn replay(
 ) -> Result<Json<Replayed>, AdminError> {
     let selection = Selection::parse(&body)?;
     let dispatch = state.plugin(&name)?;
+    // Only what is there now: a replayed event that fails again is a new dead letter.
+    let last = state.readers.last_dead_letter(&name).map_err(|e| AdminError::Internal(e.to_string()))?;
     let (mut replayed, mut skipped, mut after) = (0, Vec::new(), 0);
-    loop {
+    while let Some(last) = last.filter(|last| after < *last) {
         let page =
             state.readers.dead_letters(&name, after, REPLAY_PAGE).map_err(|e| AdminError::Internal(e.to_string()))?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        let chosen: Vec<DeadLetterRow> = page.into_iter().filter(|l| selection.takes(l.seq)).collect();
-        let done = retry::replay(&state.control.writer, &state.readers, &dispatch, chosen)
-            .await
-            .map_err(AdminError::Internal)?;
+        let Some(newest) = page.last() else { break };
+        after = newest.seq;
+        let chosen: Vec<DeadLetterRow> = page.into_iter().filter(|l| l.seq <= last && selection.takes(l.seq)).collect();
+        let done = retry::replay(&state.control.writer, &dispatch, chosen).await.map_err(AdminError::Internal)?;
         replayed += done.replayed;
         skipped.extend(done.skipped);
     }

@@ -204,12 +204,13 @@ impl Ack {
     }
 
     /// The message's effects are committed (or it is dead-lettered): the source may forget it.
-    pub async fn ack(mut self) {
+    /// Returns false only for a parked event whose row was gone already (settled before).
+    pub async fn ack(mut self) -> bool {
         if let AckKind::Notify(_) = &self.kind
             && let AckKind::Notify(tx) = std::mem::replace(&mut self.kind, AckKind::Local)
         {
             let _ = tx.send(());
-            return;
+            return true;
         }
         match &self.kind {
             AckKind::Amqp(acker) => {
@@ -237,16 +238,19 @@ impl Ack {
                 }
             }
             AckKind::Parked { writer, seq, .. } => match writer.unpark(*seq).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(deleted)) => return deleted == 1,
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, seq, "could not delete a parked event; it will run again and be deduplicated")
+                    tracing::warn!(error = %e, seq, "could not delete a parked event; it will run again and be deduplicated");
+                    return false;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, seq, "could not delete a parked event; it will run again and be deduplicated")
+                    tracing::warn!(error = %e, seq, "could not delete a parked event; it will run again and be deduplicated");
+                    return false;
                 }
             },
             AckKind::Local | AckKind::Notify(_) => {}
         }
+        true
     }
 
     /// The event was parked for a later attempt: the broker may forget the message, now that

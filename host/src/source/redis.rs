@@ -520,7 +520,9 @@ impl StreamConsumer {
                     self.dispatch.submit(Inbound { event: decoded.event, received, ack, attempt, parked: None }).await;
                 }
                 // Not for this plugin: its group moves past the entry.
-                Ok(_) => ack.ack().await,
+                Ok(_) => {
+                    ack.ack().await;
+                }
                 Err(e) => {
                     let reason = if entry.contains_key(EVENT_FIELD) {
                         e.to_string()
