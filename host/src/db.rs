@@ -402,13 +402,15 @@ impl Readers {
         self.with(|c| c.query_row("SELECT max(seq) FROM dead_letters WHERE plugin = ?1", [plugin], |r| r.get(0)))
     }
 
-    /// When the next parked event of a plugin that is first of its key falls due, if any (the
-    /// events parked behind another wait for it, not for a time).
-    pub fn next_parked_due(&self, plugin: &str) -> Result<Option<Millis>, DbError> {
+    /// When the next parked event of a plugin that is first of its key falls due after `now`,
+    /// if any (the events parked behind another wait for it, not for a time).
+    pub fn next_parked_due(&self, plugin: &str, now: Millis) -> Result<Option<Millis>, DbError> {
         self.with(|c| {
-            c.prepare_cached(&format!("SELECT min(p.deliver_at) FROM parked p WHERE p.plugin = ?1 AND {PARKED_HEAD}"))?
-                .query_row([plugin], |r| r.get::<_, Option<i64>>(0))
-                .map(|v| v.map(|ms| Millis(ms as u64)))
+            c.prepare_cached(&format!(
+                "SELECT min(p.deliver_at) FROM parked p WHERE p.plugin = ?1 AND p.deliver_at > ?2 AND {PARKED_HEAD}"
+            ))?
+            .query_row(params![plugin, now.0 as i64], |r| r.get::<_, Option<i64>>(0))
+            .map(|v| v.map(|ms| Millis(ms as u64)))
         })
     }
 

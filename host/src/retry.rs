@@ -134,9 +134,9 @@ impl Retrier {
             }
             // What is due now was handed out, or is under way and signals `changed` when it
             // settles: wait for the next due time, a change, or MAX_IDLE.
-            let now = Millis::now().0;
-            let next = self.readers.next_parked_due(self.dispatch.name()).ok().flatten();
-            let wait = next.filter(|due| due.0 > now).map_or(MAX_IDLE, |due| Duration::from_millis(due.0 - now));
+            let now = Millis::now();
+            let next = self.readers.next_parked_due(self.dispatch.name(), now).ok().flatten();
+            let wait = next.map_or(MAX_IDLE, |due| Duration::from_millis(due.0.saturating_sub(now.0)));
             tokio::select! {
                 _ = closing.cancelled() => return,
                 _ = changed => {}
