@@ -1,6 +1,7 @@
 //! Dispatch: each plugin's events spread over lanes, by ordering key, so that events with the
 //! same key are handled one after another and different keys in parallel. A lane runs an
-//! event through the plugin, retries failures, commits the effects and only then acks.
+//! event through the plugin, commits the effects and only then acks; a failure that may be
+//! retried is parked in the store (see [`crate::retry`]) and the lane goes on.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};

@@ -2,9 +2,10 @@
 //!
 //! # Layout
 //! The modules follow the data flow:
-//! `source` (RabbitMQ, in-process bus) → `envelope` (NestJS, CloudEvents, raw JSON → [`event::Event`])
-//! → `route` (event name → subscribed plugins) → `dispatch` (lanes per plugin, per-key order,
-//! retries) → `runtime` (wasmtime components, limits, instances) → `capability` (store,
+//! `source` (RabbitMQ, Redis, in-process bus) → `envelope` (NestJS, CloudEvents, raw JSON →
+//! [`event::Event`]) → `route` (event name → subscribed plugins) → `dispatch` (lanes per plugin,
+//! per-key order) → `retry` (failed events parked until due, without blocking their lane) →
+//! `runtime` (wasmtime components, limits, instances) → `capability` (store,
 //! publish, log, config: what a plugin may do) → `commit` (one SQLite transaction per batch of
 //! invocations, then ack) → `outbox` (publishes committed events).
 //! `config` is `router.toml` as types; `db` is the SQLite schema and reads; `admin` is the
