@@ -152,6 +152,13 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Send the job `make` builds around its reply channel, and wait for the reply.
+    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Job) -> Result<T, WriterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(make(reply)).await.map_err(|_| WriterGone)?;
+        rx.await.map_err(|_| WriterGone)
+    }
+
     /// Open the database and start the writer thread.
     pub fn start(data_dir: &Path, config: &StoreConfig) -> Result<Writer, DbError> {
         let conn = db::open_writer(data_dir, config.synchronous)?;
@@ -185,75 +192,55 @@ impl Writer {
 
     /// Commit an invocation's effects with its processed-marker.
     pub async fn commit(&self, plugin: Arc<str>, event_id: String, effects: Effects) -> Result<Outcome, WriterGone> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job::Commit { plugin, event_id, effects, reply }).await.map_err(|_| WriterGone)?;
-        rx.await.map_err(|_| WriterGone)
+        self.request(|reply| Job::Commit { plugin, event_id, effects, reply }).await
     }
 
     /// Keep a message that could not be handled.
     pub async fn dead_letter(&self, letter: DeadLetter) -> Result<Result<(), String>, WriterGone> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job::DeadLetter { letter, reply }).await.map_err(|_| WriterGone)?;
-        rx.await.map_err(|_| WriterGone)
+        self.request(|reply| Job::DeadLetter { letter, reply }).await
     }
 
     /// Delete outbox rows the broker confirmed, and wait until that is committed.
     pub async fn outbox_sent(&self, seqs: Vec<i64>) -> Result<Result<(), String>, WriterGone> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job::OutboxSent { seqs, reply }).await.map_err(|_| WriterGone)?;
-        rx.await.map_err(|_| WriterGone)
+        self.request(|reply| Job::OutboxSent { seqs, reply }).await
     }
 
     /// Change the ingress journal and wait until it is durable.
     pub async fn journal(&self, op: JournalOp) -> Result<Result<(), String>, WriterGone> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job::Journal { op, reply }).await.map_err(|_| WriterGone)?;
-        rx.await.map_err(|_| WriterGone)
+        self.request(|reply| Job::Journal { op, reply }).await
     }
 
     /// Drop processed-markers and ingress journal rows older than `before`.
     pub async fn prune(&self, before: Millis) -> Result<Result<(), String>, WriterGone> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job::Prune { before, reply }).await.map_err(|_| WriterGone)?;
-        rx.await.map_err(|_| WriterGone)
+        self.request(|reply| Job::Prune { before, reply }).await
     }
 
     /// Park an event until it is due: a new row, or (with `seq`) the same row with its next
     /// attempt, so it keeps its place before the later events of its key.
     pub async fn park(&self, row: ParkedRow) -> Result<Result<(), String>, WriterGone> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job::Park { row, reply }).await.map_err(|_| WriterGone)?;
-        rx.await.map_err(|_| WriterGone)
+        self.request(|reply| Job::Park { row, reply }).await
     }
 
     /// Forget a parked event: it was handled (or dead-lettered). Returns how many rows went
     /// (0 if it was gone already).
     pub async fn unpark(&self, seq: i64) -> Result<Result<u64, String>, WriterGone> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job::Unpark { seq, reply }).await.map_err(|_| WriterGone)?;
-        rx.await.map_err(|_| WriterGone)
+        self.request(|reply| Job::Unpark { seq, reply }).await
     }
 
     /// Replay dead letters: each goes back to its plugin as a parked event; returns the dead
     /// letters replayed (one discarded meanwhile is not).
     pub async fn replay(&self, letters: Vec<Replayed>) -> Result<Result<Vec<i64>, String>, WriterGone> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job::Replay { letters, reply }).await.map_err(|_| WriterGone)?;
-        rx.await.map_err(|_| WriterGone)
+        self.request(|reply| Job::Replay { letters, reply }).await
     }
 
     /// Delete a plugin's dead letters, those of `seqs` or all; returns how many.
     pub async fn discard(&self, plugin: String, seqs: Option<Vec<i64>>) -> Result<Result<u64, String>, WriterGone> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job::Discard { plugin, seqs, reply }).await.map_err(|_| WriterGone)?;
-        rx.await.map_err(|_| WriterGone)
+        self.request(|reply| Job::Discard { plugin, seqs, reply }).await
     }
 
     /// Run DDL (index creation) on the writer connection.
     pub async fn execute(&self, sql: String) -> Result<Result<(), String>, WriterGone> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job::Execute { sql, reply }).await.map_err(|_| WriterGone)?;
-        rx.await.map_err(|_| WriterGone)
+        self.request(|reply| Job::Execute { sql, reply }).await
     }
 }
 
