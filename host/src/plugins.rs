@@ -3,11 +3,13 @@
 //! consumer for a plugin that appears, stops and drains the one of a plugin that goes, and
 //! re-subscribes when subscriptions change.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::commit::Writer;
 use crate::config::{PluginConfig, RabbitMqConfig, RedisConfig};
@@ -153,6 +155,59 @@ impl PluginSet {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// The consumers a source runs for the plugins of the set, by plugin: what it starts when a
+/// plugin appears and stops when the plugin goes. `T` is what the source keeps with them.
+pub struct Consumers<T> {
+    running: HashMap<String, Consumer<T>>,
+}
+
+struct Consumer<T> {
+    /// Which plugin they feed: a plugin removed and added again under the same name is another.
+    slot: Arc<PluginSlot>,
+    stop: CancellationToken,
+    kept: T,
+}
+
+impl<T> Default for Consumers<T> {
+    fn default() -> Self {
+        Consumers { running: HashMap::new() }
+    }
+}
+
+impl<T> Consumers<T> {
+    /// Stop the consumers of plugins no longer in `plugins`, and return those of `plugins`
+    /// that have none yet.
+    pub fn follow<'a>(&mut self, plugins: &'a [Dispatch]) -> Vec<&'a Dispatch> {
+        self.running.retain(|name, consumer| {
+            let kept = plugins.iter().any(|d| d.name() == name && Arc::ptr_eq(d.slot(), &consumer.slot));
+            if !kept {
+                consumer.stop.cancel();
+            }
+            kept
+        });
+        plugins.iter().filter(|d| !self.running.contains_key(d.name())).collect()
+    }
+
+    /// Record the consumers started for `dispatch`, which `stop` ends.
+    pub fn started(&mut self, dispatch: &Dispatch, stop: CancellationToken, kept: T) {
+        let consumer = Consumer { slot: dispatch.slot().clone(), stop, kept };
+        self.running.insert(dispatch.name().to_string(), consumer);
+    }
+
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// What the source keeps with each plugin's consumers.
+    pub fn kept(&self) -> impl Iterator<Item = &T> {
+        self.running.values().map(|c| &c.kept)
     }
 }
 

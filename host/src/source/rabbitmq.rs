@@ -7,7 +7,7 @@
 //! the ack, the redelivered message (same bytes, `redelivered` set) takes the journaled id
 //! again, so the plugins' deduplication sees one event.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 use crate::commit::{JournalEntry, JournalOp, Writer};
 use crate::config::RabbitMqConfig;
 use crate::db::Readers;
-use crate::dispatch::{Dispatch, Inbound, PluginSlot, dead_letter_undecodable};
+use crate::dispatch::{Dispatch, Inbound, dead_letter_undecodable};
 use crate::envelope::{self, HeaderValue, OCCURRED_AT_HEADER, Transport};
 use crate::event::{EventId, Millis};
-use crate::plugins::{Following, PluginSet};
+use crate::plugins::{Consumers, Following, PluginSet};
 use crate::source::{Ack, Backoff, InFlight, Received};
 
 /// A session that lasted this long was healthy: the next reconnect starts from the minimum.
@@ -107,7 +107,7 @@ impl RabbitMqSource {
         declare_exchange(&setup, &self.config.exchange).await?;
         let mut tasks = JoinSet::new();
         let mut changes = plugins.subscribe();
-        let mut consumers = HashMap::new();
+        let mut consumers = Consumers::default();
         let current = changes.borrow_and_update().clone();
         self.follow(&conn, &current.plugins, &mut consumers, &mut tasks).await?;
         following.followed(current.generation);
@@ -172,20 +172,10 @@ impl RabbitMqSource {
         &self,
         conn: &Connection,
         plugins: &[Dispatch],
-        consumers: &mut HashMap<String, Running>,
+        consumers: &mut Consumers<()>,
         tasks: &mut JoinSet<Option<SessionEnd>>,
     ) -> Result<(), SessionEnd> {
-        consumers.retain(|name, running| {
-            let kept = plugins.iter().any(|d| d.name() == name && Arc::ptr_eq(d.slot(), &running.slot));
-            if !kept {
-                running.stop.cancel();
-            }
-            kept
-        });
-        for dispatch in plugins {
-            if consumers.contains_key(dispatch.name()) {
-                continue;
-            }
+        for dispatch in consumers.follow(plugins) {
             let plugin = dispatch.slot().current();
             let queue = Self::queue_name(&self.config, dispatch.name());
             let channel = conn.create_channel().await.map_err(SessionEnd::Connect)?;
@@ -216,17 +206,10 @@ impl RabbitMqSource {
                 stop: stop.clone(),
             };
             tasks.spawn(consumer.run(channel));
-            consumers.insert(dispatch.name().to_string(), Running { slot: dispatch.slot().clone(), stop });
+            consumers.started(dispatch, stop, ());
         }
         Ok(())
     }
-}
-
-/// The consumer of a plugin in this session.
-struct Running {
-    /// Which plugin it feeds: a plugin removed and added again under the same name is another.
-    slot: Arc<PluginSlot>,
-    stop: CancellationToken,
 }
 
 async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), SessionEnd> {

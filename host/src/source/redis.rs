@@ -21,10 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commit::Writer;
 use crate::config::{PubSubConfig, RedisConfig, StreamsConfig};
-use crate::dispatch::{Dispatch, Inbound, PluginSlot, dead_letter_undecodable};
+use crate::dispatch::{Dispatch, Inbound, dead_letter_undecodable};
 use crate::envelope::{self, HeaderValue, Transport};
 use crate::event::Millis;
-use crate::plugins::PluginSet;
+use crate::plugins::{Consumers, PluginSet};
 use crate::route::Pattern;
 use crate::source::{Ack, Backoff, InFlight, Received};
 
@@ -73,7 +73,7 @@ impl RedisSource {
             };
             tasks.spawn(consumer.run(shutdown.clone()));
         }
-        let mut consumers: HashMap<String, StreamConsumers> = HashMap::new();
+        let mut consumers: Consumers<Vec<Arc<AtomicBool>>> = Consumers::default();
         let mut changes = plugins.subscribe();
         loop {
             if let Some(streams) = &self.config.streams {
@@ -81,7 +81,7 @@ impl RedisSource {
                 self.follow(&client, streams, &current.plugins, &mut consumers, &mut tasks, &shutdown);
             }
             while tasks.try_join_next().is_some() {}
-            let mut flags = pubsub_connected.iter().chain(consumers.values().flat_map(|c| &c.connected));
+            let mut flags = pubsub_connected.iter().chain(consumers.kept().flatten());
             let all = flags.all(|f| f.load(Ordering::SeqCst));
             self.connected.store(all, Ordering::SeqCst);
             tokio::select! {
@@ -100,22 +100,12 @@ impl RedisSource {
         client: &redis::Client,
         streams: &StreamsConfig,
         plugins: &[Dispatch],
-        consumers: &mut HashMap<String, StreamConsumers>,
+        consumers: &mut Consumers<Vec<Arc<AtomicBool>>>,
         tasks: &mut JoinSet<()>,
         shutdown: &CancellationToken,
     ) {
-        consumers.retain(|name, running| {
-            let kept = plugins.iter().any(|d| d.name() == name && Arc::ptr_eq(d.slot(), &running.slot));
-            if !kept {
-                running.stop.cancel();
-            }
-            kept
-        });
         let consumer_name = streams.consumer.clone().unwrap_or_else(default_consumer_name);
-        for dispatch in plugins {
-            if consumers.contains_key(dispatch.name()) {
-                continue;
-            }
+        for dispatch in consumers.follow(plugins) {
             let stop = shutdown.child_token();
             let mut connected = Vec::new();
             for stream in &streams.streams {
@@ -136,18 +126,9 @@ impl RedisSource {
                 };
                 tasks.spawn(consumer.run(stop.clone()));
             }
-            let running = StreamConsumers { slot: dispatch.slot().clone(), stop, connected };
-            consumers.insert(dispatch.name().to_string(), running);
+            consumers.started(dispatch, stop, connected);
         }
     }
-}
-
-/// The stream consumers of one plugin.
-struct StreamConsumers {
-    /// Which plugin they feed: a plugin removed and added again under the same name is another.
-    slot: Arc<PluginSlot>,
-    stop: CancellationToken,
-    connected: Vec<Arc<AtomicBool>>,
 }
 
 /// Subscribe to what is wanted and not subscribed yet, then drop what is no longer wanted, so
