@@ -490,13 +490,15 @@ fn multipart(component: Vec<u8>, settings: Option<&str>) -> (String, Vec<u8>) {
 #[tokio::test]
 async fn config_values_come_in_a_multipart_settings_part_and_secrets_stay_references() {
     let t = TestRouter::start(&stamp_router_toml("")).await;
-    let settings =
-        r#"{"subscriptions": ["stamp.#"], "timeout_ms": 2500, "config": {"label": "blue", "path": {"env": "PATH"}}}"#;
+    let settings = r#"{"subscriptions": ["stamp.#"], "timeout_ms": 2500, "config": {"label": "blue", "path": {"env": "PATH"}},
+            "allowed_hosts": ["api.resend.com"], "publishes": ["stamp.done", "audit.#"]}"#;
     let (content_type, body) = multipart(wasm("stamp_v2.wasm"), Some(settings));
     let (status, reply) = t.admin("PUT", "/v1/plugins/stamp", &content_type, body).await;
     assert_eq!(status, StatusCode::OK, "{reply}");
     let (_, plugin) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
     assert_eq!(plugin["timeout_ms"], 2500);
+    assert_eq!(plugin["allowed_hosts"], json!(["api.resend.com"]));
+    assert_eq!(plugin["publishes"], json!(["stamp.done", "audit.#"]));
     let event = json!({ "pattern": "stamp.it", "data": {}, "id": "configured" }).to_string();
     call(&t, "POST", "/v1/events", Some(TOKEN), &event).await;
     assert_eq!(t.doc("stamp", "stamped", "configured").unwrap()["label"], "blue");
@@ -513,6 +515,9 @@ async fn config_values_come_in_a_multipart_settings_part_and_secrets_stay_refere
     let event = json!({ "pattern": "stamp.it", "data": {}, "id": "kept" }).to_string();
     call(&t, "POST", "/v1/events", Some(TOKEN), &event).await;
     assert_eq!(t.doc("stamp", "stamped", "kept").unwrap()["label"], "blue");
+    let (_, plugin) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(plugin["allowed_hosts"], json!(["api.resend.com"]), "a swap keeps the granted hosts");
+    assert_eq!(plugin["publishes"], json!(["stamp.done", "audit.#"]), "a swap keeps the publish allow-list");
 
     let cases = [
         (
@@ -520,6 +525,11 @@ async fn config_values_come_in_a_multipart_settings_part_and_secrets_stay_refere
             "config value key: environment variable SWITCHYARD_SURELY_UNSET_VARIABLE is not set",
         ),
         (Some(r#"{"colour": "blue"}"#), "settings part: unknown field `colour`"),
+        (
+            Some(r#"{"allowed_hosts": ["https://api.resend.com"]}"#),
+            "allowed host \"https://api.resend.com\": give a host",
+        ),
+        (Some(r#"{"publishes": ["a..b"]}"#), "publishes: "),
         (Some("{not json"), "settings part: key must be a string"),
     ];
     for (settings, message) in cases {

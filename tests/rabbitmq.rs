@@ -2,54 +2,15 @@
 //! ingress queue, every envelope on the topic exchange, dead letters, deduplication, the
 //! outbox with confirms, and misbehaving plugins next to a well-behaved one.
 
-use std::time::Duration;
-
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde_json::json;
 use switchyard::commit::{Effects, OutboxRow, Writer};
 use switchyard::config::StoreConfig;
 use switchyard::router;
-use switchyard_tests::{Rabbit, TestRouter, amqp_url, eventually, plugin_table};
-
-const SETTLE: Duration = Duration::from_secs(30);
-
-fn config(rabbit: &Rabbit, ingress: bool, plugins: &[(&str, &str, &str)]) -> String {
-    let mut text = format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n{}", rabbit.section(ingress));
-    for (name, file, extra) in plugins {
-        rabbit.track_plugin(name);
-        text.push_str(&plugin_table(name, file, extra));
-    }
-    text
-}
-
-/// Wait until the router has settled everything and the given queues are drained.
-async fn settle(t: &TestRouter, queues: &[String]) {
-    let deadline = std::time::Instant::now() + SETTLE;
-    let mut quiet = 0;
-    while quiet < 2 {
-        assert!(std::time::Instant::now() < deadline, "router did not settle");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut empty = t.router.is_connected() && t.router.is_idle();
-        for q in queues {
-            empty &= router::queue_depth(&amqp_url(), q).await == Some(0);
-        }
-        quiet = if empty { quiet + 1 } else { 0 };
-    }
-}
-
-/// Stop the router and check that every message was acknowledged: the broker requeues what a
-/// closing consumer left unacknowledged, so a missing ack shows up as a message in the queue.
-async fn stop_and_assert_acked(t: TestRouter, queues: &[String]) {
-    drop(t.stop().await);
-    for q in queues {
-        assert_eq!(router::queue_depth(&amqp_url(), q).await, Some(0), "{q} has unacknowledged messages");
-    }
-}
-
-async fn connected(t: &TestRouter) {
-    eventually("the RabbitMQ source to connect", SETTLE, || t.router.is_connected().then_some(())).await;
-}
+use switchyard_tests::{
+    Rabbit, SETTLE, TestRouter, amqp_url, config, connected, eventually, settle, stop_and_assert_acked,
+};
 
 fn user(id: &str, name: &str) -> serde_json::Value {
     json!({ "user_id": id, "name": name, "email": format!("{name}@mail.com"), "role": "user", "picture": "p.png" })
@@ -153,7 +114,12 @@ async fn undecodable_and_rejected_messages_are_dead_lettered_with_the_reason() {
 async fn one_event_id_delivered_three_times_applies_once_and_publishes_once() {
     let rabbit = Rabbit::new().await;
     let tap = rabbit.tap("chaos.published").await;
-    let t = TestRouter::start(&config(&rabbit, false, &[("misbehave", "misbehave.wasm", "")])).await;
+    let t = TestRouter::start(&config(
+        &rabbit,
+        false,
+        &[("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n")],
+    ))
+    .await;
     connected(&t).await;
     let props = || BasicProperties::default().with_message_id("dup-1".into()).with_correlation_id("corr-9".into());
     for _ in 0..3 {
@@ -223,7 +189,7 @@ async fn misbehaving_plugins_fail_only_their_invocation() {
     ))
     .await;
     connected(&t).await;
-    for name in ["chaos.trap", "chaos.loop", "chaos.hog"] {
+    for name in ["chaos.trap", "chaos.loop", "chaos.sleep", "chaos.hog"] {
         let props = BasicProperties::default().with_message_id(name.into());
         rabbit.publish_event(name, b"{}", props).await;
         rabbit
@@ -236,11 +202,11 @@ async fn misbehaving_plugins_fail_only_their_invocation() {
     }
     rabbit.publish_event("chaos.ok", b"{}", BasicProperties::default().with_message_id("after".into())).await;
 
-    eventually("the plugin to keep working after a trap, a timeout and an OOM", SETTLE, || {
+    eventually("the plugin to keep working after a trap, two timeouts and an OOM", SETTLE, || {
         t.doc("misbehave", "seen", "after")
     })
     .await;
-    for name in ["chaos.trap", "chaos.loop", "chaos.hog"] {
+    for name in ["chaos.trap", "chaos.loop", "chaos.sleep", "chaos.hog"] {
         eventually(name, SETTLE, || t.doc("user-replica", "user_refs", name)).await;
     }
     let letters = t.dead_letters("misbehave");
@@ -254,6 +220,7 @@ async fn misbehaving_plugins_fail_only_their_invocation() {
         "{letters:?}"
     );
     assert!(reason("chaos.loop").starts_with("timed out after 300ms"), "{letters:?}");
+    assert!(reason("chaos.sleep").starts_with("timed out after 300ms"), "a plugin blocked in a host call: {letters:?}");
     assert!(reason("chaos.hog").starts_with("plugin trapped: forcing trap when growing memory"), "{letters:?}");
     assert!(t.dead_letters("user-replica").is_empty());
 }
@@ -292,7 +259,11 @@ async fn an_ingress_message_redelivered_after_a_crash_keeps_its_journaled_id() {
     let taken = rabbit.channel.basic_get(rabbit.ingress.as_str().into(), Default::default()).await.unwrap().unwrap();
     taken.delivery.acker.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
 
-    let t = TestRouter::start_in(&config(&rabbit, true, &[("misbehave", "misbehave.wasm", "")]), dir).await;
+    let t = TestRouter::start_in(
+        &config(&rabbit, true, &[("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n")]),
+        dir,
+    )
+    .await;
     let seen =
         eventually("the event under its journaled id", SETTLE, || t.doc("misbehave", "seen", "journaled-id")).await;
     assert_eq!(seen["name"], "chaos.publish");
@@ -431,7 +402,11 @@ async fn a_broker_outage_mid_stream_reports_not_ready_holds_the_outbox_and_loses
     let tap = rabbit.tap("chaos.published").await;
     let proxy = switchyard_tests::Proxy::start("127.0.0.1:5672").await;
     let via_proxy = amqp_url().replace("127.0.0.1:5672", &format!("127.0.0.1:{}", proxy.port));
-    let plugin = ("misbehave", "misbehave.wasm", "concurrency = 4\nordering_key = [\"bucket\"]\n");
+    let plugin = (
+        "misbehave",
+        "misbehave.wasm",
+        "publishes = [\"chaos.published\"]\nconcurrency = 4\nordering_key = [\"bucket\"]\n",
+    );
     let text = config(&rabbit, false, &[plugin]).replace(&amqp_url(), &via_proxy);
     let t = TestRouter::start(&text).await;
     connected(&t).await;

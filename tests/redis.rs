@@ -54,7 +54,7 @@ async fn nestjs_events_over_pubsub_reach_the_replica_and_published_events_come_b
     // NestJS's {pattern, data} has no room for ids over pub/sub (no headers): CloudEvents keeps them.
     let text = header(&format!("sink_format = \"cloudevents\"\n[redis.pubsub]\nchannel_prefix = \"{prefix}\"\n"))
         + &plugin_table("user-replica", "user_replica.wasm", "")
-        + &plugin_table("misbehave", "misbehave.wasm", "");
+        + &plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n");
     let t = TestRouter::start(&text).await;
     connected(&t).await;
     let mut conn = redis().await;
@@ -112,7 +112,7 @@ async fn stream_entries_apply_once_and_entries_of_a_dead_consumer_are_claimed() 
 
     let text = header(&format!(
         "sink_mode = \"stream\"\nsink_stream = \"{out}\"\n[redis.streams]\nstreams = [\"{stream}\"]\ngroup_prefix = \"{group_prefix}\"\nconsumer = \"router-a\"\nclaim_idle_ms = 200\n"
-    )) + &plugin_table("misbehave", "misbehave.wasm", "");
+    )) + &plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n");
     let t = TestRouter::start(&text).await;
     connected(&t).await;
     for (id, name, body) in [add("new-1", "chaos.ok"), add("new-1", "chaos.ok"), add("new-2", "chaos.ok")] {
@@ -220,7 +220,7 @@ async fn routers_sharing_a_consumer_group_share_the_entries() {
     let router = |consumer: &str| {
         header(&format!(
             "[redis.streams]\nstreams = [\"{stream}\"]\ngroup_prefix = \"{group_prefix}\"\nconsumer = \"{consumer}\"\nbatch = 4\n"
-        )) + &plugin_table("misbehave", "misbehave.wasm", "")
+        )) + &plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n")
     };
     let a = TestRouter::start(&router("a")).await;
     let b = TestRouter::start(&router("b")).await;
@@ -298,7 +298,11 @@ async fn a_redis_outage_mid_stream_reports_not_ready_and_loses_nothing() {
     let via_proxy = redis_url().replace("127.0.0.1:6379", &format!("127.0.0.1:{}", proxy.port));
     let text = header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\nclaim_idle_ms = 500\n"))
         .replace(&redis_url(), &via_proxy)
-        + &plugin_table("misbehave", "misbehave.wasm", "concurrency = 4\nordering_key = [\"bucket\"]\n");
+        + &plugin_table(
+            "misbehave",
+            "misbehave.wasm",
+            "publishes = [\"chaos.published\"]\nconcurrency = 4\nordering_key = [\"bucket\"]\n",
+        );
     let t = TestRouter::start(&text).await;
     connected(&t).await;
     let tally = || t.tally("misbehave");

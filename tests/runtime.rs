@@ -72,7 +72,9 @@ async fn instance_policy_decides_what_survives_between_events() {
 
 #[tokio::test]
 async fn published_events_carry_causation_correlation_and_source() {
-    let t = TestRouter::start(&config(&plugin_table("misbehave", "misbehave.wasm", ""))).await;
+    let t =
+        TestRouter::start(&config(&plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n")))
+            .await;
     publish(&t, r#"{"pattern":"chaos.publish","data":{},"id":"cause-1"}"#).await;
     settle(&t).await;
     let published = seen(&t, "chaos.published");
@@ -84,7 +86,12 @@ async fn published_events_carry_causation_correlation_and_source() {
 
 #[tokio::test]
 async fn a_repeated_event_id_runs_the_handler_once() {
-    let t = TestRouter::start(&config(&plugin_table("misbehave", "misbehave.wasm", "concurrency = 4\n"))).await;
+    let t = TestRouter::start(&config(&plugin_table(
+        "misbehave",
+        "misbehave.wasm",
+        "publishes = [\"chaos.published\"]\nconcurrency = 4\n",
+    )))
+    .await;
     for _ in 0..3 {
         publish(&t, r#"{"pattern":"chaos.publish","data":{},"id":"same-id"}"#).await;
         settle(&t).await;

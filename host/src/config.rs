@@ -377,6 +377,70 @@ pub struct PluginConfig {
     /// environment at start (for secrets).
     #[serde(default)]
     pub config: BTreeMap<String, ConfigValue>,
+    /// Hosts the plugin may reach over `wasi:http`: `host` (any port), `host:port`, or
+    /// `*.example.com` (its subdomains). Empty (the default): no outbound HTTP.
+    #[serde(default)]
+    pub allowed_hosts: Vec<AllowedHost>,
+    /// Event names the plugin may publish (`*` one word, `#` zero or more). Empty (the
+    /// default): the plugin may publish nothing.
+    #[serde(default)]
+    pub publishes: Vec<Pattern>,
+}
+
+/// One entry of a plugin's `allowed_hosts`: a host name or IP, optionally with a port; a
+/// leading `*.` matches any subdomain (not the domain itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedHost {
+    text: String,
+    host: String,
+    port: Option<u16>,
+}
+
+impl AllowedHost {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let invalid = |why: &str| Err(format!("allowed host {text:?}: {why}"));
+        if text.contains("://") || text.contains('/') {
+            return invalid("give a host or host:port, not a URL");
+        }
+        let (host, port) = match text.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') || host.starts_with('[') => match port.parse::<u16>() {
+                Ok(port) => (host, Some(port)),
+                Err(_) => return invalid("the port must be a number from 0 to 65535"),
+            },
+            _ => (text, None),
+        };
+        let name = host.strip_prefix("*.").unwrap_or(host);
+        if name.is_empty() || name.contains('*') || name.chars().any(char::is_whitespace) {
+            return invalid("the host must be a name or address; `*.` is allowed only as a prefix");
+        }
+        Ok(AllowedHost { text: text.to_string(), host: host.to_ascii_lowercase(), port })
+    }
+
+    /// Whether a request to `host` on `port` is allowed by this entry.
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        let host = host.to_ascii_lowercase();
+        let host_matches = match self.host.strip_prefix("*.") {
+            Some(domain) => host.strip_suffix(domain).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+            None => host == self.host,
+        };
+        host_matches && self.port.is_none_or(|p| p == port)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl<'de> Deserialize<'de> for AllowedHost {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        AllowedHost::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for AllowedHost {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
 }
 
 pub(crate) fn default_concurrency() -> usize {
@@ -713,6 +777,29 @@ mod tests {
     fn syntax_errors_name_the_file_and_line() {
         let e = error("[router\n");
         assert!(e.contains("/etc/switchyard/router.toml: (syntax)") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn allowed_hosts_match_name_port_and_subdomains() {
+        let exact = AllowedHost::parse("api.resend.com").unwrap();
+        assert!(exact.allows("api.resend.com", 443) && exact.allows("API.Resend.com", 80));
+        assert!(!exact.allows("evil.com", 443) && !exact.allows("api.resend.com.evil.com", 443));
+        let port = AllowedHost::parse("127.0.0.1:8025").unwrap();
+        assert!(port.allows("127.0.0.1", 8025) && !port.allows("127.0.0.1", 8026));
+        let wild = AllowedHost::parse("*.example.com").unwrap();
+        assert!(wild.allows("a.example.com", 443) && wild.allows("a.b.example.com", 443));
+        assert!(!wild.allows("example.com", 443) && !wild.allows("badexample.com", 443));
+        for bad in ["https://x.com", "x.com/path", "*", "a.*.com", "x.com:http", ""] {
+            assert!(AllowedHost::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_allowed_hosts_and_publish_patterns_are_named() {
+        let e = error("[[plugin]]\nname = \"p\"\npath = \"p.wasm\"\nallowed_hosts = [\"https://x.com\"]\n");
+        assert!(e.contains("plugin[0].allowed_hosts[0]") && e.contains("not a URL"), "{e}");
+        let e = error("[[plugin]]\nname = \"p\"\npath = \"p.wasm\"\npublishes = [\"a..b\"]\n");
+        assert!(e.contains("plugin[0].publishes[0]") && e.contains("empty word"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Test harness: real plugins built once per run, routers started in-process on a fresh data
 //! dir, and RabbitMQ names unique to each test and deleted when it ends.
 
+pub mod email;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -365,4 +367,46 @@ impl Drop for Proxy {
         self.accept.abort();
         self.cut();
     }
+}
+
+/// How long a test waits for a router to handle what it was given.
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+/// A `router.toml` on this test's RabbitMQ names with these `(name, file, extra)` plugins.
+pub fn config(rabbit: &Rabbit, ingress: bool, plugins: &[(&str, &str, &str)]) -> String {
+    let mut text = format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n{}", rabbit.section(ingress));
+    for (name, file, extra) in plugins {
+        rabbit.track_plugin(name);
+        text.push_str(&plugin_table(name, file, extra));
+    }
+    text
+}
+
+/// Wait until the router has settled everything and the given queues are drained.
+pub async fn settle(t: &TestRouter, queues: &[String]) {
+    let deadline = Instant::now() + SETTLE;
+    let mut quiet = 0;
+    while quiet < 2 {
+        assert!(Instant::now() < deadline, "router did not settle");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut empty = t.router.is_connected() && t.router.is_idle();
+        for q in queues {
+            empty &= switchyard::router::queue_depth(&amqp_url(), q).await == Some(0);
+        }
+        quiet = if empty { quiet + 1 } else { 0 };
+    }
+}
+
+/// Stop the router and check that every message was acknowledged: the broker requeues what a
+/// closing consumer left unacknowledged, so a missing ack shows up as a message in the queue.
+pub async fn stop_and_assert_acked(t: TestRouter, queues: &[String]) {
+    drop(t.stop().await);
+    for q in queues {
+        assert_eq!(switchyard::router::queue_depth(&amqp_url(), q).await, Some(0), "{q} has unacknowledged messages");
+    }
+}
+
+/// Wait for the router's sources to connect.
+pub async fn connected(t: &TestRouter) {
+    eventually("the sources to connect", SETTLE, || t.router.is_connected().then_some(())).await;
 }

@@ -234,6 +234,10 @@ pub struct PluginView {
     pub instances: String,
     pub memory_mb: u64,
     pub timeout_ms: u64,
+    /// Hosts the plugin may reach over HTTP.
+    pub allowed_hosts: Vec<String>,
+    /// Event-name patterns the plugin may publish.
+    pub publishes: Vec<String>,
     pub state: String,
     pub loaded_at: u64,
     pub counters: CountersSnapshot,
@@ -253,6 +257,8 @@ fn view(dispatch: &Dispatch) -> PluginView {
         instances: format!("{:?}", s.instances).to_lowercase(),
         memory_mb: s.limits.memory_mb,
         timeout_ms: s.limits.timeout_ms,
+        allowed_hosts: s.allowed_hosts.iter().map(|h| h.as_str().to_string()).collect(),
+        publishes: s.publishes.iter().map(|p| p.as_str().to_string()).collect(),
         state: if slot.is_paused() { "paused" } else { "running" }.into(),
         loaded_at: slot.loaded_at.0,
         counters: slot.counters.snapshot(),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer};
 use utoipa::IntoParams;
 
 use crate::admin::AdminError;
-use crate::config::{ConfigValue, InstancePolicy};
+use crate::config::{AllowedHost, ConfigValue, InstancePolicy};
 use crate::route::Pattern;
 use crate::runtime::Overrides;
 
@@ -48,6 +48,16 @@ pub struct UploadSettings {
     /// router's environment; they replace the running version's values.
     #[param(ignore)]
     pub config: Option<BTreeMap<String, ConfigValue>>,
+    /// Hosts the plugin may reach over HTTP (`host`, `host:port`, `*.domain`): comma-separated
+    /// in the query, a list in JSON; they replace the running version's list.
+    #[serde(default, deserialize_with = "names")]
+    #[param(value_type = Option<String>)]
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Event-name patterns the plugin may publish: comma-separated in the query, a list in
+    /// JSON; they replace the running version's list.
+    #[serde(default, deserialize_with = "names")]
+    #[param(value_type = Option<String>)]
+    pub publishes: Option<Vec<String>>,
 }
 
 /// A comma-separated string or a list of strings.
@@ -164,6 +174,14 @@ impl UploadSettings {
         if let Some(config) = self.config {
             base.config = config;
         }
+        if let Some(hosts) = &self.allowed_hosts {
+            let hosts = hosts.iter().map(|h| AllowedHost::parse(h)).collect::<Result<Vec<_>, _>>();
+            base.allowed_hosts = hosts.map_err(AdminError::BadRequest)?;
+        }
+        if let Some(names) = &self.publishes {
+            let patterns = names.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>();
+            base.publishes = patterns.map_err(|e| AdminError::BadRequest(format!("publishes: {e}")))?;
+        }
         Ok(base)
     }
 }
@@ -184,5 +202,23 @@ mod tests {
         let config = json.config.unwrap();
         assert_eq!(config["key"], ConfigValue::Env { env: "K".into() });
         assert!(serde_json::from_str::<UploadSettings>(r#"{"colour":"blue"}"#).is_err());
+    }
+
+    #[test]
+    fn bad_allowed_hosts_and_publish_patterns_are_refused_with_the_reason() {
+        let bad_host = UploadSettings { allowed_hosts: Some(vec!["http://x".into()]), ..Default::default() };
+        let e = bad_host.overrides(Overrides::defaults()).err().unwrap().to_string();
+        assert!(e.contains("not a URL"), "{e}");
+        let bad_name = UploadSettings { publishes: Some(vec!["a..b".into()]), ..Default::default() };
+        let e = bad_name.overrides(Overrides::defaults()).err().unwrap().to_string();
+        assert!(e.contains("publishes") && e.contains("empty word"), "{e}");
+        let good = UploadSettings {
+            allowed_hosts: Some(vec!["api.resend.com".into()]),
+            publishes: Some(vec!["email.*".into()]),
+            ..Default::default()
+        };
+        let o = good.overrides(Overrides::defaults()).unwrap();
+        assert_eq!(o.allowed_hosts[0].as_str(), "api.resend.com");
+        assert_eq!(o.publishes[0].as_str(), "email.*");
     }
 }

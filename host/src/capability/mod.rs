@@ -3,6 +3,7 @@
 //! handler succeeds.
 
 pub mod config;
+pub mod http;
 pub mod log;
 pub mod publish;
 pub mod store;
@@ -11,9 +12,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use crate::commit::{Effects, OutboxRow};
-use crate::config::Secret;
+use crate::config::{AllowedHost, Secret};
 use crate::db::Readers;
 use crate::event::Event;
+use crate::route::Subscriptions;
 
 /// What stays the same for every invocation of one loaded plugin version.
 pub struct PluginContext {
@@ -22,6 +24,10 @@ pub struct PluginContext {
     /// (collection, field) pairs the plugin declared as indexed.
     pub indexes: HashSet<(String, String)>,
     pub config: BTreeMap<String, Secret>,
+    /// Hosts the plugin may reach over `wasi:http`.
+    pub allowed_hosts: Arc<[AllowedHost]>,
+    /// Event names the plugin may publish.
+    pub publishes: Subscriptions,
 }
 
 /// The capability state of one invocation: what the handler read, wrote and published.
@@ -31,6 +37,9 @@ pub struct Invocation {
     pub correlation_id: String,
     pub store: store::Session,
     pub outbox: Vec<OutboxRow>,
+    /// Why a capability refused a call that fails the whole invocation (a publish outside
+    /// the allow-list), whatever the handler returns.
+    pub refused: Option<String>,
 }
 
 impl Invocation {
@@ -41,6 +50,7 @@ impl Invocation {
             correlation_id: event.correlation_id.clone().unwrap_or_else(|| event.id.0.clone()),
             store: store::Session::new(plugin.name.clone(), plugin.readers.clone()),
             outbox: Vec::new(),
+            refused: None,
         }
     }
 

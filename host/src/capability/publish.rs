@@ -15,6 +15,15 @@ impl Host for HostState {
             return Err(PublishError::Invalid("publish is only available while handling an event".into()));
         };
         validate_name(&event.name).map_err(PublishError::Invalid)?;
+        if !self.plugin.publishes.matches(&event.name) {
+            let reason = format!(
+                "plugin {source} may not publish {:?}: the name is not in its publish allow-list (`publishes` {:?})",
+                event.name,
+                self.plugin.publishes.0.iter().map(|p| p.as_str()).collect::<Vec<_>>()
+            );
+            invocation.refused.get_or_insert_with(|| reason.clone());
+            return Err(PublishError::Invalid(reason));
+        }
         let payload =
             std::str::from_utf8(&event.payload).map_err(|_| PublishError::Invalid("payload is not UTF-8".into()))?;
         serde_json::from_str::<&RawValue>(payload)

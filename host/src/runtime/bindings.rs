@@ -1,10 +1,14 @@
-//! The one `bindgen!` over `wit/`: every other module uses these types.
+//! The one `bindgen!` over `wit/`: every other module uses these types. It covers the `core`
+//! world, the switchyard part of the `plugin` world that plugins target; the WASI interfaces
+//! (including `wasi:http`) are linked from wasmtime-wasi and wasmtime-wasi-http.
 
 wasmtime::component::bindgen!({
-    world: "plugin",
+    world: "core",
     path: "../wit",
     exports: { default: async },
 });
 
+pub use self::Core as Plugin;
+pub use self::CorePre as PluginPre;
 pub use self::exports::switchyard::plugin::handler::Guest as Handler;
 pub use self::switchyard::plugin::types::{Event as WitEvent, HandlerError, Header as WitHeader, Metadata};

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
-use super::LoadedPlugin;
+use super::{EPOCH_TICK, LoadedPlugin};
 use super::bindings::{HandlerError, Plugin, WitEvent, WitHeader};
 use super::state::HostState;
 use crate::capability::Invocation;
@@ -83,10 +83,18 @@ impl Instance {
         data.deadline = Instant::now() + timeout;
         self.store.set_epoch_deadline(1);
         let record = to_wit(event, key, attempt);
-        let result = self.bindings.switchyard_plugin_handler().call_handle(&mut self.store, &record).await;
+        let call = self.bindings.switchyard_plugin_handler().call_handle(&mut self.store, &record);
+        // A plugin blocked in a host call (a sleep, an HTTP request) runs no wasm, so the epoch
+        // deadline cannot interrupt it: this timer does. The instance is discarded after it.
+        let result = tokio::time::timeout(timeout + EPOCH_TICK, call).await;
         let invocation = self.store.data_mut().invocation.take();
+        let Ok(result) = result else { return Err(InvokeError::Timeout(timeout)) };
         match result {
-            Ok(Ok(())) => Ok(invocation.map(Invocation::into_effects).unwrap_or_default()),
+            Ok(Ok(())) => match invocation {
+                Some(Invocation { refused: Some(reason), .. }) => Err(InvokeError::Reject(reason)),
+                Some(invocation) => Ok(invocation.into_effects()),
+                None => Ok(Effects::default()),
+            },
             Ok(Err(HandlerError::Retry(reason))) => Err(InvokeError::Retry(reason)),
             Ok(Err(HandlerError::Reject(reason))) => Err(InvokeError::Reject(reason)),
             Err(e) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Err(InvokeError::Timeout(timeout)),

@@ -21,7 +21,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, StoreLimitsBuilder};
 
 use crate::capability::PluginContext;
-use crate::config::{ConfigValue, InstancePolicy, Limits, PluginConfig, PluginName, RetryPolicy, Secret};
+use crate::config::{AllowedHost, ConfigValue, InstancePolicy, Limits, PluginConfig, PluginName, RetryPolicy, Secret};
 use crate::db::{self, Readers};
 use crate::route::{Pattern, Subscriptions};
 
@@ -66,6 +66,10 @@ pub struct Settings {
     pub config: BTreeMap<String, Secret>,
     /// Config values as given (`{ env = "NAME" }` kept as a reference), what the registry keeps.
     pub config_source: BTreeMap<String, ConfigValue>,
+    /// Hosts the plugin may reach over `wasi:http`.
+    pub allowed_hosts: Vec<AllowedHost>,
+    /// Event names the plugin may publish.
+    pub publishes: Vec<Pattern>,
 }
 
 /// What the caller overrides when loading; `None` keeps the component's own metadata.
@@ -80,6 +84,8 @@ pub struct Overrides {
     pub retry: RetryPolicy,
     /// Config values, resolved from the environment when the plugin is loaded.
     pub config: BTreeMap<String, ConfigValue>,
+    pub allowed_hosts: Vec<AllowedHost>,
+    pub publishes: Vec<Pattern>,
 }
 
 impl Overrides {
@@ -95,6 +101,8 @@ impl Overrides {
             limits: Limits::default(),
             retry: RetryPolicy::default(),
             config: BTreeMap::new(),
+            allowed_hosts: Vec::new(),
+            publishes: Vec::new(),
         }
     }
 
@@ -109,11 +117,13 @@ impl Overrides {
             limits: config.limits,
             retry: config.retry,
             config: config.config.clone(),
+            allowed_hosts: config.allowed_hosts.clone(),
+            publishes: config.publishes.clone(),
         }
     }
 
     /// Apply the settings an upload was stored with.
-    pub fn apply(&mut self, stored: &registry::StoredSettings) -> Result<(), crate::route::PatternError> {
+    pub fn apply(&mut self, stored: &registry::StoredSettings) -> Result<(), registry::SettingsError> {
         if let Some(subscriptions) = &stored.subscriptions {
             self.subscriptions = Some(subscriptions.iter().map(|s| Pattern::parse(s)).collect::<Result<_, _>>()?);
         }
@@ -127,6 +137,12 @@ impl Overrides {
         self.retry = stored.retry.unwrap_or(self.retry);
         if let Some(config) = &stored.config {
             self.config = config.clone();
+        }
+        if let Some(hosts) = &stored.allowed_hosts {
+            self.allowed_hosts = hosts.iter().map(|h| AllowedHost::parse(h)).collect::<Result<_, _>>()?;
+        }
+        if let Some(names) = &stored.publishes {
+            self.publishes = names.iter().map(|p| Pattern::parse(p)).collect::<Result<_, _>>()?;
         }
         Ok(())
     }
@@ -142,6 +158,8 @@ impl Overrides {
             limits: settings.limits,
             retry: settings.retry,
             config: settings.config_source.clone(),
+            allowed_hosts: settings.allowed_hosts.clone(),
+            publishes: settings.publishes.clone(),
         }
     }
 }
@@ -158,6 +176,8 @@ impl Settings {
             limits: self.limits,
             retry: Some(self.retry),
             config: Some(self.config_source.clone()),
+            allowed_hosts: Some(self.allowed_hosts.iter().map(|h| h.as_str().to_string()).collect()),
+            publishes: Some(self.publishes.iter().map(|p| p.as_str().to_string()).collect()),
         }
     }
 }
@@ -213,6 +233,7 @@ impl Runtime {
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
         let ticking = Arc::new(AtomicBool::new(true));
         let weak = engine.weak();
@@ -249,6 +270,8 @@ impl Runtime {
             readers: self.readers.clone(),
             indexes: HashSet::new(),
             config: config.clone(),
+            allowed_hosts: overrides.allowed_hosts.iter().cloned().collect(),
+            publishes: Subscriptions(overrides.publishes.clone()),
         });
         let metadata = describe(&self.engine, &pre, context.clone(), overrides.limits).await?;
         if metadata.name != name.as_str() {
@@ -274,6 +297,8 @@ impl Runtime {
             readers: self.readers.clone(),
             indexes: indexes.iter().cloned().collect(),
             config: config.clone(),
+            allowed_hosts: context.allowed_hosts.clone(),
+            publishes: context.publishes.clone(),
         });
         let settings = Settings {
             subscriptions: Subscriptions(overrides.subscriptions.unwrap_or(own_subscriptions)),
@@ -285,6 +310,8 @@ impl Runtime {
             retry: overrides.retry,
             config,
             config_source: overrides.config,
+            allowed_hosts: overrides.allowed_hosts,
+            publishes: overrides.publishes,
         };
         Ok(LoadedPlugin {
             name: name.clone(),

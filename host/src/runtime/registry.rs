@@ -26,6 +26,25 @@ pub struct StoredSettings {
     /// Config values as given: `{ "env": "NAME" }` is kept as the reference, never the secret.
     #[serde(default)]
     pub config: Option<BTreeMap<String, ConfigValue>>,
+    #[serde(default)]
+    pub allowed_hosts: Option<Vec<String>>,
+    #[serde(default)]
+    pub publishes: Option<Vec<String>>,
+}
+
+/// A kept or uploaded setting that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(transparent)]
+    Pattern(#[from] crate::route::PatternError),
+    #[error("{0}")]
+    Host(String),
+}
+
+impl From<String> for SettingsError {
+    fn from(why: String) -> Self {
+        SettingsError::Host(why)
+    }
 }
 
 /// One version of a plugin as the registry keeps it.
@@ -146,6 +165,8 @@ mod tests {
             limits: Limits::default(),
             retry: None,
             config: None,
+            allowed_hosts: None,
+            publishes: None,
         };
         Entry { bytes: bytes.to_vec(), settings }
     }

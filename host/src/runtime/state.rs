@@ -13,7 +13,9 @@ use wasmtime::component::ResourceTable;
 
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use crate::capability::http::Egress;
 use crate::capability::{Invocation, PluginContext};
 
 /// Bytes of a plugin's stderr kept to explain a trap (a Rust panic message lands there).
@@ -72,6 +74,8 @@ impl tokio::io::AsyncWrite for StderrTail {
 /// Per-store state of one plugin instance.
 pub struct HostState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    egress: Egress,
     table: ResourceTable,
     pub(crate) limits: StoreLimits,
     pub(crate) stderr: StderrTail,
@@ -93,8 +97,12 @@ impl HostState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
+        let egress =
+            Egress { plugin: plugin.name.clone(), allowed: plugin.allowed_hosts.clone(), deadline: Instant::now() };
         HostState {
             wasi,
+            http: WasiHttpCtx::new(),
+            egress,
             table: ResourceTable::new(),
             limits,
             stderr,
@@ -124,6 +132,13 @@ impl HostState {
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        self.egress.deadline = self.deadline;
+        WasiHttpCtxView { hooks: &mut self.egress, table: &mut self.table, ctx: &mut self.http }
     }
 }
 
