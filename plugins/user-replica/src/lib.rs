@@ -1,18 +1,13 @@
 //! Event-Carried State Transfer replica of users: rebuilds `user_refs` from the events the auth
 //! and user services publish, so user data is read locally instead of asked of those services.
 
-wit_bindgen::generate!({ path: "../../wit" });
-
-use exports::switchyard::plugin::handler::Guest;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use switchyard::plugin::log::{self, Level};
-use switchyard::plugin::store::{self, StoreError};
-use switchyard::plugin::types::{Event, HandlerError, Index, Metadata};
+use switchyard_sdk::{Collection, Error, Event, Metadata, Plugin, Result, log};
 
-/// Collection holding one document per user, keyed by `user_id`.
-const COLLECTION: &str = "user_refs";
+/// One document per user, keyed by `user_id`.
+static USER_REFS: Collection<UserDoc> = Collection::new("user_refs");
 
 /// The user fields replicated from `auth.tokenGenerated` and `user.updated`.
 #[derive(Debug, PartialEq, Deserialize, Serialize)]
@@ -50,7 +45,7 @@ struct UserDeleted {
 }
 
 /// A `user_refs` document.
-#[derive(Debug, PartialEq, Serialize)]
+#[derive(Debug, PartialEq, Deserialize, Serialize)]
 struct UserDoc {
     #[serde(flatten)]
     user: User,
@@ -58,12 +53,6 @@ struct UserDoc {
     token: Option<String>,
     /// The `occurred-at` of the event that wrote it.
     updated_at: u64,
-}
-
-/// The part of a stored document that a change without a token keeps.
-#[derive(Deserialize)]
-struct StoredToken {
-    token: Option<String>,
 }
 
 /// What one event asks of `user_refs`.
@@ -84,90 +73,63 @@ fn non_empty<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Er
     Ok(id)
 }
 
-/// Parses the JSON payload of event `name`; the error is the reason to reject the event.
-fn parse<'a, T: Deserialize<'a>>(name: &str, payload: &'a [u8]) -> Result<T, String> {
-    serde_json::from_slice(payload).map_err(|e| format!("invalid {name} payload: {e}"))
-}
-
-/// The change event `name` asks for; the error is the reason to reject the event.
-fn change_for(name: &str, payload: &[u8], occurred_at: u64) -> Result<Change, String> {
-    Ok(match name {
+/// The change `event` asks for; an event that does not fit is rejected.
+fn change_for(event: &Event) -> Result<Change> {
+    Ok(match event.name.as_str() {
         "auth.tokenGenerated" => {
-            let TokenGenerated { user, token } = parse(name, payload)?;
-            Change::Upsert(UserDoc { user, token, updated_at: occurred_at })
+            let TokenGenerated { user, token } = event.json()?;
+            Change::Upsert(UserDoc { user, token, updated_at: event.occurred_at })
         }
         "user.updated" => {
-            let UserUpdated { user } = parse(name, payload)?;
-            Change::Upsert(UserDoc { user, token: None, updated_at: occurred_at })
+            let UserUpdated { user } = event.json()?;
+            Change::Upsert(UserDoc { user, token: None, updated_at: event.occurred_at })
         }
-        "user.deleted" => Change::Delete(parse::<UserDeleted>(name, payload)?.user_id),
-        _ => return Err(format!("no handler for {name}")),
+        "user.deleted" => Change::Delete(event.json::<UserDeleted>()?.user_id),
+        other => return Err(Error::reject(format!("no handler for {other}"))),
     })
 }
 
-/// The token of a stored `user_refs` document, if it has one.
-fn stored_token(document: &str) -> Result<Option<String>, String> {
-    serde_json::from_str::<StoredToken>(document)
-        .map(|stored| stored.token)
-        .map_err(|e| format!("stored {COLLECTION} document is not a user document: {e}"))
-}
-
-/// Retry while the database is unavailable; reject on any other store error, which would recur.
-fn store_failure(op: &str, error: StoreError) -> HandlerError {
-    match error {
-        StoreError::Unavailable(why) => HandlerError::Retry(format!("store unavailable: {why}")),
-        other => HandlerError::Reject(format!("store {op} failed: {other}")),
-    }
-}
-
 /// Upserts `doc`, keeping the stored token when `doc` carries none; returns whether it was written.
-fn upsert(mut doc: UserDoc) -> Result<bool, HandlerError> {
+fn upsert(mut doc: UserDoc) -> Result<bool> {
     let key = doc.user.user_id.clone();
     if doc.token.is_none()
-        && let Some(entry) = store::get(COLLECTION, &key).map_err(|e| store_failure("get", e))?
+        && let Some(stored) = USER_REFS.get(&key)?
     {
-        doc.token = stored_token(&entry.document).map_err(HandlerError::Reject)?;
+        doc.token = stored.token;
     }
-    let document =
-        serde_json::to_string(&doc).map_err(|e| HandlerError::Reject(format!("cannot encode user {key}: {e}")))?;
-    store::put(COLLECTION, &key, &document, Some(doc.updated_at)).map_err(|e| store_failure("put", e))
+    USER_REFS.put_if_newer(&key, &doc, doc.updated_at)
 }
 
-/// The plugin's exports.
+/// The plugin.
 struct UserReplica;
 
-impl Guest for UserReplica {
+impl Plugin for UserReplica {
     fn metadata() -> Metadata {
-        Metadata {
-            name: "user-replica".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            subscriptions: vec!["auth.tokenGenerated".into(), "user.updated".into(), "user.deleted".into()],
-            ordering_key: vec!["user.user_id".into(), "user_id".into()],
-            indexes: vec![Index { collection: COLLECTION.into(), field: "email".into() }],
-        }
+        Metadata::new("user-replica", env!("CARGO_PKG_VERSION"))
+            .subscribe(["auth.tokenGenerated", "user.updated", "user.deleted"])
+            .ordering_key(["user.user_id", "user_id"])
+            .index(USER_REFS.name(), "email")
     }
 
-    fn handle(event: Event) -> Result<(), HandlerError> {
-        let change = change_for(&event.name, &event.payload, event.occurred_at).map_err(HandlerError::Reject)?;
-        let line = match change {
+    fn handle(event: Event) -> Result<()> {
+        let line = match change_for(&event)? {
             Change::Upsert(doc) => {
                 let key = doc.user.user_id.clone();
                 let outcome = if upsert(doc)? { "upserted" } else { "not upserted: a newer version is stored" };
-                format!("{COLLECTION}/{key} {outcome}")
+                format!("user_refs/{key} {outcome}")
             }
             Change::Delete(key) => {
-                let deleted =
-                    store::delete(COLLECTION, &key, Some(event.occurred_at)).map_err(|e| store_failure("delete", e))?;
+                let deleted = USER_REFS.delete_if_newer(&key, event.occurred_at)?;
                 let outcome = if deleted { "deleted" } else { "not deleted: absent or newer version stored" };
-                format!("{COLLECTION}/{key} {outcome}")
+                format!("user_refs/{key} {outcome}")
             }
         };
-        log::log(Level::Debug, &format!("{}: {line}", event.name));
+        log::debug(&format!("{}: {line}", event.name));
         Ok(())
     }
 }
 
-export!(UserReplica);
+switchyard_sdk::plugin!(UserReplica);
 
 #[cfg(test)]
 mod tests {
@@ -176,7 +138,21 @@ mod tests {
 
     /// The document `change_for` builds, as JSON, or the rejection reason.
     fn document(name: &str, payload: &str) -> Result<Value, String> {
-        match change_for(name, payload.as_bytes(), 1_700)? {
+        let event = Event {
+            id: "e1".into(),
+            name: name.into(),
+            source: "test".into(),
+            key: None,
+            correlation_id: None,
+            causation_id: None,
+            occurred_at: 1_700,
+            attempt: 1,
+            headers: Vec::new(),
+            payload: payload.as_bytes().to_vec(),
+        };
+        match change_for(&event).map_err(|e| match e {
+            Error::Reject(reason) | Error::Retry(reason) => reason,
+        })? {
             Change::Upsert(doc) => Ok(serde_json::to_value(doc).unwrap()),
             Change::Delete(key) => Ok(json!({ "deleted": key })),
         }
@@ -217,12 +193,5 @@ mod tests {
             assert!(reason.starts_with(&format!("invalid {name} payload: ")), "{reason}");
         }
         assert_eq!(document("user.created", "{}"), Err("no handler for user.created".into()));
-    }
-
-    #[test]
-    fn reads_the_stored_token() {
-        assert_eq!(stored_token(r#"{"user_id":"u1","token":"t0k"}"#), Ok(Some("t0k".into())));
-        assert_eq!(stored_token(r#"{"user_id":"u1"}"#), Ok(None));
-        assert!(stored_token("[]").is_err());
     }
 }

@@ -1,0 +1,96 @@
+//! The order saga's payment service, with a documented rule standing in for a payment
+//! provider: an amount up to `slow_over` (config, default 50000 cents) succeeds at once; up to
+//! `limit` (default 100000) it succeeds after `slow_delay_ms` (default 60000), like a provider
+//! that takes its time; over `limit` it fails. A repeated charge answers what the first did;
+//! `payment.refund` refunds a succeeded payment once.
+
+use flows::orders::*;
+use serde::{Deserialize, Serialize};
+use switchyard_sdk::{Collection, Error, Event, Metadata, Outgoing, Plugin, Result, config, log, publish};
+
+/// One payment per order, keyed by order id.
+static PAYMENTS: Collection<Payment> = Collection::new("payments");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Outcome {
+    Succeeded,
+    Failed,
+    Refunded,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Payment {
+    amount: u64,
+    outcome: Outcome,
+}
+
+fn setting(name: &str, default: u64) -> Result<u64> {
+    match config::get(name) {
+        None => Ok(default),
+        Some(text) => text.parse().map_err(|_| Error::reject(format!("config {name} {text:?} is not a number"))),
+    }
+}
+
+fn charge(event: &Event) -> Result<String> {
+    let charge: Charge = event.json()?;
+    let key = charge.order_id.to_string();
+    if let Some(payment) = PAYMENTS.get(&key)? {
+        let name = if payment.outcome == Outcome::Failed { PAYMENT_FAILED } else { PAYMENT_SUCCEEDED };
+        publish(name, &OrderRef::new(&charge.order_id))?;
+        return Ok(format!("order {key}: repeated charge answered {name}"));
+    }
+    let limit = setting("limit", 100_000)?;
+    let (outcome, delay) = if charge.amount > limit {
+        (Outcome::Failed, 0)
+    } else if charge.amount > setting("slow_over", 50_000)? {
+        (Outcome::Succeeded, setting("slow_delay_ms", 60_000)?)
+    } else {
+        (Outcome::Succeeded, 0)
+    };
+    let answer = match outcome {
+        Outcome::Failed => Outgoing::new(
+            PAYMENT_FAILED,
+            &OrderRef::because(&charge.order_id, format!("amount {} is over the limit of {limit}", charge.amount)),
+        )?,
+        _ => Outgoing::new(PAYMENT_SUCCEEDED, &OrderRef::new(&charge.order_id))?.delay_ms(delay),
+    };
+    answer.send()?;
+    PAYMENTS.put(&key, &Payment { amount: charge.amount, outcome })?;
+    Ok(format!("order {key}: {outcome:?}"))
+}
+
+fn refund(event: &Event) -> Result<String> {
+    let order: OrderRef = event.json()?;
+    let key = order.order_id.to_string();
+    match PAYMENTS.get(&key)? {
+        Some(payment) if payment.outcome == Outcome::Succeeded => {
+            PAYMENTS.put(&key, &Payment { outcome: Outcome::Refunded, ..payment })?;
+            publish(PAYMENT_REFUNDED, &OrderRef::new(&order.order_id))?;
+            Ok(format!("order {key}: refunded"))
+        }
+        _ => Ok(format!("order {key}: nothing to refund")),
+    }
+}
+
+struct PaymentService;
+
+impl Plugin for PaymentService {
+    fn metadata() -> Metadata {
+        Metadata::new("payment", env!("CARGO_PKG_VERSION"))
+            .subscribe([PAYMENT_INITIATE, PAYMENT_REFUND])
+            .ordering_key(["orderId"])
+    }
+
+    fn handle(event: Event) -> Result<()> {
+        let line = match event.name.as_str() {
+            PAYMENT_INITIATE => charge(&event)?,
+            PAYMENT_REFUND => refund(&event)?,
+            other => return Err(Error::reject(format!("no handler for {other}"))),
+        };
+        log::debug(&line);
+        Ok(())
+    }
+}
+
+switchyard_sdk::plugin!(PaymentService);
