@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
-use super::{EPOCH_TICK, LoadedPlugin};
 use super::bindings::{HandlerError, Plugin, WitEvent, WitHeader};
 use super::state::HostState;
+use super::{EPOCH_TICK, LoadedPlugin};
 use crate::capability::Invocation;
 use crate::commit::Effects;
 use crate::event::Event;
