@@ -85,6 +85,26 @@ async fn published_events_carry_causation_correlation_and_source() {
 }
 
 #[tokio::test]
+async fn a_refused_publish_fails_the_invocation_even_when_the_handler_ignores_it() {
+    let t =
+        TestRouter::start(&config(&plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n")))
+            .await;
+    publish(&t, r#"{"pattern":"chaos.sneak","data":{},"id":"sneak-1"}"#).await;
+    settle(&t).await;
+    let letters = t.router.readers.dead_letters("misbehave", 0, 10).unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(
+        letters[0].reason.contains("may not publish \"chaos.forbidden\"")
+            && letters[0].reason.contains("[\"chaos.published\"]"),
+        "{}",
+        letters[0].reason
+    );
+    assert!(t.doc("misbehave", "seen", "sneak-1").is_none(), "nothing of the invocation committed");
+    assert!(seen(&t, "chaos.published").is_empty(), "not even the allowed publish");
+    assert_eq!(t.router.readers.outbox_backlog().unwrap(), 0);
+}
+
+#[tokio::test]
 async fn a_repeated_event_id_runs_the_handler_once() {
     let t = TestRouter::start(&config(&plugin_table(
         "misbehave",

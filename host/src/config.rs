@@ -377,8 +377,9 @@ pub struct PluginConfig {
     /// environment at start (for secrets).
     #[serde(default)]
     pub config: BTreeMap<String, ConfigValue>,
-    /// Hosts the plugin may reach over `wasi:http`: `host` (any port), `host:port`, or
-    /// `*.example.com` (its subdomains). Empty (the default): no outbound HTTP.
+    /// Hosts the plugin may reach over `wasi:http`: `host` (any port), `host:port`,
+    /// `*.example.com` (its subdomains) or an IP address (`[::1]:8025` for IPv6 with a port).
+    /// Empty (the default): no outbound HTTP.
     #[serde(default)]
     pub allowed_hosts: Vec<AllowedHost>,
     /// Event names the plugin may publish (`*` one word, `#` zero or more). Empty (the
@@ -399,26 +400,58 @@ pub struct AllowedHost {
 impl AllowedHost {
     pub fn parse(text: &str) -> Result<Self, String> {
         let invalid = |why: &str| Err(format!("allowed host {text:?}: {why}"));
+        let port_of = |port: &str| port.parse::<u16>().map_err(|_| ());
         if text.contains("://") || text.contains('/') {
             return invalid("give a host or host:port, not a URL");
         }
-        let (host, port) = match text.rsplit_once(':') {
-            Some((host, port)) if !host.contains(':') || host.starts_with('[') => match port.parse::<u16>() {
-                Ok(port) => (host, Some(port)),
-                Err(_) => return invalid("the port must be a number from 0 to 65535"),
-            },
-            _ => (text, None),
-        };
-        let name = host.strip_prefix("*.").unwrap_or(host);
-        if name.is_empty() || name.contains('*') || name.chars().any(char::is_whitespace) {
-            return invalid("the host must be a name or address; `*.` is allowed only as a prefix");
+        if text.contains('@') {
+            return invalid("credentials do not belong in an allowed host");
         }
-        Ok(AllowedHost { text: text.to_string(), host: host.to_ascii_lowercase(), port })
+        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+            let Some((address, after)) = rest.split_once(']') else {
+                return invalid("an IPv6 address in brackets needs its closing `]`");
+            };
+            if address.parse::<std::net::Ipv6Addr>().is_err() {
+                return invalid("the brackets must hold an IPv6 address");
+            }
+            match after {
+                "" => (address, None),
+                _ => match after.strip_prefix(':').map(port_of) {
+                    Some(Ok(port)) => (address, Some(port)),
+                    _ => return invalid("the port must be a number from 0 to 65535"),
+                },
+            }
+        } else if text.matches(':').count() > 1 {
+            if text.parse::<std::net::Ipv6Addr>().is_err() {
+                return invalid("an IPv6 address with a port goes in brackets, e.g. [::1]:8025");
+            }
+            (text, None)
+        } else {
+            match text.split_once(':') {
+                Some((host, port)) => match port_of(port) {
+                    Ok(port) => (host, Some(port)),
+                    Err(()) => return invalid("the port must be a number from 0 to 65535"),
+                },
+                None => (text, None),
+            }
+        };
+        let wildcard = host.strip_prefix("*.");
+        let name = wildcard.unwrap_or(host);
+        let is_ip = name.parse::<std::net::IpAddr>().is_ok();
+        let is_dns_name = !name.is_empty()
+            && !name.starts_with('.')
+            && !name.ends_with('.')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if !(is_dns_name || is_ip) || (wildcard.is_some() && is_ip) {
+            return invalid("the host must be a DNS name or an IP address; `*.` may only start a DNS name");
+        }
+        Ok(AllowedHost { text: text.to_string(), host: canonical_host(host), port })
     }
 
-    /// Whether a request to `host` on `port` is allowed by this entry.
+    /// Whether a request to `host` (a name, an IP address, or an IPv6 address in brackets)
+    /// on `port` is allowed by this entry.
     pub fn allows(&self, host: &str, port: u16) -> bool {
-        let host = host.to_ascii_lowercase();
+        let host = canonical_host(host.trim_start_matches('[').trim_end_matches(']'));
         let host_matches = match self.host.strip_prefix("*.") {
             Some(domain) => host.strip_suffix(domain).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
             None => host == self.host,
@@ -428,6 +461,14 @@ impl AllowedHost {
 
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+}
+
+/// One spelling per host: an IP address in its canonical form, a name in lowercase.
+fn canonical_host(host: &str) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) => host.to_ascii_lowercase(),
     }
 }
 
@@ -789,7 +830,25 @@ mod tests {
         let wild = AllowedHost::parse("*.example.com").unwrap();
         assert!(wild.allows("a.example.com", 443) && wild.allows("a.b.example.com", 443));
         assert!(!wild.allows("example.com", 443) && !wild.allows("badexample.com", 443));
-        for bad in ["https://x.com", "x.com/path", "*", "a.*.com", "x.com:http", ""] {
+        let v6 = AllowedHost::parse("[::1]:8025").unwrap();
+        assert!(v6.allows("[::1]", 8025) && v6.allows("0:0:0:0:0:0:0:1", 8025) && !v6.allows("::1", 8026));
+        let any_port = AllowedHost::parse("::1").unwrap();
+        assert!(any_port.allows("[::1]", 1) && !any_port.allows("127.0.0.1", 1));
+        for bad in [
+            "https://x.com",
+            "x.com/path",
+            "*",
+            "a.*.com",
+            "x.com:http",
+            "",
+            "user:pw@x.com",
+            "x.com.",
+            "[::1",
+            "[::1]8025",
+            "[x]:80",
+            "*.10.0.0.1",
+            "::1::2",
+        ] {
             assert!(AllowedHost::parse(bad).is_err(), "{bad}");
         }
     }

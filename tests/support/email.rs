@@ -22,13 +22,23 @@ pub struct SentEmail {
     pub idempotency_key: Option<String>,
 }
 
+/// A failure the stub answers with.
+#[derive(Clone, Copy)]
+struct Failure {
+    status: u16,
+    /// Accept (send) the email first, then answer `status` anyway: a lost reply.
+    after_sending: bool,
+}
+
 #[derive(Default)]
 struct Inbox {
     api_key: String,
     sent: Vec<SentEmail>,
     /// Statuses to answer the next requests with, before accepting again.
-    failures: VecDeque<u16>,
+    failures: VecDeque<Failure>,
     requests: u64,
+    /// The `Idempotency-Key` of every request with the right API key, in order.
+    request_keys: Vec<Option<String>>,
     keys: HashSet<String>,
     /// Print each accepted email on stdout as it is accepted.
     echo: bool,
@@ -71,9 +81,21 @@ impl EmailApi {
         self.addr.to_string()
     }
 
-    /// Answer the next requests with these statuses, in order.
+    /// Answer the next requests with these statuses, in order, sending nothing.
     pub fn fail_next(&self, statuses: &[u16]) {
-        self.inbox.lock().expect("inbox").failures.extend(statuses);
+        let failures = statuses.iter().map(|&status| Failure { status, after_sending: false });
+        self.inbox.lock().expect("inbox").failures.extend(failures);
+    }
+
+    /// Send the next emails, but answer them with these statuses, as if the reply was lost.
+    pub fn fail_after_sending(&self, statuses: &[u16]) {
+        let failures = statuses.iter().map(|&status| Failure { status, after_sending: true });
+        self.inbox.lock().expect("inbox").failures.extend(failures);
+    }
+
+    /// The `Idempotency-Key` of every request that had the right API key, in order.
+    pub fn request_keys(&self) -> Vec<Option<String>> {
+        self.inbox.lock().expect("inbox").request_keys.clone()
     }
 
     pub fn sent(&self) -> Vec<SentEmail> {
@@ -103,15 +125,23 @@ async fn receive(
     if bearer != Some(inbox.api_key.as_str()) {
         return (StatusCode::UNAUTHORIZED, Json(json!({ "message": "API key is invalid" })));
     }
-    if let Some(status) = inbox.failures.pop_front() {
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return (status, Json(json!({ "message": "failing as told" })));
-    }
     let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+    inbox.request_keys.push(idempotency_key.clone());
+    let failure = inbox.failures.pop_front();
+    let answer = |status: StatusCode, body: Value| match failure {
+        Some(f) => (
+            StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            Json(json!({ "message": "failing as told" })),
+        ),
+        None => (status, Json(body)),
+    };
+    if failure.is_some_and(|f| !f.after_sending) {
+        return answer(StatusCode::OK, Value::Null);
+    }
     if let Some(key) = &idempotency_key
         && !inbox.keys.insert(key.clone())
     {
-        return (StatusCode::OK, Json(json!({ "id": key })));
+        return answer(StatusCode::OK, json!({ "id": key }));
     }
     let text = |name: &str| body[name].as_str().unwrap_or_default().to_string();
     let to = match &body["to"] {
@@ -128,5 +158,5 @@ async fn receive(
         println!("{:<24} {}", email.to.join(","), email.subject);
     }
     inbox.sent.push(email);
-    (StatusCode::OK, Json(json!({ "id": id })))
+    answer(StatusCode::OK, json!({ "id": id }))
 }

@@ -27,7 +27,6 @@ impl Egress {
     /// match an entry of `allowed_hosts`.
     pub(crate) fn allows(&self, uri: &http::Uri) -> bool {
         let Some(host) = uri.host() else { return false };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         let port = uri.port_u16().unwrap_or(if uri.scheme() == Some(&http::uri::Scheme::HTTPS) { 443 } else { 80 });
         self.allowed.iter().any(|entry| entry.allows(host, port))
     }
@@ -54,9 +53,11 @@ impl WasiHttpHooks for Egress {
     ) -> Box<dyn Future<Output = Sent> + Send> {
         drop(fut);
         if !self.allows(request.uri()) {
+            // The host and port only: an authority may carry credentials.
             tracing::warn!(
                 plugin = %self.plugin,
-                host = request.uri().authority().map(|a| a.as_str()).unwrap_or(""),
+                host = request.uri().host().unwrap_or(""),
+                port = request.uri().port_u16(),
                 "outbound HTTP refused: the host is not in the plugin's allowed_hosts"
             );
             return Box::new(async { Err(Error::HttpRequestDenied) });

@@ -89,12 +89,13 @@ impl Instance {
         let result = tokio::time::timeout(timeout + EPOCH_TICK, call).await;
         let invocation = self.store.data_mut().invocation.take();
         let Ok(result) = result else { return Err(InvokeError::Timeout(timeout)) };
+        // A refused capability call fails the invocation for good, whatever the handler made
+        // of the refusal: a retry would be refused again.
+        if let (Ok(_), Some(Invocation { refused: Some(reason), .. })) = (&result, &invocation) {
+            return Err(InvokeError::Reject(reason.clone()));
+        }
         match result {
-            Ok(Ok(())) => match invocation {
-                Some(Invocation { refused: Some(reason), .. }) => Err(InvokeError::Reject(reason)),
-                Some(invocation) => Ok(invocation.into_effects()),
-                None => Ok(Effects::default()),
-            },
+            Ok(Ok(())) => Ok(invocation.map(Invocation::into_effects).unwrap_or_default()),
             Ok(Err(HandlerError::Retry(reason))) => Err(InvokeError::Retry(reason)),
             Ok(Err(HandlerError::Reject(reason))) => Err(InvokeError::Reject(reason)),
             Err(e) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Err(InvokeError::Timeout(timeout)),

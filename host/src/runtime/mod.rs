@@ -337,10 +337,14 @@ async fn describe(
     let bytes = usize::try_from(limits.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
     let store_limits = StoreLimitsBuilder::new().memory_size(bytes).trap_on_grow_failure(true).build();
     let mut store = instance::new_store(engine, HostState::new(context, store_limits), limits.timeout_ms);
-    let plugin = pre.instantiate_async(&mut store).await.map_err(|e| LoadError::Metadata(format!("{e:#}")))?;
-    plugin
-        .switchyard_plugin_handler()
-        .call_metadata(&mut store)
-        .await
-        .map_err(|e| LoadError::Metadata(format!("{e:#}")))
+    // Bounded like an invocation, also while the plugin waits in a host call.
+    let timeout = Duration::from_millis(limits.timeout_ms) + EPOCH_TICK;
+    let describe = async {
+        let plugin = pre.instantiate_async(&mut store).await?;
+        plugin.switchyard_plugin_handler().call_metadata(&mut store).await
+    };
+    match tokio::time::timeout(timeout, describe).await {
+        Ok(result) => result.map_err(|e| LoadError::Metadata(format!("{e:#}"))),
+        Err(_) => Err(LoadError::Metadata(format!("no answer within {} ms", limits.timeout_ms))),
+    }
 }

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use switchyard_sdk::{Collection, Error, Event, Id, Result};
 
-/// The replica: one document per pair, keyed `<followed_id>:<follower_id>`.
+/// The replica: one document per pair, keyed `<followed_id>:<follower_id>` ([`key`]).
 pub static FOLLOW_REFS: Collection<FollowRef> = Collection::new("follow_refs");
 
 /// The indexed field of [`FOLLOW_REFS`] that finds an author's followers.
@@ -42,7 +42,7 @@ pub struct FollowRef {
 
 /// The key of a pair's document.
 pub fn key(followed_id: &Id, follower_id: &Id) -> String {
-    format!("{followed_id}:{follower_id}")
+    crate::compound_key(&[followed_id.as_str(), follower_id.as_str()])
 }
 
 /// Apply `follow.created` or `follow.removed` to the replica. Versions are the events'

@@ -1,7 +1,8 @@
 //! Sends the email requests other plugins publish through a Resend-compatible API
 //! (`POST {base_url}/emails`, bearer API key, JSON `from`, `to`, `subject`, `html`), one
-//! template per notification type. A 5xx, a 429 or a timeout is retried with the router's
-//! backoff; any other 4xx dead-letters the request with the API's answer. The event id goes
+//! template per notification type. A 5xx, a 429, a timeout or a failed connection is retried
+//! with the router's backoff; any other answer outside 2xx dead-letters the request with the
+//! API's answer. The event id goes
 //! out as the `Idempotency-Key`, so an API that did send before failing does not send twice.
 //!
 //! Config: `base_url` and `api_key` (required; the key usually `{ env = "..." }`, never

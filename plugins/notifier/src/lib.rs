@@ -51,7 +51,7 @@ fn fan_out(event: &Event) -> Result<u64> {
             created_at: event.occurred_at,
             author_id: notice.user_id.clone(),
         };
-        NOTIFICATIONS.put(&format!("{}:{}", event.id, follower.follower_id), &notification)?;
+        NOTIFICATIONS.put(&flows::compound_key(&[&event.id, follower.follower_id.as_str()]), &notification)?;
         let mut data = Map::new();
         data.insert("message".into(), Value::String(notice.message.clone()));
         data.insert("author_id".into(), Value::String(notice.user_id.to_string()));

@@ -112,14 +112,22 @@ impl Request {
         request.set_authority(Some(&target.authority)).map_err(|()| invalid("authority"))?;
         request.set_path_with_query(Some(&target.path)).map_err(|()| invalid("path"))?;
         let body = request.body().map_err(|()| invalid("body"))?;
+        // Send first, then stream the body: the host buffers only a chunk or two of it, and
+        // reads it only once the request is under way.
+        let pending = outgoing_handler::handle(request, None).map_err(|e| failure(&target.authority, e))?;
+        // A request that fails (refused, unreachable) closes the body stream: the reason is
+        // in the response, so a failed write only stops the writing.
+        let mut written = Ok(());
         {
             let stream = body.write().map_err(|()| invalid("body stream"))?;
             for chunk in self.body.chunks(WRITE_CHUNK) {
-                stream.blocking_write_and_flush(chunk).map_err(|e| HttpError::Failed(format!("writing: {e:?}")))?;
+                if let Err(e) = stream.blocking_write_and_flush(chunk) {
+                    written = Err(HttpError::Failed(format!("writing the body: {e:?}")));
+                    break;
+                }
             }
         }
-        let pending = outgoing_handler::handle(request, None).map_err(|e| failure(&target.authority, e))?;
-        OutgoingBody::finish(body, None).map_err(|e| failure(&target.authority, e))?;
+        let finished = OutgoingBody::finish(body, None);
         let response = loop {
             match pending.get() {
                 Some(result) => break result,
@@ -129,6 +137,8 @@ impl Request {
         let response = response
             .map_err(|()| HttpError::Failed("the response was already taken".into()))?
             .map_err(|e| failure(&target.authority, e))?;
+        written?;
+        finished.map_err(|e| failure(&target.authority, e))?;
         let status = response.status();
         let incoming = response.consume().map_err(|()| HttpError::Failed("no response body".into()))?;
         let body = read_all(&incoming)?;
@@ -160,6 +170,9 @@ impl Target {
         };
         if authority.is_empty() {
             return Err(HttpError::Invalid(format!("{url:?} has no host")));
+        }
+        if authority.contains('@') {
+            return Err(HttpError::Invalid("credentials in the URL: send them in a header".into()));
         }
         Ok(Target { scheme, authority: authority.into(), path })
     }
@@ -209,5 +222,6 @@ mod tests {
         let t = Target::parse("http://h?q").unwrap();
         assert_eq!(t.path, "/?q");
         assert!(Target::parse("ftp://x").is_err() && Target::parse("http:///x").is_err());
+        assert!(Target::parse("https://user:secret@api.resend.com/emails").is_err());
     }
 }
