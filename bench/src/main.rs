@@ -8,28 +8,27 @@
 //! Smoke run (CI: small N, checks that every scenario still runs and counts right):
 //!   cargo run -p switchyard-bench -- --smoke
 
+mod broker;
+mod memory;
+mod routed;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use clap::Parser;
-use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use switchyard::config::{Config, PluginName};
+use switchyard::config::PluginName;
 use switchyard::db::Readers;
 use switchyard::event::{Event, EventId, Millis};
-use switchyard::router::Router;
 use switchyard::runtime::{Instance, Overrides, Runtime};
+
+use broker::Body;
+use routed::{Entry, Latencies, Routed};
 
 #[derive(Parser)]
 #[command(about = "switchyard benchmarks, each against its baseline in the same run")]
-struct Args {
+pub struct Args {
     /// Small N and one round: checks that the harness runs, not how fast.
     #[arg(long)]
     smoke: bool,
@@ -42,6 +41,12 @@ struct Args {
     /// Consumer prefetch, the same for the baseline and switchyard.
     #[arg(long, default_value_t = 500)]
     prefetch: u16,
+    /// Lanes per plugin (`concurrency`): events handled at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Seconds of paced load in the latency and hot-swap scenarios.
+    #[arg(long, default_value_t = 20)]
+    paced_secs: u64,
     /// RabbitMQ URL.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp: String,
@@ -85,31 +90,70 @@ async fn main() -> anyhow::Result<()> {
     if args.smoke {
         args.events = 2_000;
         args.rounds = 1;
+        args.paced_secs = 2;
     }
     println!(
-        "switchyard-bench: {} events per drain round, {} rounds, prefetch {}",
-        args.events, args.rounds, args.prefetch
+        "switchyard-bench: {} events per drain round, {} rounds, prefetch {}, concurrency {}",
+        args.events, args.rounds, args.prefetch, args.concurrency
     );
     println!("| scenario | baseline (median, spread) | switchyard (median, spread) | ratio |");
     println!("| --- | --- | --- | --- |");
 
+    let idle = idle_rss().await?;
+    println!("| RSS of the `switchyard` process idle, the demo's 9 plugins loaded (MiB) | – | {idle:.0} | – |");
+
     let (mut bare, mut routed) = (Samples::default(), Samples::default());
     for _ in 0..args.rounds {
-        bare.0.push(drain_bare(&args).await?);
-        routed.0.push(drain_switchyard(&args, "noop", "noop.wasm", &noop_body).await?);
+        bare.0.push(broker::drain_bare(&args, &noop_body).await?);
+        routed
+            .0
+            .push(drain(&args, Entry { name: "noop", file: "noop.wasm", extra: "" }, &["bench.#"], &noop_body).await?);
     }
     row("drain, no-op plugin (events/s)", &bare, &routed);
 
+    memory::reset_peak();
     let mut replica = Samples::default();
     for _ in 0..args.rounds {
-        replica.0.push(drain_switchyard(&args, "user-replica", "user_replica.wasm", &user_updated).await?);
+        let entry = Entry { name: "user-replica", file: "user_replica.wasm", extra: "" };
+        replica.0.push(drain(&args, entry, &["user.updated"], &user_updated).await?);
     }
     row("replica flow, 10,000 users (events/s)", &bare, &replica);
+    let peak = memory::mib("VmHWM").unwrap_or(f64::NAN);
+    println!("| peak RSS of the harness process during the replica flow (MiB) | – | {peak:.0} | – |");
+
+    let offered = (routed.median() / 2.0).max(100.0);
+    let latency = latency(&args, offered).await?;
+    println!(
+        "| publish → commit at {offered:.0} events/s, 50 % of the no-op peak: p50 / p99 / p99.9 (ms) | – | {} / {} / {} | – |",
+        latency.quantile(0.5),
+        latency.quantile(0.99),
+        latency.quantile(0.999)
+    );
+
+    let swap = hot_swap(&args, offered).await?;
+    println!(
+        "| two hot swaps at {offered:.0} events/s offered: throughput (events/s), p99 (ms), lost | – | {:.0}, {}, {} | – |",
+        swap.rate,
+        swap.latency.quantile(0.99),
+        swap.lost
+    );
+
+    let (followers, posts) = if args.smoke { (500, 10) } else { (10_000, 1_000) };
+    let one = fan_out(&args, 1, followers, 1).await?;
+    println!("| fan-out: 1 post to {followers} followers (notifications/s) | – | {one:.0} | – |");
+    let authors = if args.smoke { 5 } else { 100 };
+    let many = fan_out(&args, authors, followers / authors, posts).await?;
+    println!(
+        "| fan-out: {posts} posts over {authors} authors × {} followers (notifications/s) | – | {many:.0} | – |",
+        followers / authors
+    );
+
 
     let calls = if args.smoke { 2_000 } else { 100_000 };
-    let (reuse, fresh) = wasm_overhead(calls).await?;
-    println!("| Wasm call, reused instance (µs/event) | – | {:.2} | – |", reuse);
-    println!("| Wasm call, fresh instance (µs/event) | – | {:.2} | – |", fresh);
+    let overhead = wasm_overhead(calls).await?;
+    println!("| Wasm call, reused instance, no-op (µs/event) | – | {:.2} | – |", overhead.reuse);
+    println!("| Wasm: fresh instance + call, no-op (µs/event) | – | {:.2} | – |", overhead.fresh);
+    println!("| Wasm call, reused instance, JSON-parsing `user-replica` (µs/event) | – | {:.2} | – |", overhead.json);
     Ok(())
 }
 
@@ -143,136 +187,171 @@ fn user_updated(i: usize) -> (String, Vec<u8>) {
     ("user.updated".into(), body.to_string().into_bytes())
 }
 
-async fn connect(url: &str) -> anyhow::Result<(Connection, Channel)> {
-    let conn = Connection::connect(url, ConnectionProperties::default()).await.context("connecting to RabbitMQ")?;
-    let channel = conn.create_channel().await?;
-    Ok((conn, channel))
-}
-
-/// Declare `queue` bound to `exchange` for `pattern` and fill it with `n` persistent messages.
-async fn fill(
-    channel: &Channel,
-    exchange: &str,
-    queue: &str,
-    pattern: &str,
-    n: usize,
-    body: &dyn Fn(usize) -> (String, Vec<u8>),
-) -> anyhow::Result<()> {
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    channel.exchange_declare(exchange.into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
-    channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
-    channel
-        .queue_bind(queue.into(), exchange.into(), pattern.into(), QueueBindOptions::default(), FieldTable::default())
-        .await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut confirms = Vec::with_capacity(1000);
-    for i in 0..n {
-        let (name, bytes) = body(i);
-        let props = BasicProperties::default().with_delivery_mode(2).with_message_id(format!("m-{i}").as_str().into());
-        let confirm = channel
-            .basic_publish(exchange.into(), name.as_str().into(), BasicPublishOptions::default(), &bytes, props)
-            .await?;
-        confirms.push(confirm);
-        if confirms.len() == 1000 {
-            for c in confirms.drain(..) {
-                ensure!(c.await?.is_ack(), "the broker refused a message");
-            }
-        }
-    }
-    for c in confirms {
-        ensure!(c.await?.is_ack(), "the broker refused a message");
-    }
-    Ok(())
-}
-
-/// Baseline: a bare lapin consumer, manual acks with `multiple` every 100, same prefetch.
-async fn drain_bare(args: &Args) -> anyhow::Result<f64> {
-    let (conn, channel) = connect(&args.amqp).await?;
-    let (exchange, queue) = (unique("bench"), unique("bench-bare"));
-    fill(&channel, &exchange, &queue, "bench.#", args.events, &noop_body).await?;
-    let consumer_channel = conn.create_channel().await?;
-    consumer_channel.basic_qos(args.prefetch, BasicQosOptions::default()).await?;
-    let started = Instant::now();
-    let mut consumer = consumer_channel
-        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await?;
-    let mut taken = 0;
-    while let Some(delivery) = consumer.next().await {
-        let delivery = delivery?;
-        taken += 1;
-        if taken % 100 == 0 || taken == args.events {
-            delivery.acker.ack(BasicAckOptions { multiple: true }).await?;
-        }
-        if taken == args.events {
-            break;
-        }
-    }
-    let rate = args.events as f64 / started.elapsed().as_secs_f64();
-    channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
-    channel.exchange_delete(exchange.as_str().into(), Default::default()).await?;
-    let _ = conn.close(200, "done".into()).await;
-    Ok(rate)
-}
-
 /// switchyard: the plugin's queue filled first, then the router started and timed until every
 /// event is committed and acknowledged.
-async fn drain_switchyard(
-    args: &Args,
-    name: &str,
-    file: &str,
-    body: &dyn Fn(usize) -> (String, Vec<u8>),
-) -> anyhow::Result<f64> {
-    let (conn, channel) = connect(&args.amqp).await?;
-    let exchange = unique("bench");
-    let prefix = format!("{}.", unique("q"));
-    let queue = format!("{prefix}{name}");
-    let pattern = if name == "noop" { "bench.#" } else { "user.updated" };
-    fill(&channel, &exchange, &queue, pattern, args.events, body).await?;
-    let dir = tempfile::tempdir()?;
-    let text = format!(
-        "[router]\ndata_dir = \"{}\"\nlog = \"warn\"\n[rabbitmq]\nurl = \"{}\"\nexchange = \"{exchange}\"\nqueue_prefix = \"{prefix}\"\nprefetch = {}\n[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n",
-        dir.path().display(),
-        args.amqp,
-        args.prefetch,
-        plugin(file)?.display()
-    );
-    let config = Config::from_toml(&text, &dir.path().join("router.toml"), &|_| None)?;
+async fn drain(args: &Args, entry: Entry<'_>, patterns: &[&str], body: &Body) -> anyhow::Result<f64> {
+    let name = entry.name;
+    let mut r = Routed::new(args).await?;
+    r.prefill(name, patterns, args.events, body).await?;
     // Compiling the plugin is start-up, not draining: the clock starts once the router runs.
-    let router = Router::start(config).await?;
-    let started = Instant::now();
-    let slot = router.plugins.get(name).context("the plugin runs")?.slot().clone();
-    loop {
-        let c = slot.counters.snapshot();
-        if c.succeeded + c.duplicates + c.dead_lettered >= args.events as u64 && router.in_flight() == 0 {
-            break;
-        }
-        ensure!(started.elapsed() < Duration::from_secs(1800), "switchyard did not drain within 30 minutes");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let rate = args.events as f64 / started.elapsed().as_secs_f64();
-    let counters = slot.counters.snapshot();
+    r.start(args, &[entry]).await?;
+    let took = r.settled(name, args.events as u64, Instant::now()).await?;
+    let counters = r.counters(name)?;
     ensure!(counters.succeeded == args.events as u64, "every event committed once: {counters:?}");
-    router.stop().await;
-    channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
-    channel.exchange_delete(exchange.as_str().into(), Default::default()).await?;
-    let _ = conn.close(200, "done".into()).await;
-    Ok(rate)
+    r.finish().await?;
+    Ok(args.events as f64 / took.as_secs_f64())
 }
 
-/// The runtime alone: µs per event for a call on a reused instance, and for a fresh instance
-/// plus the call, with the no-op plugin.
-async fn wasm_overhead(calls: usize) -> anyhow::Result<(f64, f64)> {
+/// Publish → commit latency of the no-op plugin under a steady `rate`.
+async fn latency(args: &Args, rate: f64) -> anyhow::Result<Latencies> {
+    let mut r = Routed::new(args).await?;
+    r.start(args, &[Entry { name: "noop", file: "noop.wasm", extra: "" }]).await?;
+    let n = (rate * args.paced_secs as f64) as usize;
+    let sent = broker::paced(&r.channel, &r.exchange, n, rate, &noop_body).await?;
+    r.settled("noop", n as u64, Instant::now()).await?;
+    let latencies = Latencies::of(&sent, &r.commit_times("noop")?)?;
+    r.finish().await?;
+    Ok(latencies)
+}
+
+/// What a steady load sees while the plugin is swapped twice.
+struct Swapped {
+    rate: f64,
+    latency: Latencies,
+    lost: u64,
+}
+
+/// The no-op plugin under a steady `rate`, uploaded again (a hot swap) at one and two thirds
+/// of the run.
+async fn hot_swap(args: &Args, rate: f64) -> anyhow::Result<Swapped> {
+    let mut r = Routed::new(args).await?;
+    r.start(args, &[Entry { name: "noop", file: "noop.wasm", extra: "" }]).await?;
+    let n = (rate * args.paced_secs as f64) as usize;
+    let third = Duration::from_secs_f64(args.paced_secs as f64 / 3.0);
+    let swaps = async {
+        for _ in 0..2 {
+            tokio::time::sleep(third).await;
+            r.upload("noop", "noop.wasm").await?;
+        }
+        anyhow::Ok(())
+    };
+    let (sent, swapped) = tokio::join!(broker::paced(&r.channel, &r.exchange, n, rate, &noop_body), swaps);
+    let (sent, ()) = (sent?, swapped?);
+    let settle = r.settled("noop", n as u64, Instant::now());
+    tokio::time::timeout(Duration::from_secs(120), settle).await.context("events lost: the run did not settle")??;
+    let committed = r.commit_times("noop")?;
+    let lost = (0..n).filter(|i| !committed.contains_key(&format!("paced-{i}"))).count() as u64;
+    ensure!(lost == 0, "{lost} events lost across the swaps");
+    let first = sent.first().map_or(0, |m| m.0);
+    let last = committed.values().map(|m| m.0).max().unwrap_or(first);
+    let latency = Latencies::of(&sent, &committed)?;
+    r.finish().await?;
+    Ok(Swapped { rate: n as f64 * 1000.0 / (last.saturating_sub(first).max(1)) as f64, latency, lost })
+}
+
+/// `posts` posts spread over `authors`, each followed by `followers`: notifications (a
+/// document and an email request each) committed per second, once the follows are replicated.
+async fn fan_out(args: &Args, authors: usize, followers: usize, posts: usize) -> anyhow::Result<f64> {
+    let follows = authors * followers;
+    let follow = move |i: usize| {
+        let body = serde_json::json!({ "pattern": "follow.created", "data": {
+            "follower_id": format!("f{i}"), "follower_email": format!("f{i}@mail.test"),
+            "follower_name": "Fan", "followed_id": format!("author-{}", i % authors) } });
+        ("follow.created".to_string(), body.to_string().into_bytes())
+    };
+    let post = move |i: usize| {
+        let body = serde_json::json!({ "pattern": "post.created", "data": {
+            "type": "new_post", "message": format!("post {i}"), "userId": format!("author-{}", i % authors) } });
+        ("post.created".to_string(), body.to_string().into_bytes())
+    };
+    let mut r = Routed::new(args).await?;
+    r.prefill("notifier", &["follow.*", "post.created"], follows, &follow).await?;
+    let extra = "publishes = [\"email.requested\"]\n[plugin.limits]\ntimeout_ms = 120000\n";
+    r.start(args, &[Entry { name: "notifier", file: "notifier.wasm", extra }]).await?;
+    r.settled("notifier", follows as u64, Instant::now()).await?;
+    let started = Instant::now();
+    broker::publish(&r.channel, &r.exchange, "post", 0..posts, &post).await?;
+    let took = r.settled("notifier", (follows + posts) as u64, started).await?;
+    let counters = r.counters("notifier")?;
+    ensure!(counters.succeeded == (follows + posts) as u64, "every event committed once: {counters:?}");
+    r.finish().await?;
+    Ok((posts * followers) as f64 / took.as_secs_f64())
+}
+
+/// RSS of the `switchyard` binary (the one built next to this harness) idle on the in-process
+/// bus with every plugin of the demo loaded, in MiB.
+async fn idle_rss() -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?;
+    let binary = exe.with_file_name("switchyard");
+    ensure!(binary.is_file(), "{} is missing: build it first (cargo build [--release] -p switchyard)", binary.display());
+    let dir = tempfile::tempdir()?;
+    let mut text = format!("[router]\ndata_dir = \"{}\"\nlog = \"info\"\n", dir.path().display());
+    let plugins = [
+        ("user-replica", "user_replica.wasm"),
+        ("follow-replica", "follow_replica.wasm"),
+        ("notifier", "notifier.wasm"),
+        ("mailer", "mailer.wasm"),
+        ("welcome", "welcome.wasm"),
+        ("user-catalog", "user_catalog.wasm"),
+        ("order-saga", "order_saga.wasm"),
+        ("inventory", "inventory.wasm"),
+        ("payment", "payment.wasm"),
+    ];
+    for (name, file) in plugins {
+        text.push_str(&format!("[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n", plugin(file)?.display()));
+    }
+    let config = dir.path().join("router.toml");
+    std::fs::write(&config, text)?;
+    let log = std::fs::File::create(dir.path().join("router.log"))?;
+    let mut child = tokio::process::Command::new(&binary)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("the router runs")?;
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(dir.path().join("router.log")).unwrap_or_default();
+        if text.matches("plugin loaded").count() == plugins.len() {
+            break;
+        }
+        ensure!(child.try_wait()?.is_none(), "the router exited: {text}");
+        ensure!(started.elapsed() < Duration::from_secs(300), "the router did not load its plugins: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Idle: every plugin loaded, nothing to do.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = memory::mib_of(&format!("/proc/{pid}/status"), "VmRSS").context("reading the router's RSS")?;
+    child.kill().await?;
+    Ok(rss)
+}
+
+/// The runtime alone, in µs per event.
+struct Overhead {
+    /// A call on a reused instance of the no-op plugin.
+    reuse: f64,
+    /// A fresh instance of the no-op plugin, and the call.
+    fresh: f64,
+    /// A call on a reused instance of `user-replica`: JSON parsing, a store read and a write.
+    json: f64,
+}
+
+/// The runtime alone: no broker, no commit.
+async fn wasm_overhead(calls: usize) -> anyhow::Result<Overhead> {
     let dir = tempfile::tempdir()?;
     let readers = Readers::new(dir.path());
     switchyard::commit::Writer::start(dir.path(), &Default::default())?;
     let runtime = Runtime::new(readers)?;
-    let bytes = std::fs::read(plugin("noop.wasm")?)?;
-    let loaded = Arc::new(
-        runtime.load(&PluginName::parse("noop").map_err(anyhow::Error::msg)?, &bytes, Overrides::defaults()).await?,
-    );
-    let event = Event {
+    let load = async |name: &str, file: &str| -> anyhow::Result<Arc<switchyard::runtime::LoadedPlugin>> {
+        let bytes = std::fs::read(plugin(file)?)?;
+        let name = PluginName::parse(name).map_err(anyhow::Error::msg)?;
+        Ok(Arc::new(runtime.load(&name, &bytes, Overrides::defaults()).await?))
+    };
+    let event = |name: &str, payload: Vec<u8>| Event {
         id: EventId("bench-1".into()),
-        name: "bench.event".into(),
+        name: name.into(),
         source: "bench".into(),
         key: None,
         correlation_id: None,
@@ -280,20 +359,28 @@ async fn wasm_overhead(calls: usize) -> anyhow::Result<(f64, f64)> {
         occurred_at: Millis::now(),
         content_type: "application/json".into(),
         headers: Vec::new(),
-        payload: noop_body(1).1,
+        payload,
     };
-    let mut instance = Instance::new(loaded.clone()).await?;
-    let started = Instant::now();
-    for _ in 0..calls {
-        instance.handle(&event, None, 1).await?;
-    }
-    let reuse = started.elapsed().as_secs_f64() * 1e6 / calls as f64;
+    let per_call = async |plugin: &Arc<switchyard::runtime::LoadedPlugin>, event: &Event| -> anyhow::Result<f64> {
+        let mut instance = Instance::new(plugin.clone()).await?;
+        let started = Instant::now();
+        for _ in 0..calls {
+            instance.handle(event, None, 1).await?;
+        }
+        Ok(started.elapsed().as_secs_f64() * 1e6 / calls as f64)
+    };
+    let noop = load("noop", "noop.wasm").await?;
+    let noop_event = event("bench.event", noop_body(1).1);
+    let reuse = per_call(&noop, &noop_event).await?;
     let fresh_calls = calls / 10;
     let started = Instant::now();
     for _ in 0..fresh_calls {
-        let mut instance = Instance::new(loaded.clone()).await?;
-        instance.handle(&event, None, 1).await?;
+        let mut instance = Instance::new(noop.clone()).await?;
+        instance.handle(&noop_event, None, 1).await?;
     }
     let fresh = started.elapsed().as_secs_f64() * 1e6 / fresh_calls as f64;
-    Ok((reuse, fresh))
+    let replica = load("user-replica", "user_replica.wasm").await?;
+    let update = serde_json::from_slice::<serde_json::Value>(&user_updated(1).1)?["data"].to_string();
+    let json = per_call(&replica, &event("user.updated", update.into_bytes())).await?;
+    Ok(Overhead { reuse, fresh, json })
 }

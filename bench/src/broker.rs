@@ -1,0 +1,142 @@
+//! The broker side of the benchmarks: filling a queue, the bare lapin consumer that is the
+//! baseline, and a publisher that offers events at a fixed rate.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use switchyard::event::Millis;
+
+use crate::{Args, unique};
+
+/// A message: routing key (the event name) and body.
+pub type Body = dyn Fn(usize) -> (String, Vec<u8>);
+
+pub async fn connect(url: &str) -> anyhow::Result<(Connection, Channel)> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await.context("connecting to RabbitMQ")?;
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok((conn, channel))
+}
+
+/// Declare the topic `exchange`.
+pub async fn exchange(channel: &Channel, exchange: &str) -> anyhow::Result<()> {
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    channel.exchange_declare(exchange.into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
+    Ok(())
+}
+
+/// Declare `queue` bound to `exchange` for each pattern.
+pub async fn queue(channel: &Channel, exchange: &str, queue: &str, patterns: &[&str]) -> anyhow::Result<()> {
+    self::exchange(channel, exchange).await?;
+    channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
+    for pattern in patterns {
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                (*pattern).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Publish messages `range` of `body` to `exchange`, persistent, with message ids
+/// `<id_prefix>-<i>`, and wait for every confirm.
+pub async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    id_prefix: &str,
+    range: std::ops::Range<usize>,
+    body: &Body,
+) -> anyhow::Result<()> {
+    let mut confirms = Vec::with_capacity(1000);
+    for i in range {
+        let (name, bytes) = body(i);
+        let id = format!("{id_prefix}-{i}");
+        let props = BasicProperties::default().with_delivery_mode(2).with_message_id(id.as_str().into());
+        confirms.push(
+            channel
+                .basic_publish(exchange.into(), name.as_str().into(), BasicPublishOptions::default(), &bytes, props)
+                .await?,
+        );
+        if confirms.len() == 1000 {
+            for c in confirms.drain(..) {
+                ensure!(c.await?.is_ack(), "the broker refused a message");
+            }
+        }
+    }
+    for c in confirms {
+        ensure!(c.await?.is_ack(), "the broker refused a message");
+    }
+    Ok(())
+}
+
+/// Offer events `0..n` at `rate` per second; returns when each was published (epoch ms), by
+/// index. Confirms are awaited in the background of the pacing, a thousand at a time.
+pub async fn paced(channel: &Channel, exchange: &str, n: usize, rate: f64, body: &Body) -> anyhow::Result<Vec<Millis>> {
+    let mut sent_at = Vec::with_capacity(n);
+    let mut confirms = Vec::with_capacity(1000);
+    let started = Instant::now();
+    for i in 0..n {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let (name, bytes) = body(i);
+        let id = format!("paced-{i}");
+        let props = BasicProperties::default().with_delivery_mode(2).with_message_id(id.as_str().into());
+        sent_at.push(Millis::now());
+        confirms.push(
+            channel
+                .basic_publish(exchange.into(), name.as_str().into(), BasicPublishOptions::default(), &bytes, props)
+                .await?,
+        );
+        if confirms.len() == 1000 {
+            for c in confirms.drain(..) {
+                ensure!(c.await?.is_ack(), "the broker refused a message");
+            }
+        }
+    }
+    for c in confirms {
+        ensure!(c.await?.is_ack(), "the broker refused a message");
+    }
+    Ok(sent_at)
+}
+
+/// Baseline: a bare lapin consumer, manual acks with `multiple` every 100, same prefetch.
+pub async fn drain_bare(args: &Args, body: &Body) -> anyhow::Result<f64> {
+    let (conn, channel) = connect(&args.amqp).await?;
+    let (exchange, queue) = (unique("bench"), unique("bench-bare"));
+    self::queue(&channel, &exchange, &queue, &["bench.#"]).await?;
+    publish(&channel, &exchange, "m", 0..args.events, body).await?;
+    let consumer_channel = conn.create_channel().await?;
+    consumer_channel.basic_qos(args.prefetch, BasicQosOptions::default()).await?;
+    let started = Instant::now();
+    let mut consumer = consumer_channel
+        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let mut taken = 0;
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery?;
+        taken += 1;
+        if taken % 100 == 0 || taken == args.events {
+            delivery.acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
+        if taken == args.events {
+            break;
+        }
+    }
+    let rate = args.events as f64 / started.elapsed().as_secs_f64();
+    channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+    channel.exchange_delete(exchange.as_str().into(), Default::default()).await?;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(rate)
+}

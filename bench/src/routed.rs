@@ -1,0 +1,172 @@
+//! switchyard under the benchmarks: a router started on the bench's own RabbitMQ names, and
+//! what the scenarios read back from it (counters, commit times).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use lapin::options::QueueDeleteOptions;
+use lapin::{Channel, Connection};
+use switchyard::config::{Config, Secret};
+use switchyard::event::Millis;
+use switchyard::router::Router;
+use switchyard::telemetry::CountersSnapshot;
+
+use crate::broker::{self, Body};
+use crate::{Args, plugin, unique};
+
+/// The admin token of the benchmark's routers (hot swaps go through the admin API).
+const TOKEN: &str = "bench-admin-token";
+
+/// A plugin of a benchmark router: name, component file, extra `[[plugin]]` settings.
+pub struct Entry<'a> {
+    pub name: &'a str,
+    pub file: &'a str,
+    pub extra: &'a str,
+}
+
+/// A router on names of its own: an exchange, a queue prefix and a data dir.
+pub struct Routed {
+    pub exchange: String,
+    prefix: String,
+    conn: Connection,
+    pub channel: Channel,
+    dir: tempfile::TempDir,
+    router: Option<Router>,
+    queues: Vec<String>,
+}
+
+impl Routed {
+    pub async fn new(args: &Args) -> anyhow::Result<Routed> {
+        let (conn, channel) = broker::connect(&args.amqp).await?;
+        let exchange = unique("bench");
+        broker::exchange(&channel, &exchange).await?;
+        Ok(Routed {
+            exchange,
+            prefix: format!("{}.", unique("q")),
+            conn,
+            channel,
+            dir: tempfile::tempdir()?,
+            router: None,
+            queues: Vec::new(),
+        })
+    }
+
+    /// Fill plugin `name`'s queue, bound like its subscriptions, before the router starts.
+    pub async fn prefill(&mut self, name: &str, patterns: &[&str], n: usize, body: &Body) -> anyhow::Result<()> {
+        let queue = format!("{}{name}", self.prefix);
+        broker::queue(&self.channel, &self.exchange, &queue, patterns).await?;
+        broker::publish(&self.channel, &self.exchange, "m", 0..n, body).await
+    }
+
+    /// Start the router with these plugins, `args.concurrency` lanes each.
+    pub async fn start(&mut self, args: &Args, plugins: &[Entry<'_>]) -> anyhow::Result<&Router> {
+        let mut text = format!(
+            "[router]\ndata_dir = \"{}\"\nlog = \"warn\"\n[rabbitmq]\nurl = \"{}\"\nexchange = \"{}\"\nqueue_prefix = \"{}\"\nprefetch = {}\n",
+            self.dir.path().display(),
+            args.amqp,
+            self.exchange,
+            self.prefix,
+            args.prefetch,
+        );
+        for p in plugins {
+            text.push_str(&format!(
+                "[[plugin]]\nname = \"{}\"\npath = \"{}\"\nconcurrency = {}\n{}\n",
+                p.name,
+                plugin(p.file)?.display(),
+                args.concurrency,
+                p.extra
+            ));
+            self.queues.push(format!("{}{}", self.prefix, p.name));
+        }
+        let config = Config::from_toml(&text, &self.dir.path().join("router.toml"), &|_| None)?;
+        let router = Router::start(config).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !router.is_connected() {
+            ensure!(Instant::now() < deadline, "the router did not connect within 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(self.router.insert(router))
+    }
+
+    pub fn router(&self) -> &Router {
+        self.router.as_ref().expect("started")
+    }
+
+    pub fn counters(&self, name: &str) -> anyhow::Result<CountersSnapshot> {
+        Ok(self.router().plugins.get(name).context("the plugin runs")?.slot().counters.snapshot())
+    }
+
+    /// Wait until plugin `name` has settled `n` events in all; returns how long that took.
+    pub async fn settled(&self, name: &str, n: u64, started: Instant) -> anyhow::Result<Duration> {
+        loop {
+            let c = self.counters(name)?;
+            if c.succeeded + c.duplicates + c.dead_lettered >= n && self.router().in_flight() == 0 {
+                return Ok(started.elapsed());
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(1800),
+                "{name} did not settle {n} events within 30 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// When each event of plugin `name` committed, by event id.
+    pub fn commit_times(&self, name: &str) -> anyhow::Result<HashMap<String, Millis>> {
+        let db = rusqlite::Connection::open(switchyard::db::path(self.dir.path()))?;
+        let mut query = db.prepare("SELECT event_id, processed_at FROM processed WHERE plugin = ?1")?;
+        let rows =
+            query.query_map([name], |row| Ok((row.get::<_, String>(0)?, Millis(row.get::<_, i64>(1)? as u64))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Upload `file` as plugin `name` over the admin API: a hot swap when it runs.
+    pub async fn upload(&self, name: &str, file: &str) -> anyhow::Result<()> {
+        use tower::ServiceExt;
+        let bytes = std::fs::read(plugin(file)?)?;
+        let app = switchyard::admin::app(self.router().admin_state(Some(Secret::new(TOKEN))));
+        let request = axum::http::Request::put(format!("/v1/plugins/{name}"))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/wasm")
+            .body(axum::body::Body::from(bytes))?;
+        let status = app.oneshot(request).await?.status();
+        ensure!(status.is_success(), "the upload of {file} answered {status}");
+        Ok(())
+    }
+
+    /// Stop the router and delete the benchmark's queues and exchange.
+    pub async fn finish(mut self) -> anyhow::Result<()> {
+        if let Some(router) = self.router.take() {
+            router.stop().await;
+        }
+        for queue in &self.queues {
+            self.channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+        }
+        self.channel.exchange_delete(self.exchange.as_str().into(), Default::default()).await?;
+        let _ = self.conn.close(200, "done".into()).await;
+        Ok(())
+    }
+}
+
+/// Latency percentiles, in milliseconds, of publish → commit.
+pub struct Latencies(Vec<u64>);
+
+impl Latencies {
+    /// Each paced event's commit time minus its publish time.
+    pub fn of(sent_at: &[Millis], committed: &HashMap<String, Millis>) -> anyhow::Result<Latencies> {
+        let mut ms = Vec::with_capacity(sent_at.len());
+        for (i, sent) in sent_at.iter().enumerate() {
+            let at = committed.get(&format!("paced-{i}")).with_context(|| format!("paced-{i} was not committed"))?;
+            ms.push(at.0.saturating_sub(sent.0));
+        }
+        ms.sort_unstable();
+        Ok(Latencies(ms))
+    }
+
+    /// The `q` quantile (0 to 1).
+    pub fn quantile(&self, q: f64) -> u64 {
+        let at = ((self.0.len() as f64 - 1.0) * q).round() as usize;
+        self.0.get(at).copied().unwrap_or(0)
+    }
+}
