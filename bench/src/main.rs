@@ -10,6 +10,7 @@
 
 mod broker;
 mod memory;
+mod redis_load;
 mod routed;
 
 use std::path::{Path, PathBuf};
@@ -50,6 +51,13 @@ pub struct Args {
     /// RabbitMQ URL.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp: String,
+    /// Redis URL.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Only these scenarios, comma-separated: rss, drain, replica, streams, pubsub, latency,
+    /// swap, fanout, wasm. Default: all.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// One measured figure per round; the table shows the median and the spread.
@@ -99,61 +107,108 @@ async fn main() -> anyhow::Result<()> {
     println!("| scenario | baseline (median, spread) | switchyard (median, spread) | ratio |");
     println!("| --- | --- | --- | --- |");
 
-    let idle = idle_rss().await?;
-    println!("| RSS of the `switchyard` process idle, the demo's 9 plugins loaded (MiB) | – | {idle:.0} | – |");
-
+    let runs = |scenario: &str| args.only.as_deref().is_none_or(|only| only.split(',').any(|s| s == scenario));
+    if runs("rss") {
+        let idle = idle_rss().await?;
+        println!("| RSS of the `switchyard` process idle, the demo's 9 plugins loaded (MiB) | – | {idle:.0} | – |");
+    }
     let (mut bare, mut routed) = (Samples::default(), Samples::default());
-    for _ in 0..args.rounds {
-        bare.0.push(broker::drain_bare(&args, &noop_body).await?);
-        routed
-            .0
-            .push(drain(&args, Entry { name: "noop", file: "noop.wasm", extra: "" }, &["bench.#"], &noop_body).await?);
+    if runs("drain") {
+        for _ in 0..args.rounds {
+            bare.0.push(broker::drain_bare(&args, &noop_body).await?);
+            let noop = Entry { name: "noop", file: "noop.wasm", extra: "" };
+            routed.0.push(drain(&args, noop, &["bench.#"], &noop_body).await?);
+        }
+        row("drain, no-op plugin (events/s)", &bare, &routed);
     }
-    row("drain, no-op plugin (events/s)", &bare, &routed);
-
-    memory::reset_peak();
-    let mut replica = Samples::default();
-    for _ in 0..args.rounds {
-        let entry = Entry { name: "user-replica", file: "user_replica.wasm", extra: "" };
-        replica.0.push(drain(&args, entry, &["user.updated"], &user_updated).await?);
+    if runs("replica") {
+        memory::reset_peak();
+        let mut replica = Samples::default();
+        for _ in 0..args.rounds {
+            let entry = Entry { name: "user-replica", file: "user_replica.wasm", extra: "" };
+            replica.0.push(drain(&args, entry, &["user.updated"], &user_updated).await?);
+        }
+        row("replica flow, 10,000 users (events/s)", &bare, &replica);
+        let peak = memory::mib("VmHWM").unwrap_or(f64::NAN);
+        println!("| peak RSS of the harness process during the replica flow (MiB) | – | {peak:.0} | – |");
     }
-    row("replica flow, 10,000 users (events/s)", &bare, &replica);
-    let peak = memory::mib("VmHWM").unwrap_or(f64::NAN);
-    println!("| peak RSS of the harness process during the replica flow (MiB) | – | {peak:.0} | – |");
-
-    let offered = (routed.median() / 2.0).max(100.0);
-    let latency = latency(&args, offered).await?;
-    println!(
-        "| publish → commit at {offered:.0} events/s, 50 % of the no-op peak: p50 / p99 / p99.9 (ms) | – | {} / {} / {} | – |",
-        latency.quantile(0.5),
-        latency.quantile(0.99),
-        latency.quantile(0.999)
-    );
-
-    let swap = hot_swap(&args, offered).await?;
-    println!(
-        "| two hot swaps at {offered:.0} events/s offered: throughput (events/s), p99 (ms), lost | – | {:.0}, {}, {} | – |",
-        swap.rate,
-        swap.latency.quantile(0.99),
-        swap.lost
-    );
-
-    let (followers, posts) = if args.smoke { (500, 10) } else { (10_000, 1_000) };
-    let one = fan_out(&args, 1, followers, 1).await?;
-    println!("| fan-out: 1 post to {followers} followers (notifications/s) | – | {one:.0} | – |");
-    let authors = if args.smoke { 5 } else { 100 };
-    let many = fan_out(&args, authors, followers / authors, posts).await?;
-    println!(
-        "| fan-out: {posts} posts over {authors} authors × {} followers (notifications/s) | – | {many:.0} | – |",
-        followers / authors
-    );
-
-
+    if runs("streams") {
+        streams(&args).await?;
+    }
+    if runs("pubsub") {
+        pubsub(&args).await?;
+    }
+    // Half the no-op drain's peak, or a fixed rate when the drain did not run.
+    let offered = if routed.0.is_empty() { 3_000.0 } else { (routed.median() / 2.0).max(100.0) };
+    if runs("latency") {
+        let latency = latency(&args, offered).await?;
+        println!(
+            "| publish → commit at {offered:.0} events/s, 50 % of the no-op peak: p50 / p99 / p99.9 (ms) | – | {} / {} / {} | – |",
+            latency.quantile(0.5),
+            latency.quantile(0.99),
+            latency.quantile(0.999)
+        );
+    }
+    if runs("swap") {
+        let swap = hot_swap(&args, offered).await?;
+        println!(
+            "| two hot swaps at {offered:.0} events/s offered: throughput (events/s), p99 (ms), lost | – | {:.0}, {}, {} | – |",
+            swap.rate,
+            swap.latency.quantile(0.99),
+            swap.lost
+        );
+    }
+    if runs("fanout") {
+        let (followers, posts, authors) = if args.smoke { (500, 10, 5) } else { (10_000, 1_000, 100) };
+        let one = fan_out(&args, 1, followers, 1).await?;
+        println!("| fan-out: 1 post to {followers} followers (notifications/s) | – | {one:.0} | – |");
+        let many = fan_out(&args, authors, followers / authors, posts).await?;
+        println!(
+            "| fan-out: {posts} posts over {authors} authors × {} followers (notifications/s) | – | {many:.0} | – |",
+            followers / authors
+        );
+    }
+    if !runs("wasm") {
+        return Ok(());
+    }
     let calls = if args.smoke { 2_000 } else { 100_000 };
     let overhead = wasm_overhead(calls).await?;
     println!("| Wasm call, reused instance, no-op (µs/event) | – | {:.2} | – |", overhead.reuse);
     println!("| Wasm: fresh instance + call, no-op (µs/event) | – | {:.2} | – |", overhead.fresh);
     println!("| Wasm call, reused instance, JSON-parsing `user-replica` (µs/event) | – | {:.2} | – |", overhead.json);
+    Ok(())
+}
+
+/// The replica flow over Redis Streams, next to a bare consumer-group reader.
+async fn streams(args: &Args) -> anyhow::Result<()> {
+    let (mut bare, mut replica) = (Samples::default(), Samples::default());
+    for _ in 0..args.rounds {
+        bare.0.push(redis_load::streams_bare(args, args.events, &user_updated).await?);
+        let routed = redis_load::streams_routed(args, "user-replica", "user_replica.wasm", args.events, &user_updated);
+        replica.0.push(routed.await?);
+    }
+    row("replica flow over Redis Streams (events/s; baseline: bare XREADGROUP + XACK)", &bare, &replica);
+    Ok(())
+}
+
+/// A pub/sub drain with the no-op plugin, next to a bare subscriber; with the share delivered.
+async fn pubsub(args: &Args) -> anyhow::Result<()> {
+    let (mut bare, mut routed) = (Samples::default(), Samples::default());
+    let (mut bare_share, mut routed_share) = (1.0f64, 1.0f64);
+    for _ in 0..args.rounds {
+        let b = redis_load::pubsub_bare(args, args.events, &noop_body).await?;
+        let r = redis_load::pubsub_routed(args, args.events, &noop_body).await?;
+        bare_share = bare_share.min(b.delivered as f64 / args.events as f64);
+        routed_share = routed_share.min(r.delivered as f64 / args.events as f64);
+        bare.0.push(b.rate);
+        routed.0.push(r.rate);
+    }
+    let name = format!(
+        "drain from Redis pub/sub, no-op plugin (events/s; delivered at worst: bare {:.0} %, switchyard {:.0} %)",
+        bare_share * 100.0,
+        routed_share * 100.0
+    );
+    row(&name, &bare, &routed);
     Ok(())
 }
 
@@ -283,7 +338,11 @@ async fn fan_out(args: &Args, authors: usize, followers: usize, posts: usize) ->
 async fn idle_rss() -> anyhow::Result<f64> {
     let exe = std::env::current_exe()?;
     let binary = exe.with_file_name("switchyard");
-    ensure!(binary.is_file(), "{} is missing: build it first (cargo build [--release] -p switchyard)", binary.display());
+    ensure!(
+        binary.is_file(),
+        "{} is missing: build it first (cargo build [--release] -p switchyard)",
+        binary.display()
+    );
     let dir = tempfile::tempdir()?;
     let mut text = format!("[router]\ndata_dir = \"{}\"\nlog = \"info\"\n", dir.path().display());
     let plugins = [

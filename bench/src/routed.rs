@@ -79,13 +79,7 @@ impl Routed {
             ));
             self.queues.push(format!("{}{}", self.prefix, p.name));
         }
-        let config = Config::from_toml(&text, &self.dir.path().join("router.toml"), &|_| None)?;
-        let router = Router::start(config).await?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !router.is_connected() {
-            ensure!(Instant::now() < deadline, "the router did not connect within 60 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let router = start_router(&text, self.dir.path()).await?;
         Ok(self.router.insert(router))
     }
 
@@ -100,8 +94,7 @@ impl Routed {
     /// Wait until plugin `name` has settled `n` events in all; returns how long that took.
     pub async fn settled(&self, name: &str, n: u64, started: Instant) -> anyhow::Result<Duration> {
         loop {
-            let c = self.counters(name)?;
-            if c.succeeded + c.duplicates + c.dead_lettered >= n && self.router().in_flight() == 0 {
+            if settled_count(self.router(), name)? >= n && self.router().in_flight() == 0 {
                 return Ok(started.elapsed());
             }
             ensure!(
@@ -147,6 +140,24 @@ impl Routed {
         let _ = self.conn.close(200, "done".into()).await;
         Ok(())
     }
+}
+
+/// Start a router from a `router.toml` text and wait until its sources are connected.
+pub async fn start_router(text: &str, dir: &std::path::Path) -> anyhow::Result<Router> {
+    let config = Config::from_toml(text, &dir.join("router.toml"), &|_| None)?;
+    let router = Router::start(config).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !router.is_connected() {
+        ensure!(Instant::now() < deadline, "the router did not connect within 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(router)
+}
+
+/// Events plugin `name` of `router` has settled (committed, duplicate or dead-lettered).
+pub fn settled_count(router: &Router, name: &str) -> anyhow::Result<u64> {
+    let c = router.plugins.get(name).context("the plugin runs")?.slot().counters.snapshot();
+    Ok(c.succeeded + c.duplicates + c.dead_lettered)
 }
 
 /// Latency percentiles, in milliseconds, of publish → commit.

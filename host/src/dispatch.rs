@@ -337,6 +337,15 @@ impl Lane {
                 self.handle(&inbound, key.clone()).instrument(span).await
             };
             match settled {
+                Settled::Committed | Settled::Duplicate | Settled::DeadLettered if inbound.ack.is_broker_message() => {
+                    // The effects are committed: the broker's ack needs no answer before the
+                    // lane goes on. The event counts as pending until it is acked.
+                    let ack = inbound.ack;
+                    tokio::spawn(async move {
+                        ack.ack().await;
+                        drop(_pending);
+                    });
+                }
                 Settled::Committed | Settled::Duplicate | Settled::DeadLettered => {
                     let origin = inbound.parked.clone();
                     // A parked row that went releases the key it was parked under.

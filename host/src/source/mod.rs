@@ -203,6 +203,12 @@ impl Ack {
         Ack { kind: AckKind::Local, in_flight }
     }
 
+    /// Whether this settles a message a broker holds (RabbitMQ, Redis Streams), as opposed to
+    /// a parked row, an HTTP request or a message nobody keeps.
+    pub(crate) fn is_broker_message(&self) -> bool {
+        matches!(self.kind, AckKind::Amqp(_) | AckKind::RedisStream { .. })
+    }
+
     /// The message's effects are committed (or it is dead-lettered): the source may forget it.
     /// Returns false only for a parked event whose row was gone already (settled before).
     pub async fn ack(mut self) -> bool {
