@@ -25,7 +25,7 @@ pub struct Delivered {
 
 async fn connection(args: &Args) -> anyhow::Result<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(args.redis.as_str())?;
-    Ok(client.get_multiplexed_async_connection().await.context("connecting to Redis")?)
+    client.get_multiplexed_async_connection().await.context("connecting to Redis")
 }
 
 /// `XADD` events `0..n` to `stream`, in pipelines of 1,000.
