@@ -10,7 +10,7 @@ use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm};
 use switchyard::event::Millis;
 
 use crate::{Args, unique};
@@ -50,6 +50,47 @@ pub async fn queue(channel: &Channel, exchange: &str, queue: &str, patterns: &[&
     Ok(())
 }
 
+/// Publisher confirms, awaited a thousand at a time so that publishing never waits on each.
+struct Confirms(Vec<PublisherConfirm>);
+
+impl Confirms {
+    fn new() -> Self {
+        Confirms(Vec::with_capacity(1000))
+    }
+
+    async fn push(&mut self, confirm: PublisherConfirm) -> anyhow::Result<()> {
+        self.0.push(confirm);
+        if self.0.len() == 1000 {
+            self.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// Wait for every confirm pushed so far.
+    async fn wait(&mut self) -> anyhow::Result<()> {
+        for confirm in self.0.drain(..) {
+            ensure!(confirm.await?.is_ack(), "the broker refused a message");
+        }
+        Ok(())
+    }
+}
+
+/// Publish message `i` of `body` to `exchange`, persistent, with message id `<id_prefix>-<i>`.
+async fn send(
+    channel: &Channel,
+    exchange: &str,
+    id_prefix: &str,
+    i: usize,
+    body: &Body,
+) -> anyhow::Result<PublisherConfirm> {
+    let (name, bytes) = body(i);
+    let id = format!("{id_prefix}-{i}");
+    let props = BasicProperties::default().with_delivery_mode(2).with_message_id(id.as_str().into());
+    Ok(channel
+        .basic_publish(exchange.into(), name.as_str().into(), BasicPublishOptions::default(), &bytes, props)
+        .await?)
+}
+
 /// Publish messages `range` of `body` to `exchange`, persistent, with message ids
 /// `<id_prefix>-<i>`, and wait for every confirm.
 pub async fn publish(
@@ -59,55 +100,25 @@ pub async fn publish(
     range: std::ops::Range<usize>,
     body: &Body,
 ) -> anyhow::Result<()> {
-    let mut confirms = Vec::with_capacity(1000);
+    let mut confirms = Confirms::new();
     for i in range {
-        let (name, bytes) = body(i);
-        let id = format!("{id_prefix}-{i}");
-        let props = BasicProperties::default().with_delivery_mode(2).with_message_id(id.as_str().into());
-        confirms.push(
-            channel
-                .basic_publish(exchange.into(), name.as_str().into(), BasicPublishOptions::default(), &bytes, props)
-                .await?,
-        );
-        if confirms.len() == 1000 {
-            for c in confirms.drain(..) {
-                ensure!(c.await?.is_ack(), "the broker refused a message");
-            }
-        }
+        confirms.push(send(channel, exchange, id_prefix, i, body).await?).await?;
     }
-    for c in confirms {
-        ensure!(c.await?.is_ack(), "the broker refused a message");
-    }
-    Ok(())
+    confirms.wait().await
 }
 
-/// Offer events `0..n` at `rate` per second; returns when each was published (epoch ms), by
-/// index. Confirms are awaited in the background of the pacing, a thousand at a time.
+/// Offer events `0..n` at `rate` per second, with message ids `paced-<i>`; returns when each
+/// was published (epoch ms), by index.
 pub async fn paced(channel: &Channel, exchange: &str, n: usize, rate: f64, body: &Body) -> anyhow::Result<Vec<Millis>> {
     let mut sent_at = Vec::with_capacity(n);
-    let mut confirms = Vec::with_capacity(1000);
+    let mut confirms = Confirms::new();
     let started = Instant::now();
     for i in 0..n {
-        let due = started + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(due.into()).await;
-        let (name, bytes) = body(i);
-        let id = format!("paced-{i}");
-        let props = BasicProperties::default().with_delivery_mode(2).with_message_id(id.as_str().into());
+        tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
         sent_at.push(Millis::now());
-        confirms.push(
-            channel
-                .basic_publish(exchange.into(), name.as_str().into(), BasicPublishOptions::default(), &bytes, props)
-                .await?,
-        );
-        if confirms.len() == 1000 {
-            for c in confirms.drain(..) {
-                ensure!(c.await?.is_ack(), "the broker refused a message");
-            }
-        }
+        confirms.push(send(channel, exchange, "paced", i, body).await?).await?;
     }
-    for c in confirms {
-        ensure!(c.await?.is_ack(), "the broker refused a message");
-    }
+    confirms.wait().await?;
     Ok(sent_at)
 }
 

@@ -39,17 +39,10 @@ struct Reservation {
     reason: Option<String>,
 }
 
-fn initial_stock() -> Result<u64> {
-    match config::get("initial_stock") {
-        None => Ok(DEFAULT_INITIAL_STOCK),
-        Some(text) => text.parse().map_err(|_| Error::reject(format!("config initial_stock {text:?} is not a number"))),
-    }
-}
-
 fn available(sku: &str) -> Result<u64> {
     match STOCK.get(sku)? {
         Some(stock) => Ok(stock.available),
-        None => initial_stock(),
+        None => config::parse_or("initial_stock", DEFAULT_INITIAL_STOCK),
     }
 }
 

@@ -81,15 +81,6 @@ fn compensate(saga: &mut Saga, cause: &str, reason: String) -> Result<()> {
     Ok(())
 }
 
-fn payment_timeout_ms() -> Result<u64> {
-    match config::get("payment_timeout_ms") {
-        None => Ok(DEFAULT_PAYMENT_TIMEOUT_MS),
-        Some(text) => {
-            text.parse().map_err(|_| Error::reject(format!("config payment_timeout_ms {text:?} is not a number")))
-        }
-    }
-}
-
 /// Move the saga of `event`'s order; returns what happened, for the log.
 fn advance(event: &Event) -> Result<String> {
     let name = event.name.as_str();
@@ -126,7 +117,9 @@ fn advance(event: &Event) -> Result<String> {
     match (name, saga.step) {
         (STOCK_RESERVED, Step::Reserving) => {
             publish(PAYMENT_INITIATE, &Charge { order_id: saga.order_id.clone(), amount: saga.amount })?;
-            Outgoing::new(PAYMENT_TIMEOUT, &OrderRef::new(&saga.order_id))?.delay_ms(payment_timeout_ms()?).send()?;
+            Outgoing::new(PAYMENT_TIMEOUT, &OrderRef::new(&saga.order_id))?
+                .delay_ms(config::parse_or("payment_timeout_ms", DEFAULT_PAYMENT_TIMEOUT_MS)?)
+                .send()?;
             saga.to(Step::Paying, name);
         }
         (STOCK_INSUFFICIENT, Step::Reserving) => {

@@ -25,13 +25,6 @@ struct Payment {
     outcome: Outcome,
 }
 
-fn setting(name: &str, default: u64) -> Result<u64> {
-    match config::get(name) {
-        None => Ok(default),
-        Some(text) => text.parse().map_err(|_| Error::reject(format!("config {name} {text:?} is not a number"))),
-    }
-}
-
 fn charge(event: &Event) -> Result<String> {
     let charge: Charge = event.json()?;
     let key = charge.order_id.to_string();
@@ -40,11 +33,11 @@ fn charge(event: &Event) -> Result<String> {
         publish(name, &OrderRef::new(&charge.order_id))?;
         return Ok(format!("order {key}: repeated charge answered {name}"));
     }
-    let limit = setting("limit", 100_000)?;
+    let limit = config::parse_or("limit", 100_000u64)?;
     let (outcome, delay) = if charge.amount > limit {
         (Outcome::Failed, 0)
-    } else if charge.amount > setting("slow_over", 50_000)? {
-        (Outcome::Succeeded, setting("slow_delay_ms", 60_000)?)
+    } else if charge.amount > config::parse_or("slow_over", 50_000u64)? {
+        (Outcome::Succeeded, config::parse_or("slow_delay_ms", 60_000u64)?)
     } else {
         (Outcome::Succeeded, 0)
     };
