@@ -4,6 +4,7 @@
 //! document by document, and every email the API accepted is counted.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use lapin::BasicProperties;
 use serde_json::{Value, json};
@@ -166,6 +167,23 @@ async fn an_email_api_failing_twice_then_accepting_sends_exactly_one_email() {
     assert!(keys[0].is_some() && keys.iter().all(|k| *k == keys[0]), "every attempt carries one key: {keys:?}");
     assert!(t.dead_letters("mailer").is_empty(), "{:?}", t.dead_letters("mailer"));
     stop_and_assert_acked(t, &queues(&rabbit, &["mailer"])).await;
+}
+
+#[tokio::test]
+async fn an_email_api_too_slow_to_answer_is_retried_and_sends_once() {
+    let rabbit = Rabbit::new().await;
+    let api = EmailApi::start(KEY).await;
+    api.delay_next(&[Duration::from_secs(3)]);
+    let settings = mailer(&api, &api.host(), KEY) + "[plugin.limits]\ntimeout_ms = 1000\n";
+    let t = TestRouter::start(&config(&rabbit, true, &[("mailer", "mailer.wasm", &settings)])).await;
+    connected(&t).await;
+    rabbit.emit_nestjs("email.requested", json!({ "to": "ana@mail.test", "template": "welcome" })).await;
+    eventually("the email to be accepted", SETTLE, || (!api.sent().is_empty()).then_some(())).await;
+    settle(&t, &queues(&rabbit, &["mailer"])).await;
+    let retried = t.router.plugins.get("mailer").expect("mailer runs").slot().counters.snapshot().retried;
+    assert!(retried >= 1, "the slow attempt timed out and was retried");
+    assert_eq!(api.sent().len(), 1);
+    assert!(t.dead_letters("mailer").is_empty(), "{:?}", t.dead_letters("mailer"));
 }
 
 #[tokio::test]

@@ -39,6 +39,8 @@ struct Inbox {
     requests: u64,
     /// The `Idempotency-Key` of every request with the right API key, in order.
     request_keys: Vec<Option<String>>,
+    /// How long to wait before answering the next requests.
+    delays: VecDeque<std::time::Duration>,
     keys: HashSet<String>,
     /// Print each accepted email on stdout as it is accepted.
     echo: bool,
@@ -93,6 +95,11 @@ impl EmailApi {
         self.inbox.lock().expect("inbox").failures.extend(failures);
     }
 
+    /// Wait this long before answering the next requests, in order: a slow API.
+    pub fn delay_next(&self, delays: &[std::time::Duration]) {
+        self.inbox.lock().expect("inbox").delays.extend(delays);
+    }
+
     /// The `Idempotency-Key` of every request that had the right API key, in order.
     pub fn request_keys(&self) -> Vec<Option<String>> {
         self.inbox.lock().expect("inbox").request_keys.clone()
@@ -119,6 +126,10 @@ async fn receive(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
+    let delay = inbox.lock().expect("inbox").delays.pop_front();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     let mut inbox = inbox.lock().expect("inbox");
     inbox.requests += 1;
     let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
