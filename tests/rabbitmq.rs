@@ -347,6 +347,36 @@ async fn events_with_one_key_are_handled_in_order_while_keys_run_in_parallel() {
     );
 }
 
+/// Acks go back in batches that never pass a message still being handled; acks kept waiting
+/// behind one slow event must still go out, or the prefetch window (64 here) stays shut until
+/// it ends. Events that hash to the slow event's lane wait behind it, as they always do.
+#[tokio::test]
+async fn a_slow_event_does_not_keep_the_prefetch_window_shut() {
+    let rabbit = Rabbit::new().await;
+    let plugin = ("misbehave", "misbehave.wasm", "concurrency = 8\n[plugin.limits]\ntimeout_ms = 30000\n");
+    let t = TestRouter::start(&config(&rabbit, false, &[plugin])).await;
+    connected(&t).await;
+    let slow = json!({ "ms": 6000 }).to_string().into_bytes();
+    let mut messages =
+        vec![("chaos.sleep".to_string(), slow, BasicProperties::default().with_message_id("slow".into()))];
+    messages.extend((0..200).map(|i| {
+        let props = BasicProperties::default().with_message_id(format!("fast-{i}").as_str().into());
+        ("chaos.ok".to_string(), b"{}".to_vec(), props)
+    }));
+    rabbit.publish_many(messages).await;
+    let seen = || (0..200).filter(|i| t.doc("misbehave", "seen", &format!("fast-{i}")).is_some()).count();
+    eventually("most fast events, past the slow one", SETTLE, || (seen() >= 120).then_some(())).await;
+    assert!(
+        t.doc("misbehave", "seen", "slow").is_none(),
+        "the fast events must get through while the slow one runs, not after it"
+    );
+    eventually("the slow event", SETTLE, || t.doc("misbehave", "seen", "slow")).await;
+    eventually("every fast event", SETTLE, || (seen() == 200).then_some(())).await;
+    let queues = [format!("{}misbehave", rabbit.prefix)];
+    settle(&t, &queues).await;
+    stop_and_assert_acked(t, &queues).await;
+}
+
 #[tokio::test]
 async fn a_retrying_event_holds_back_only_its_own_key_and_runs_again_with_the_next_attempt() {
     let rabbit = Rabbit::new().await;

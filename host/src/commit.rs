@@ -192,7 +192,21 @@ impl Writer {
 
     /// Commit an invocation's effects with its processed-marker.
     pub async fn commit(&self, plugin: Arc<str>, event_id: String, effects: Effects) -> Result<Outcome, WriterGone> {
-        self.request(|reply| Job::Commit { plugin, event_id, effects, reply }).await
+        self.send_commit(plugin, event_id, effects).await?.outcome().await
+    }
+
+    /// Queue an invocation's effects for commit without waiting for the transaction: the
+    /// caller may go on, and learns the outcome from the returned [`PendingCommit`]. Commits
+    /// sent by one task are applied in the order it sent them.
+    pub async fn send_commit(
+        &self,
+        plugin: Arc<str>,
+        event_id: String,
+        effects: Effects,
+    ) -> Result<PendingCommit, WriterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job::Commit { plugin, event_id, effects, reply }).await.map_err(|_| WriterGone)?;
+        Ok(PendingCommit(rx))
     }
 
     /// Keep a message that could not be handled.
@@ -241,6 +255,16 @@ impl Writer {
     /// Run DDL (index creation) on the writer connection.
     pub async fn execute(&self, sql: String) -> Result<Result<(), String>, WriterGone> {
         self.request(|reply| Job::Execute { sql, reply }).await
+    }
+}
+
+/// A commit the writer has been given and not decided yet.
+pub struct PendingCommit(oneshot::Receiver<Outcome>);
+
+impl PendingCommit {
+    /// Wait for the transaction that holds the commit.
+    pub async fn outcome(self) -> Result<Outcome, WriterGone> {
+        self.0.await.map_err(|_| WriterGone)
     }
 }
 
@@ -404,14 +428,15 @@ fn in_savepoint<T: SavepointResult>(
     tx: &Connection,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    tx.execute_batch("SAVEPOINT invocation")?;
+    tx.prepare_cached("SAVEPOINT invocation")?.execute([])?;
     match f(tx) {
         Ok(result) if result.keep() => {
-            tx.execute_batch("RELEASE invocation")?;
+            tx.prepare_cached("RELEASE invocation")?.execute([])?;
             Ok(result)
         }
         Ok(result) => {
-            tx.execute_batch("ROLLBACK TO invocation; RELEASE invocation")?;
+            tx.prepare_cached("ROLLBACK TO invocation")?.execute([])?;
+            tx.prepare_cached("RELEASE invocation")?.execute([])?;
             Ok(result)
         }
         Err(e) => Err(e),

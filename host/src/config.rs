@@ -136,8 +136,8 @@ pub struct RabbitMqConfig {
     /// Each plugin consumes its own durable queue, named this prefix + the plugin name.
     #[serde(default = "default_queue_prefix")]
     pub queue_prefix: String,
-    /// Unacknowledged messages per consumer. Higher keeps the plugin busy while commits are in
-    /// flight; lower bounds redelivery after a crash. Around 2-4x the plugin's concurrency.
+    /// Unacknowledged messages per consumer. Higher keeps the lanes busy while commits are
+    /// pending and acks go back in batches; lower bounds redelivery after a crash.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
     /// Plain durable queues that NestJS services `emit` to (e.g. `riff_queue`). The router

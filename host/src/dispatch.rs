@@ -1,18 +1,25 @@
 //! Dispatch: each plugin's events spread over lanes, by ordering key, so that events with the
 //! same key are handled one after another and different keys in parallel. A lane runs an
-//! event through the plugin, commits the effects and only then acks; a failure that may be
-//! retried is parked in the store (see [`crate::retry`]) and the lane goes on.
+//! event through the plugin, hands the effects to the writer and only acks once they are
+//! committed; while a commit is pending it runs the next events of other keys. A failure that
+//! may be retried is parked in the store (see [`crate::retry`]) and the lane goes on.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::commit::{DeadLetter, Outcome, Writer};
+use crate::commit::{DeadLetter, Outcome, PendingCommit, Writer, WriterGone};
 use crate::db::{ParkedRow, Readers};
 use crate::event::{Event, Millis};
 use crate::retry::{Origin, Parking, random_fraction};
@@ -24,6 +31,8 @@ use crate::telemetry::{Counters, Outcome as Counted};
 const MAX_CONFLICT_RERUNS: u32 = 20;
 /// Events waiting per lane; a full lane holds back the source (and so the broker's prefetch).
 const LANE_DEPTH: usize = 64;
+/// Commits one lane may have pending with the writer while it runs the next events.
+const PIPELINE_DEPTH: usize = 32;
 
 /// A decoded event on its way to one plugin.
 pub struct Inbound {
@@ -45,6 +54,13 @@ struct Queued {
     /// Counts the event as pending until it is dropped: settled, or lost with a cancelled
     /// submit or a stopped lane.
     _pending: Entered,
+}
+
+impl Queued {
+    /// What orders it in its lane: its key, or its id when it has none.
+    fn lane_key(&self) -> &str {
+        self.key.as_deref().unwrap_or(&self.inbound.event.id.0)
+    }
 }
 
 /// The current version of a plugin; replaced on swap, read by lanes before each event.
@@ -154,6 +170,7 @@ impl Dispatch {
             .map(|index| {
                 let (tx, rx) = mpsc::channel(LANE_DEPTH);
                 let lane = Lane {
+                    name: name.clone(),
                     slot: slot.clone(),
                     writer: writer.clone(),
                     readers: readers.clone(),
@@ -278,6 +295,7 @@ pub async fn dead_letter_undecodable(writer: &Writer, owner: &str, received: Rec
 }
 
 struct Lane {
+    name: Arc<str>,
     slot: Arc<PluginSlot>,
     writer: Writer,
     readers: Readers,
@@ -297,68 +315,316 @@ enum Settled {
     Abandoned,
 }
 
-impl Lane {
-    async fn run(mut self, mut rx: mpsc::Receiver<Queued>) {
-        while let Some(Queued { inbound, key, _pending }) = rx.recv().await {
-            let closing = self.pending.closing.clone();
-            let runs = !closing.is_cancelled()
-                && tokio::select! {
-                    biased;
-                    _ = self.slot.wait_running() => true,
-                    _ = closing.cancelled() => false,
-                };
-            if !runs {
-                // Removed or stopping before it started: the event goes back to the broker
-                // (or stays parked) unhandled; only invocations under way finish.
-                inbound.ack.requeue().await;
-                continue;
-            }
-            let span = tracing::info_span!(
-                "event",
-                event_id = %inbound.event.id,
-                name = %inbound.event.name,
-                correlation_id = inbound.event.correlation_id.as_deref().unwrap_or(""),
-            );
-            let held = inbound.parked.is_none() && key.as_deref().is_some_and(|k| self.parking.holds(k));
-            let settled = if held {
-                // An earlier event of this key is parked: this one waits behind it.
-                let row = parked_row(
-                    &self.slot.current(),
-                    &inbound,
-                    key.clone(),
-                    inbound.attempt,
-                    Millis(0),
-                    "waiting behind an earlier event of its key".into(),
-                );
-                Self::park(&self.writer, &self.parking, row, inbound.parked.clone(), key.as_deref())
-                    .instrument(span)
-                    .await
-            } else {
-                self.handle(&inbound, key.clone()).instrument(span).await
-            };
-            match settled {
-                Settled::Committed | Settled::Duplicate | Settled::DeadLettered if inbound.ack.is_broker_message() => {
-                    // The effects are committed: the broker's ack needs no answer before the
-                    // lane goes on. The event counts as pending until it is acked.
-                    let ack = inbound.ack;
-                    tokio::spawn(async move {
-                        ack.ack().await;
-                        drop(_pending);
-                    });
-                }
-                Settled::Committed | Settled::Duplicate | Settled::DeadLettered => {
-                    let origin = inbound.parked.clone();
-                    // A parked row that went releases the key it was parked under.
-                    if inbound.ack.ack().await
-                        && let Some(key) = origin.and_then(|o| o.ordering_key)
-                    {
-                        self.parking.release(&key);
-                    }
-                }
-                Settled::Parked => inbound.ack.parked().await,
-                Settled::Abandoned => inbound.ack.requeue().await,
+/// An event whose effects are with the writer, not committed yet.
+struct Committing {
+    queued: Queued,
+    /// The version that handled it; a re-run after a conflict uses it again.
+    plugin: Arc<LoadedPlugin>,
+    attempt: u32,
+    /// Re-runs after commit conflicts so far.
+    conflicts: u32,
+    /// How long the handler took.
+    took: Duration,
+    /// The event's tracing span, entered again for the outcome.
+    span: tracing::Span,
+}
+
+/// Where a lane's work on an event stands after a step.
+enum Step {
+    /// The effects are with the writer.
+    Committing(Committing, PendingCommit),
+    /// The commit conflicted: run the event again once the lane's other commits are settled.
+    Rerun(Committing),
+    Settled(Queued, Settled),
+}
+
+/// Ordering keys with an event past its handler in a lane: the next event of such a key
+/// waits, so that it sees its predecessor's effects and is never committed before it. An
+/// event without a key goes by its id, so that a redelivered copy waits for the first copy's
+/// commit and is then recognised as processed, not run again.
+#[derive(Default)]
+struct KeysCommitting(HashMap<String, u32>);
+
+impl KeysCommitting {
+    fn holds(&self, queued: &Queued) -> bool {
+        self.0.contains_key(queued.lane_key())
+    }
+
+    fn add(&mut self, queued: &Queued) {
+        *self.0.entry(queued.lane_key().to_string()).or_default() += 1;
+    }
+
+    fn remove(&mut self, queued: &Queued) {
+        if let Some(n) = self.0.get_mut(queued.lane_key()) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(queued.lane_key());
             }
         }
+    }
+}
+
+type CommitWait = BoxFuture<'static, (Committing, Result<Outcome, WriterGone>)>;
+
+/// A lane's events past their handler: commits pending with the writer, and events to run
+/// again after a conflict. Re-runs wait until no commit is pending and hold back new events,
+/// so that events contending for one document go one at a time instead of conflicting again.
+#[derive(Default)]
+struct Pipeline {
+    committing: FuturesUnordered<CommitWait>,
+    reruns: VecDeque<Committing>,
+    keys: KeysCommitting,
+}
+
+impl Pipeline {
+    /// Keep the event of a step that is not settled; hand back one that is.
+    fn track(&mut self, step: Step) -> Option<(Queued, Settled)> {
+        match step {
+            Step::Committing(c, pending) => {
+                self.keys.add(&c.queued);
+                self.committing.push(Box::pin(async move {
+                    let outcome = pending.outcome().await;
+                    (c, outcome)
+                }));
+                None
+            }
+            Step::Rerun(c) => {
+                self.keys.add(&c.queued);
+                self.reruns.push_back(c);
+                None
+            }
+            Step::Settled(queued, settled) => Some((queued, settled)),
+        }
+    }
+
+    /// The next re-run, once no commit is pending.
+    fn rerun(&mut self) -> Option<Committing> {
+        if !self.committing.is_empty() {
+            return None;
+        }
+        let c = self.reruns.pop_front()?;
+        self.keys.remove(&c.queued);
+        Some(c)
+    }
+
+    /// Whether the lane may start a new event.
+    fn takes_more(&self) -> bool {
+        self.reruns.is_empty() && self.committing.len() < PIPELINE_DEPTH
+    }
+
+    fn is_empty(&self) -> bool {
+        self.committing.is_empty() && self.reruns.is_empty()
+    }
+}
+
+fn event_span(event: &Event) -> tracing::Span {
+    tracing::info_span!(
+        "event",
+        event_id = %event.id,
+        name = %event.name,
+        correlation_id = event.correlation_id.as_deref().unwrap_or(""),
+    )
+}
+
+impl Lane {
+    /// Take events one by one, and while an event's commit is pending go on with the next
+    /// events of other keys (up to [`PIPELINE_DEPTH`] commits): the writer then puts many
+    /// events in each transaction, and the lane does not idle through its fsync.
+    async fn run(mut self, mut rx: mpsc::Receiver<Queued>) {
+        let closing = self.pending.closing.clone();
+        let mut pipeline = Pipeline::default();
+        let mut next: Option<Queued> = None;
+        let mut open = true;
+        loop {
+            if let Some(c) = pipeline.rerun() {
+                let span = c.span.clone();
+                let step = self.invoke(c).instrument(span).await;
+                self.track(&mut pipeline, step).await;
+                continue;
+            }
+            if pipeline.reruns.is_empty()
+                && let Some(queued) = next.take()
+            {
+                if closing.is_cancelled() {
+                    // Removed or stopping before it started: the event goes back to the broker
+                    // (or stays parked) unhandled; only invocations under way finish.
+                    queued.inbound.ack.requeue().await;
+                    continue;
+                }
+                if !pipeline.keys.holds(&queued) && !self.slot.is_paused() {
+                    let span = event_span(&queued.inbound.event);
+                    let step = self.start(queued, span.clone()).instrument(span).await;
+                    self.track(&mut pipeline, step).await;
+                    continue;
+                }
+                next = Some(queued);
+                if pipeline.is_empty() {
+                    // Paused, with every commit settled: wait for a resume or the removal.
+                    tokio::select! {
+                        biased;
+                        _ = self.slot.wait_running() => {}
+                        _ = closing.cancelled() => {}
+                    }
+                    continue;
+                }
+            }
+            if !open && next.is_none() && pipeline.is_empty() {
+                return;
+            }
+            tokio::select! {
+                biased;
+                Some((c, outcome)) = pipeline.committing.next(), if !pipeline.committing.is_empty() => {
+                    pipeline.keys.remove(&c.queued);
+                    let span = c.span.clone();
+                    let step = self.finish(c, outcome).instrument(span).await;
+                    self.track(&mut pipeline, step).await;
+                }
+                queued = rx.recv(), if open && next.is_none() && pipeline.takes_more() => match queued {
+                    Some(queued) => next = Some(queued),
+                    None => open = false,
+                },
+            }
+        }
+    }
+
+    /// Keep a step's event in the pipeline, or settle it.
+    async fn track(&mut self, pipeline: &mut Pipeline, step: Step) {
+        if let Some((queued, settled)) = pipeline.track(step) {
+            self.settle(queued, settled).await;
+        }
+    }
+
+    /// Settle an event with its source.
+    async fn settle(&mut self, queued: Queued, settled: Settled) {
+        let Queued { inbound, _pending, .. } = queued;
+        match settled {
+            Settled::Committed | Settled::Duplicate | Settled::DeadLettered if inbound.ack.is_broker_message() => {
+                // The effects are committed: the broker's ack needs no answer before the
+                // lane goes on. The event counts as pending until it is acked.
+                inbound.ack.ack_detached(_pending);
+            }
+            Settled::Committed | Settled::Duplicate | Settled::DeadLettered => {
+                let origin = inbound.parked.clone();
+                // A parked row that went releases the key it was parked under.
+                if inbound.ack.ack().await
+                    && let Some(key) = origin.and_then(|o| o.ordering_key)
+                {
+                    self.parking.release(&key);
+                }
+            }
+            Settled::Parked => inbound.ack.parked().await,
+            Settled::Abandoned => inbound.ack.requeue().await,
+        }
+    }
+
+    /// Start an event: park it behind an earlier event of its key, skip it if it was handled
+    /// already, or run it and send its effects to the writer.
+    async fn start(&mut self, queued: Queued, span: tracing::Span) -> Step {
+        let inbound = &queued.inbound;
+        let plugin = self.slot.current();
+        if inbound.parked.is_none() && queued.key.as_deref().is_some_and(|k| self.parking.holds(k)) {
+            // An earlier event of this key is parked: this one waits behind it.
+            let row = parked_row(
+                &plugin,
+                inbound,
+                queued.key.clone(),
+                inbound.attempt,
+                Millis(0),
+                "waiting behind an earlier event of its key".into(),
+            );
+            let settled =
+                Self::park(&self.writer, &self.parking, row, inbound.parked.clone(), queued.key.as_deref()).await;
+            return Step::Settled(queued, settled);
+        }
+        self.slot.counters.record(&self.name, Counted::Consumed);
+        match self.readers.processed(&self.name, &inbound.event.id.0) {
+            Ok(true) => {
+                tracing::debug!("already processed; acknowledged without running");
+                self.slot.counters.record(&self.name, Counted::Duplicate);
+                return Step::Settled(queued, Settled::Duplicate);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot check the processed-marker; the commit will"),
+        }
+        let attempt = inbound.attempt.max(1);
+        self.invoke(Committing { queued, plugin, attempt, conflicts: 0, took: Duration::ZERO, span }).await
+    }
+
+    /// Run the handler and send its effects to the writer.
+    async fn invoke(&mut self, mut c: Committing) -> Step {
+        let started = std::time::Instant::now();
+        let event = &c.queued.inbound.event;
+        let result = match self.instance(&c.plugin).await {
+            Ok(instance) => instance.handle(event, c.queued.key.clone(), c.attempt).await,
+            Err(e) => Err(e),
+        };
+        c.took = started.elapsed();
+        match result {
+            Ok(effects) => match self.writer.send_commit(self.name.clone(), event.id.0.clone(), effects).await {
+                Ok(pending) => Step::Committing(c, pending),
+                Err(e) => {
+                    tracing::error!(error = %e, "store writer stopped; leaving the message to the broker");
+                    Step::Settled(c.queued, Settled::Abandoned)
+                }
+            },
+            Err(failure) => self.fail(c, failure).await,
+        }
+    }
+
+    /// Act on a commit's outcome: settle the event, or run it again after a conflict.
+    async fn finish(&mut self, mut c: Committing, outcome: Result<Outcome, WriterGone>) -> Step {
+        let count = |outcome| self.slot.counters.record(&self.name, outcome);
+        match outcome {
+            Ok(Outcome::Committed) => {
+                tracing::debug!(attempt = c.attempt, "committed");
+                count(Counted::Succeeded(c.took));
+                Step::Settled(c.queued, Settled::Committed)
+            }
+            Ok(Outcome::Duplicate) => {
+                count(Counted::Duplicate);
+                Step::Settled(c.queued, Settled::Duplicate)
+            }
+            Ok(Outcome::Conflict) if c.conflicts < MAX_CONFLICT_RERUNS => {
+                c.conflicts += 1;
+                tracing::debug!(conflicts = c.conflicts, "read a document that changed meanwhile; running again");
+                Step::Rerun(c)
+            }
+            Ok(Outcome::Conflict) => self.fail(c, InvokeError::Retry("too many concurrent conflicts".into())).await,
+            Ok(Outcome::Failed(e)) => self.fail(c, InvokeError::Retry(format!("commit failed: {e}"))).await,
+            Err(e) => {
+                tracing::error!(error = %e, "store writer stopped; leaving the message to the broker");
+                Step::Settled(c.queued, Settled::Abandoned)
+            }
+        }
+    }
+
+    /// A failed attempt: park the event for the next one, or dead-letter it after the last.
+    async fn fail(&mut self, c: Committing, failure: InvokeError) -> Step {
+        let Committing { queued, plugin, attempt, .. } = c;
+        let inbound = &queued.inbound;
+        if failure.poisons_instance() {
+            self.instance = None;
+        }
+        let count = |outcome| self.slot.counters.record(&self.name, outcome);
+        let retry = plugin.settings.retry;
+        let last = attempt >= retry.max_attempts || matches!(failure, InvokeError::Reject(_));
+        tracing::warn!(plugin = %plugin.name, attempt, error = %failure, will_retry = !last, "invocation failed");
+        if matches!(failure, InvokeError::Reject(_)) {
+            count(Counted::Rejected);
+        }
+        let first_failed_at = inbound.parked.as_ref().map_or_else(Millis::now, |o| o.first_failed_at);
+        if last {
+            count(Counted::DeadLettered);
+            let settled = Self::dead_letter(&self.writer, &plugin, inbound, &failure, attempt, first_failed_at).await;
+            return Step::Settled(queued, settled);
+        }
+        count(Counted::Retried);
+        let next = attempt + 1;
+        let due = Millis(Millis::now().0.saturating_add(retry.jittered(next, random_fraction()).as_millis() as u64));
+        let mut row = parked_row(&plugin, inbound, queued.key.clone(), next, due, failure.to_string());
+        row.first_failed_at = first_failed_at;
+        let settled = Self::park(&self.writer, &self.parking, row, inbound.parked.clone(), queued.key.as_deref()).await;
+        Step::Settled(queued, settled)
     }
 
     /// Keep an event in the store for later: a new row, or its own row updated when it came
@@ -402,80 +668,6 @@ impl Lane {
             self.instance = Some(Instance::new(plugin.clone()).await?);
         }
         Ok(self.instance.as_mut().expect("instance was just set"))
-    }
-
-    async fn handle(&mut self, inbound: &Inbound, key: Option<String>) -> Settled {
-        let event = &inbound.event;
-        let plugin = self.slot.current();
-        let name: Arc<str> = Arc::from(plugin.name.as_str());
-        let count = |outcome| self.slot.counters.record(&name, outcome);
-        count(Counted::Consumed);
-        match self.readers.processed(&name, &event.id.0) {
-            Ok(true) => {
-                tracing::debug!("already processed; acknowledged without running");
-                count(Counted::Duplicate);
-                return Settled::Duplicate;
-            }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot check the processed-marker; the commit will"),
-        }
-        let retry = plugin.settings.retry;
-        let attempt = inbound.attempt.max(1);
-        let mut conflicts = 0;
-        let failure = loop {
-            let started = std::time::Instant::now();
-            let result = match self.instance(&plugin).await {
-                Ok(instance) => instance.handle(event, key.clone(), attempt).await,
-                Err(e) => Err(e),
-            };
-            let took = started.elapsed();
-            let count = |outcome| self.slot.counters.record(&name, outcome);
-            match result {
-                Ok(effects) => match self.writer.commit(name.clone(), event.id.0.clone(), effects).await {
-                    Ok(Outcome::Committed) => {
-                        tracing::debug!(attempt, "committed");
-                        count(Counted::Succeeded(took));
-                        return Settled::Committed;
-                    }
-                    Ok(Outcome::Duplicate) => {
-                        count(Counted::Duplicate);
-                        return Settled::Duplicate;
-                    }
-                    Ok(Outcome::Conflict) if conflicts < MAX_CONFLICT_RERUNS => {
-                        conflicts += 1;
-                        tracing::debug!(conflicts, "read a document that changed meanwhile; running again");
-                        continue;
-                    }
-                    Ok(Outcome::Conflict) => break InvokeError::Retry("too many concurrent conflicts".into()),
-                    Ok(Outcome::Failed(e)) => break InvokeError::Retry(format!("commit failed: {e}")),
-                    Err(e) => {
-                        tracing::error!(error = %e, "store writer stopped; leaving the message to the broker");
-                        return Settled::Abandoned;
-                    }
-                },
-                Err(e) => break e,
-            }
-        };
-        if failure.poisons_instance() {
-            self.instance = None;
-        }
-        let count = |outcome| self.slot.counters.record(&name, outcome);
-        let last = attempt >= retry.max_attempts || matches!(failure, InvokeError::Reject(_));
-        tracing::warn!(plugin = %plugin.name, attempt, error = %failure, will_retry = !last, "invocation failed");
-        if matches!(failure, InvokeError::Reject(_)) {
-            count(Counted::Rejected);
-        }
-        let first_failed_at = inbound.parked.as_ref().map_or_else(Millis::now, |o| o.first_failed_at);
-        if last {
-            count(Counted::DeadLettered);
-            return Self::dead_letter(&self.writer, &plugin, inbound, &failure, attempt, first_failed_at).await;
-        }
-        count(Counted::Retried);
-        let next = attempt + 1;
-        let due = Millis(Millis::now().0.saturating_add(retry.jittered(next, random_fraction()).as_millis() as u64));
-        let mut row = parked_row(&plugin, inbound, key.clone(), next, due, failure.to_string());
-        row.first_failed_at = first_failed_at;
-        Self::park(&self.writer, &self.parking, row, inbound.parked.clone(), key.as_deref()).await
     }
 
     async fn dead_letter(

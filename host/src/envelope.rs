@@ -133,19 +133,19 @@ pub struct Decoded {
 
 /// Decode one message. A message that carries no id gets [`content_id`].
 pub fn decode(body: &[u8], transport: &Transport) -> Result<Decoded, DecodeError> {
-    let (envelope, event) = decode_event(body, transport)?;
-    let id_carried = event.id != content_id(&event.name, body);
+    let (envelope, event, id_carried) = decode_event(body, transport)?;
     Ok(Decoded { envelope, event, id_carried })
 }
 
-fn decode_event(body: &[u8], transport: &Transport) -> Result<(Envelope, Event), DecodeError> {
+/// The envelope, the event, and whether the message carried the event's id.
+fn decode_event(body: &[u8], transport: &Transport) -> Result<(Envelope, Event, bool), DecodeError> {
     let text = std::str::from_utf8(body).map_err(|e| DecodeError::NotUtf8(e.valid_up_to()))?;
     if let Some(ty) = binary_ce_attribute(transport, "type") {
         if ty.as_text().is_empty() {
             return Err(DecodeError::MissingAttribute("type"));
         }
         serde_json::from_str::<&RawValue>(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-        return decode_binary_cloudevent(ty, body, transport).map(|e| (Envelope::CloudEventsBinary, e));
+        return decode_binary_cloudevent(ty, body, transport).map(|e| (Envelope::CloudEventsBinary, e, true));
     }
     let structured_ce = transport.content_type.as_deref().is_some_and(|ct| ct.starts_with(CLOUDEVENTS_JSON));
     let members = match serde_json::from_str::<BTreeMap<String, &RawValue>>(text) {
@@ -158,10 +158,12 @@ fn decode_event(body: &[u8], transport: &Transport) -> Result<(Envelope, Event),
     };
     match members {
         Some(m) if structured_ce || is_structured_cloudevent(&m) => {
-            decode_structured_cloudevent(&m, transport).map(|e| (Envelope::CloudEventsStructured, e))
+            decode_structured_cloudevent(&m, transport).map(|e| (Envelope::CloudEventsStructured, e, true))
         }
-        Some(m) if is_nestjs(&m) => decode_nestjs(&m, body, transport).map(|e| (Envelope::NestJs, e)),
-        _ => decode_raw(body, transport).map(|e| (Envelope::Raw, e)),
+        Some(m) if is_nestjs(&m) => {
+            decode_nestjs(&m, body, transport).map(|(e, carried)| (Envelope::NestJs, e, carried))
+        }
+        _ => decode_raw(body, transport).map(|(e, carried)| (Envelope::Raw, e, carried)),
     }
 }
 
@@ -319,7 +321,11 @@ fn decode_binary_cloudevent(ty: &HeaderValue, body: &[u8], transport: &Transport
     })
 }
 
-fn decode_nestjs(m: &BTreeMap<String, &RawValue>, body: &[u8], transport: &Transport) -> Result<Event, DecodeError> {
+fn decode_nestjs(
+    m: &BTreeMap<String, &RawValue>,
+    body: &[u8],
+    transport: &Transport,
+) -> Result<(Event, bool), DecodeError> {
     let pattern = m.get("pattern").map(|raw| raw.get()).unwrap_or("null");
     let name = match serde_json::from_str::<serde_json::Value>(pattern) {
         Ok(serde_json::Value::String(s)) if !s.is_empty() => s,
@@ -332,24 +338,30 @@ fn decode_nestjs(m: &BTreeMap<String, &RawValue>, body: &[u8], transport: &Trans
         }
     };
     let data = m.get("data").map(|raw| raw.get()).unwrap_or("null");
-    let id = transport
+    let carried = transport
         .message_id
         .clone()
         .filter(|s| !s.is_empty())
-        .or(string_member(m, "id").ok().flatten().filter(|s| !s.is_empty()))
-        .map(EventId)
-        .unwrap_or_else(|| content_id(&name, body));
-    Ok(event_from_transport(id, name, data.as_bytes().to_vec(), transport))
+        .or(string_member(m, "id").ok().flatten().filter(|s| !s.is_empty()));
+    let (id, carried) = carried_or_content_id(carried, &name, body);
+    Ok((event_from_transport(id, name, data.as_bytes().to_vec(), transport), carried))
 }
 
-fn decode_raw(body: &[u8], transport: &Transport) -> Result<Event, DecodeError> {
+fn decode_raw(body: &[u8], transport: &Transport) -> Result<(Event, bool), DecodeError> {
     let name = transport
         .header_text(NAME_HEADER)
         .or_else(|| Some(transport.routing_key.clone()).filter(|k| !k.is_empty()))
         .ok_or(DecodeError::NoName)?;
-    let id =
-        transport.message_id.clone().filter(|s| !s.is_empty()).map(EventId).unwrap_or_else(|| content_id(&name, body));
-    Ok(event_from_transport(id, name, body.to_vec(), transport))
+    let (id, carried) = carried_or_content_id(transport.message_id.clone().filter(|s| !s.is_empty()), &name, body);
+    Ok((event_from_transport(id, name, body.to_vec(), transport), carried))
+}
+
+/// The id the message carried, or else its [`content_id`]; and whether it was carried.
+fn carried_or_content_id(carried: Option<String>, name: &str, body: &[u8]) -> (EventId, bool) {
+    match carried {
+        Some(id) => (EventId(id), true),
+        None => (content_id(name, body), false),
+    }
 }
 
 fn event_from_transport(id: EventId, name: String, payload: Vec<u8>, transport: &Transport) -> Event {
@@ -515,6 +527,7 @@ mod tests {
         assert!(e.id.0.starts_with("sha256:"));
         assert!(!decode(br#"{"pattern":"a","data":1}"#, &transport("q")).unwrap().id_carried);
         assert!(decode(br#"{"pattern":"a","data":1,"id":"x"}"#, &transport("q")).unwrap().id_carried);
+        assert!(decode(br#"{"pattern":"a","data":1,"id":"sha256:x"}"#, &transport("q")).unwrap().id_carried);
     }
 
     #[test]

@@ -55,6 +55,34 @@ pub struct Counters {
     retried: AtomicU64,
     rejected: AtomicU64,
     dead_lettered: AtomicU64,
+    /// The exported series, registered on first use so that no event pays for the lookup.
+    exported: OnceLock<Exported>,
+}
+
+#[derive(Debug)]
+struct Exported {
+    consumed: metrics::Counter,
+    succeeded: metrics::Counter,
+    duplicates: metrics::Counter,
+    retried: metrics::Counter,
+    rejected: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    invocation_seconds: metrics::Histogram,
+}
+
+impl Exported {
+    fn new(plugin: &str) -> Self {
+        let events = |outcome: &'static str| metrics::counter!("switchyard_events_total", "plugin" => plugin.to_string(), "outcome" => outcome);
+        Exported {
+            consumed: events("consumed"),
+            succeeded: events("succeeded"),
+            duplicates: events("duplicate"),
+            retried: events("retried"),
+            rejected: events("rejected"),
+            dead_lettered: events("dead_lettered"),
+            invocation_seconds: metrics::histogram!("switchyard_invocation_seconds", "plugin" => plugin.to_string()),
+        }
+    }
 }
 
 /// A copy of a plugin's counters.
@@ -69,21 +97,22 @@ pub struct CountersSnapshot {
 }
 
 impl Counters {
+    /// Count an outcome of `plugin`, the plugin these counters belong to.
     pub fn record(&self, plugin: &str, outcome: Outcome) {
-        let (counter, label) = match outcome {
-            Outcome::Consumed => (&self.consumed, "consumed"),
+        let exported = self.exported.get_or_init(|| Exported::new(plugin));
+        let (counter, series) = match outcome {
+            Outcome::Consumed => (&self.consumed, &exported.consumed),
             Outcome::Succeeded(took) => {
-                metrics::histogram!("switchyard_invocation_seconds", "plugin" => plugin.to_string())
-                    .record(took.as_secs_f64());
-                (&self.succeeded, "succeeded")
+                exported.invocation_seconds.record(took.as_secs_f64());
+                (&self.succeeded, &exported.succeeded)
             }
-            Outcome::Duplicate => (&self.duplicates, "duplicate"),
-            Outcome::Retried => (&self.retried, "retried"),
-            Outcome::Rejected => (&self.rejected, "rejected"),
-            Outcome::DeadLettered => (&self.dead_lettered, "dead_lettered"),
+            Outcome::Duplicate => (&self.duplicates, &exported.duplicates),
+            Outcome::Retried => (&self.retried, &exported.retried),
+            Outcome::Rejected => (&self.rejected, &exported.rejected),
+            Outcome::DeadLettered => (&self.dead_lettered, &exported.dead_lettered),
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("switchyard_events_total", "plugin" => plugin.to_string(), "outcome" => label).increment(1);
+        series.increment(1);
     }
 
     pub fn snapshot(&self) -> CountersSnapshot {

@@ -1,6 +1,7 @@
 //! Where events come from: one module per transport, each turning broker messages into
 //! [`Delivery`]s that carry their bytes, transport metadata and how to acknowledge them.
 
+mod amqp_acks;
 pub mod bus;
 pub mod rabbitmq;
 pub mod redis;
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::envelope::{HeaderValue, Transport};
 use crate::event::Millis;
 use crate::retry::Parking;
+pub(crate) use amqp_acks::AckBatch;
 
 /// A message as received, before or after decoding.
 #[derive(Debug, Clone)]
@@ -146,30 +148,24 @@ pub struct Ack {
 }
 
 enum AckKind {
-    Amqp(lapin::Acker),
+    /// A RabbitMQ delivery, acked in batches with the other deliveries of its channel; the
+    /// acker is taken when the message is settled.
+    Amqp { tag: u64, acker: Option<lapin::Acker>, batch: Arc<AckBatch> },
     /// A Redis Streams entry, acknowledged with `XACK` on its group.
-    RedisStream {
-        conn: ::redis::aio::MultiplexedConnection,
-        stream: String,
-        group: String,
-        id: String,
-    },
+    RedisStream { conn: ::redis::aio::MultiplexedConnection, stream: String, group: String, id: String },
     /// The in-process bus or Redis pub/sub: nothing to tell a broker.
     Local,
     /// An event parked in the store: settling it deletes the row.
-    Parked {
-        writer: crate::commit::Writer,
-        seq: i64,
-        parking: Arc<Parking>,
-    },
+    Parked { writer: crate::commit::Writer, seq: i64, parking: Arc<Parking> },
     /// An HTTP request waiting for the event to be settled.
     Notify(tokio::sync::oneshot::Sender<()>),
 }
 
 impl Ack {
-    pub(crate) fn amqp(acker: lapin::Acker, in_flight: Arc<InFlight>) -> Self {
+    pub(crate) fn amqp(tag: u64, acker: lapin::Acker, batch: &Arc<AckBatch>, in_flight: Arc<InFlight>) -> Self {
         in_flight.0.fetch_add(1, Ordering::SeqCst);
-        Ack { kind: AckKind::Amqp(acker), in_flight }
+        batch.track(tag);
+        Ack { kind: AckKind::Amqp { tag, acker: Some(acker), batch: batch.clone() }, in_flight }
     }
 
     pub(crate) fn redis_stream(
@@ -206,7 +202,7 @@ impl Ack {
     /// Whether this settles a message a broker holds (RabbitMQ, Redis Streams), as opposed to
     /// a parked row, an HTTP request or a message nobody keeps.
     pub(crate) fn is_broker_message(&self) -> bool {
-        matches!(self.kind, AckKind::Amqp(_) | AckKind::RedisStream { .. })
+        matches!(self.kind, AckKind::Amqp { .. } | AckKind::RedisStream { .. })
     }
 
     /// The message's effects are committed (or it is dead-lettered): the source may forget it.
@@ -218,17 +214,17 @@ impl Ack {
             let _ = tx.send(());
             return true;
         }
-        match &self.kind {
-            AckKind::Amqp(acker) => {
-                let acked = tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(lapin::options::BasicAckOptions::default()));
-                match acked.await {
-                    Ok(Ok(_)) => {}
-                    // The channel is gone; the broker redelivers and the processed-marker dedups.
-                    Ok(Err(e)) => tracing::warn!(error = %e, "ack failed; the message will be redelivered"),
-                    Err(_) => tracing::warn!("ack timed out; the message will be redelivered"),
+        match &mut self.kind {
+            AckKind::Amqp { tag, acker, batch } => {
+                if let Some(acker) = acker.take() {
+                    let (done, sent) = tokio::sync::oneshot::channel::<()>();
+                    batch.ack(*tag, acker, Box::new(done));
+                    // Dropping `done` ends the wait: the ack went out, or the channel failed.
+                    let _ = sent.await;
                 }
             }
             AckKind::RedisStream { conn, stream, group, id } => {
+                let (stream, group, id) = (&*stream, &*group, &*id);
                 let mut conn = conn.clone();
                 let ids = [id];
                 let acked = tokio::time::timeout(
@@ -259,6 +255,24 @@ impl Ack {
         true
     }
 
+    /// Like [`ack`](Self::ack), without waiting for the broker: `guard` is dropped, and the
+    /// message stops counting as in flight, once the broker has the ack.
+    pub fn ack_detached(mut self, guard: impl Send + 'static) {
+        let batched = match &mut self.kind {
+            AckKind::Amqp { tag, acker, batch } => acker.take().map(|acker| (*tag, acker, batch.clone())),
+            _ => None,
+        };
+        match batched {
+            Some((tag, acker, batch)) => batch.ack(tag, acker, Box::new((guard, self))),
+            None => {
+                tokio::spawn(async move {
+                    self.ack().await;
+                    drop(guard);
+                });
+            }
+        }
+    }
+
     /// The event was parked for a later attempt: the broker may forget the message, now that
     /// the store holds it; an event that already was parked keeps its (updated) row.
     pub async fn parked(self) {
@@ -269,14 +283,11 @@ impl Ack {
 
     /// Give the message back to the broker now (e.g. on shutdown before handling it). A
     /// Redis Streams entry stays pending and is claimed again after the idle time.
-    pub async fn requeue(self) {
-        if let AckKind::Amqp(acker) = &self.kind {
-            let options = lapin::options::BasicNackOptions { requeue: true, ..Default::default() };
-            match tokio::time::timeout(SETTLE_TIMEOUT, acker.nack(options)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "nack failed; the message will be redelivered"),
-                Err(_) => tracing::warn!("nack timed out; the message will be redelivered"),
-            }
+    pub async fn requeue(mut self) {
+        if let AckKind::Amqp { tag, acker, batch } = &mut self.kind
+            && let Some(acker) = acker.take()
+        {
+            batch.requeue(*tag, acker).await;
         }
     }
 }
@@ -284,8 +295,11 @@ impl Ack {
 impl Drop for Ack {
     fn drop(&mut self) {
         self.in_flight.0.fetch_sub(1, Ordering::SeqCst);
-        if let AckKind::Parked { seq, parking, .. } = &self.kind {
-            parking.untake(*seq);
+        match &mut self.kind {
+            AckKind::Parked { seq, parking, .. } => parking.untake(*seq),
+            // Never settled: left to the broker, and no batched ack of a later delivery covers it.
+            AckKind::Amqp { tag, acker: Some(_), batch } => batch.abandon(*tag),
+            _ => {}
         }
     }
 }

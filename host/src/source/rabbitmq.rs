@@ -29,7 +29,7 @@ use crate::dispatch::{Dispatch, Inbound, dead_letter_undecodable};
 use crate::envelope::{self, HeaderValue, OCCURRED_AT_HEADER, Transport};
 use crate::event::{EventId, Millis};
 use crate::plugins::{Consumers, Following, PluginSet};
-use crate::source::{Ack, Backoff, InFlight, Received};
+use crate::source::{Ack, AckBatch, Backoff, InFlight, Received};
 
 /// A session that lasted this long was healthy: the next reconnect starts from the minimum.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
@@ -128,6 +128,7 @@ impl RabbitMqSource {
                 writer: self.writer.clone(),
                 readers: self.readers.clone(),
                 in_flight: self.in_flight.clone(),
+                acks: Arc::new(AckBatch::new(self.config.prefetch)),
                 claimed: HashSet::new(),
             };
             tasks.spawn(async move { Some(forwarder.run(channel).await) });
@@ -203,6 +204,7 @@ impl RabbitMqSource {
                 dispatch: dispatch.clone(),
                 writer: self.writer.clone(),
                 in_flight: self.in_flight.clone(),
+                prefetch: self.config.prefetch,
                 stop: stop.clone(),
             };
             tasks.spawn(consumer.run(channel));
@@ -293,6 +295,8 @@ struct PluginConsumer {
     dispatch: Dispatch,
     writer: Writer,
     in_flight: Arc<InFlight>,
+    /// The channel's prefetch, which sizes its ack batches.
+    prefetch: u16,
     /// Cancelled when the plugin is removed.
     stop: CancellationToken,
 }
@@ -308,6 +312,7 @@ impl PluginConsumer {
             Ok(c) => c,
             Err(e) => return ended(e.to_string()),
         };
+        let acks = Arc::new(AckBatch::new(self.prefetch));
         loop {
             let delivery = tokio::select! {
                 _ = self.stop.cancelled() => break,
@@ -319,7 +324,7 @@ impl PluginConsumer {
                 None => return ended("the broker closed the consumer".into()),
             };
             let transport = transport_of(&delivery, &self.origin);
-            let ack = Ack::amqp(delivery.acker, self.in_flight.clone());
+            let ack = Ack::amqp(delivery.delivery_tag, delivery.acker, &acks, self.in_flight.clone());
             let received = Received { body: delivery.data, transport };
             match envelope::decode(&received.body, &received.transport) {
                 Ok(decoded) => {
@@ -351,6 +356,8 @@ struct Forwarder {
     writer: Writer,
     readers: Readers,
     in_flight: Arc<InFlight>,
+    /// The acks of this forwarder's channel.
+    acks: Arc<AckBatch>,
     /// Journal ids taken by messages of this session that are not acked yet.
     claimed: HashSet<String>,
 }
@@ -405,7 +412,7 @@ impl Forwarder {
         for delivery in batch {
             let redelivered = delivery.redelivered;
             let transport = transport_of(&delivery, &origin);
-            let ack = Ack::amqp(delivery.acker, self.in_flight.clone());
+            let ack = Ack::amqp(delivery.delivery_tag, delivery.acker, &self.acks, self.in_flight.clone());
             let received = Received { body: delivery.data, transport };
             let decoded = match envelope::decode(&received.body, &received.transport) {
                 Ok(d) => d,
