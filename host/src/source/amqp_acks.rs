@@ -4,11 +4,11 @@
 //! on its own halves what a consumer can drain. Lanes settle messages out of order; this
 //! keeps every delivery of the channel until it is settled and, once the oldest ones are all
 //! acked, sends one `basic.ack` with `multiple` for the newest of them. A `multiple` ack
-//! covers every earlier tag, so it is only sent past tags that are settled: a requeue goes out
-//! on its own first, and a delivery dropped unsettled (the plugin is going away) is left to the
-//! broker, never covered: once there is one, acks go one by one. So that one
-//! slow event cannot hold the prefetch window shut, acks kept waiting behind it are sent one
-//! by one once a quarter of the window (at most [`HELD_BACK_MAX`]) is waiting.
+//! covers every earlier tag, so it never passes a delivery that is not settled: a requeue
+//! goes out on its own first, and a delivery dropped unsettled (its plugin is going away)
+//! stays with the broker, after which acks go one by one. So that one slow event cannot hold
+//! the prefetch window shut, the acks waiting behind it also go one by one once a quarter of
+//! the window (at most [`HELD_BACK_MAX`]) waits.
 //!
 //! One task at a time sends a channel's frames, started by the first settlement while none
 //! is sending, and takes whatever gathered while it sent; a message counts as in flight until
