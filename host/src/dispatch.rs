@@ -284,9 +284,9 @@ pub async fn dead_letter_undecodable(writer: &Writer, owner: &str, received: Rec
         mark_processed: false,
     };
     match writer.dead_letter(letter).await {
-        Ok(Ok(())) => {
-            ack.ack().await;
-        }
+        // Not waited for: a batched ack waits for the deliveries before it, which the caller
+        // (a consumer loop) need not wait on.
+        Ok(Ok(())) => ack.ack_detached(()),
         Ok(Err(e)) => {
             tracing::error!(owner, error = %e, "could not keep a dead letter; the message will be redelivered")
         }
@@ -498,9 +498,13 @@ impl Lane {
     async fn settle(&mut self, queued: Queued, settled: Settled) {
         let Queued { inbound, _pending, .. } = queued;
         match settled {
-            Settled::Committed | Settled::Duplicate | Settled::DeadLettered if inbound.ack.is_broker_message() => {
-                // The effects are committed: the broker's ack needs no answer before the
-                // lane goes on. The event counts as pending until it is acked.
+            Settled::Committed | Settled::Duplicate | Settled::DeadLettered | Settled::Parked
+                if inbound.ack.is_broker_message() =>
+            {
+                // The effects (or the parked row) are committed: the broker's ack needs no
+                // answer before the lane goes on, and must not be waited for here, since a
+                // batched ack may wait for an earlier delivery whose commit this lane has
+                // pending. The event counts as pending until it is acked.
                 inbound.ack.ack_detached(_pending);
             }
             Settled::Committed | Settled::Duplicate | Settled::DeadLettered => {
