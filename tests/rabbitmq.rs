@@ -377,6 +377,32 @@ async fn a_slow_event_does_not_keep_the_prefetch_window_shut() {
     stop_and_assert_acked(t, &queues).await;
 }
 
+/// One lane: the first event's commit is still pending when the second fails and is parked.
+/// Acking the parked one waits for the first's ack, which only the same lane can settle, so
+/// the lane must not wait for it.
+#[tokio::test]
+async fn a_lane_parks_an_event_while_an_earlier_commit_is_pending_and_goes_on() {
+    let rabbit = Rabbit::new().await;
+    let extra = "concurrency = 1\n[plugin.retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\n";
+    let t = TestRouter::start(&config(&rabbit, false, &[("misbehave", "misbehave.wasm", extra)])).await;
+    connected(&t).await;
+    let message = |name: &str, id: &str| {
+        (name.to_string(), b"{}".to_vec(), BasicProperties::default().with_message_id(id.into()))
+    };
+    rabbit
+        .publish_many([message("chaos.ok", "first"), message("chaos.retry", "failing"), message("chaos.ok", "after")])
+        .await;
+    eventually("the event after the parked one", SETTLE, || t.doc("misbehave", "seen", "after")).await;
+    eventually("the failing event, dead-lettered after its retry", SETTLE, || {
+        t.dead_letters("misbehave").into_iter().find(|(name, _)| name == "chaos.retry")
+    })
+    .await;
+    assert!(t.doc("misbehave", "seen", "first").is_some());
+    let queues = [format!("{}misbehave", rabbit.prefix)];
+    settle(&t, &queues).await;
+    stop_and_assert_acked(t, &queues).await;
+}
+
 #[tokio::test]
 async fn a_retrying_event_holds_back_only_its_own_key_and_runs_again_with_the_next_attempt() {
     let rabbit = Rabbit::new().await;
