@@ -12,6 +12,11 @@ use switchyard_tests::{
     Rabbit, SETTLE, TestRouter, amqp_url, config, connected, eventually, settle, stop_and_assert_acked,
 };
 
+/// A message for `publish_many`: event name, id and body.
+fn message(name: &str, id: &str, body: Vec<u8>) -> (String, Vec<u8>, BasicProperties) {
+    (name.to_string(), body, BasicProperties::default().with_message_id(id.into()))
+}
+
 fn user(id: &str, name: &str) -> serde_json::Value {
     json!({ "user_id": id, "name": name, "email": format!("{name}@mail.com"), "role": "user", "picture": "p.png" })
 }
@@ -357,12 +362,8 @@ async fn a_slow_event_does_not_keep_the_prefetch_window_shut() {
     let t = TestRouter::start(&config(&rabbit, false, &[plugin])).await;
     connected(&t).await;
     let slow = json!({ "ms": 6000 }).to_string().into_bytes();
-    let mut messages =
-        vec![("chaos.sleep".to_string(), slow, BasicProperties::default().with_message_id("slow".into()))];
-    messages.extend((0..200).map(|i| {
-        let props = BasicProperties::default().with_message_id(format!("fast-{i}").as_str().into());
-        ("chaos.ok".to_string(), b"{}".to_vec(), props)
-    }));
+    let mut messages = vec![message("chaos.sleep", "slow", slow)];
+    messages.extend((0..200).map(|i| message("chaos.ok", &format!("fast-{i}"), b"{}".to_vec())));
     rabbit.publish_many(messages).await;
     let seen = || (0..200).filter(|i| t.doc("misbehave", "seen", &format!("fast-{i}")).is_some()).count();
     eventually("most fast events, past the slow one", SETTLE, || (seen() >= 120).then_some(())).await;
@@ -386,11 +387,9 @@ async fn a_lane_parks_an_event_while_an_earlier_commit_is_pending_and_goes_on() 
     let extra = "concurrency = 1\n[plugin.retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\n";
     let t = TestRouter::start(&config(&rabbit, false, &[("misbehave", "misbehave.wasm", extra)])).await;
     connected(&t).await;
-    let message = |name: &str, id: &str| {
-        (name.to_string(), b"{}".to_vec(), BasicProperties::default().with_message_id(id.into()))
-    };
+    let empty = |name: &str, id: &str| message(name, id, b"{}".to_vec());
     rabbit
-        .publish_many([message("chaos.ok", "first"), message("chaos.retry", "failing"), message("chaos.ok", "after")])
+        .publish_many([empty("chaos.ok", "first"), empty("chaos.retry", "failing"), empty("chaos.ok", "after")])
         .await;
     eventually("the event after the parked one", SETTLE, || t.doc("misbehave", "seen", "after")).await;
     eventually("the failing event, dead-lettered after its retry", SETTLE, || {
