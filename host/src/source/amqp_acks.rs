@@ -7,12 +7,13 @@
 //! covers every earlier tag, so it never passes a delivery that is not settled: a requeue
 //! goes out on its own first, and a delivery dropped unsettled (its plugin is going away)
 //! stays with the broker, after which acks go one by one. So that one slow event cannot hold
-//! the prefetch window shut, the acks waiting behind it also go one by one once a quarter of
-//! the window (at most [`HELD_BACK_MAX`]) waits.
+//! the prefetch window shut, the acks waiting behind it also go one by one once half the
+//! window waits.
 //!
 //! One task at a time sends a channel's frames, started by the first settlement while none
-//! is sending, and takes whatever gathered while it sent; a message counts as in flight until
-//! the frame that covers it is sent.
+//! is sending. It lets settlements gather for [`ACK_LINGER`] before each frame, so that one
+//! frame covers many messages, and takes whatever gathered while it sent; a message counts as
+//! in flight until the frame that covers it is sent.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -21,11 +22,7 @@ use lapin::Acker;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::oneshot;
 
-use super::SETTLE_TIMEOUT;
-
-/// The most acks that wait behind a delivery still being handled before they are sent one by
-/// one.
-const HELD_BACK_MAX: usize = 64;
+use super::{ACK_LINGER, Done, SETTLE_TIMEOUT};
 
 /// The deliveries of one channel not settled with the broker yet.
 pub(crate) struct AckBatch {
@@ -36,22 +33,73 @@ pub(crate) struct AckBatch {
 struct State<A> {
     /// By delivery tag, in the order the broker delivered them.
     open: BTreeMap<u64, Mark<A>>,
+    /// How many of `open` are of each kind, so that nothing scans it to learn that.
+    counts: Counts,
     /// Acks that may wait behind a delivery still being handled.
     held_back_limit: usize,
-    /// A batch is being sent; whoever sends it also sends what gathers meanwhile.
+    /// A sender is gathering or sending; it also sends what gathers meanwhile.
     sending: bool,
+}
+
+#[derive(Default)]
+struct Counts {
+    acks: usize,
+    requeues: usize,
+    left: usize,
+}
+
+impl Counts {
+    fn add<A>(&mut self, mark: &Mark<A>) {
+        match mark {
+            Mark::Ack { .. } => self.acks += 1,
+            Mark::Requeue { .. } => self.requeues += 1,
+            Mark::Left => self.left += 1,
+            Mark::Open => {}
+        }
+    }
+
+    fn remove<A>(&mut self, mark: &Mark<A>) {
+        match mark {
+            Mark::Ack { .. } => self.acks -= 1,
+            Mark::Requeue { .. } => self.requeues -= 1,
+            Mark::Left => self.left -= 1,
+            Mark::Open => {}
+        }
+    }
 }
 
 impl<A> State<A> {
     fn new(prefetch: u16) -> Self {
-        let held_back_limit = (usize::from(prefetch) / 4).clamp(1, HELD_BACK_MAX);
-        State { open: BTreeMap::new(), held_back_limit, sending: false }
+        let held_back_limit = (usize::from(prefetch) / 2).max(1);
+        State { open: BTreeMap::new(), counts: Counts::default(), held_back_limit, sending: false }
+    }
+
+    fn set(&mut self, tag: u64, mark: Mark<A>) {
+        self.counts.add(&mark);
+        if let Some(old) = self.open.insert(tag, mark) {
+            self.counts.remove(&old);
+        }
+    }
+
+    fn remove(&mut self, tag: u64) -> Option<Mark<A>> {
+        let mark = self.open.remove(&tag)?;
+        self.counts.remove(&mark);
+        Some(mark)
+    }
+
+    /// Whether [`take`](Self::take) would find something to send.
+    fn ready(&self) -> bool {
+        self.counts.requeues > 0
+            || self.open.first_key_value().is_some_and(|(_, m)| matches!(m, Mark::Ack { .. }))
+            || self.releases_held_back()
+    }
+
+    /// Whether the acks waiting behind a delivery being handled go out one by one now: too
+    /// many wait, or a delivery left to the broker means no `multiple` ack will cover them.
+    fn releases_held_back(&self) -> bool {
+        self.counts.acks > 0 && (self.counts.left > 0 || self.counts.acks >= self.held_back_limit)
     }
 }
-
-/// Dropped once the frame that settles a message is sent: what it holds (a waiter, the
-/// message's pending count) is released then.
-pub(crate) type Done = Box<dyn Send>;
 
 enum Mark<A> {
     /// Being handled.
@@ -89,21 +137,21 @@ impl AckBatch {
 
     /// A delivery has arrived.
     pub(crate) fn track(&self, tag: u64) {
-        self.lock().open.insert(tag, Mark::Open);
+        self.lock().set(tag, Mark::Open);
     }
 
     /// The message's effects are committed: ack it once every earlier delivery is settled.
     /// `done` is dropped once the ack covering it is sent (or the channel has failed, in
     /// which case the broker redelivers the message).
     pub(crate) fn ack(self: &Arc<Self>, tag: u64, acker: Acker, done: Done) {
-        self.lock().open.insert(tag, Mark::Ack { acker, done });
+        self.lock().set(tag, Mark::Ack { acker, done });
         self.kick();
     }
 
     /// Give the message back to the broker; returns once the nack is sent.
     pub(crate) async fn requeue(self: &Arc<Self>, tag: u64, acker: Acker) {
         let (done, sent) = oneshot::channel::<()>();
-        self.lock().open.insert(tag, Mark::Requeue { acker, done: Box::new(done) });
+        self.lock().set(tag, Mark::Requeue { acker, done: Box::new(done) });
         self.kick();
         // Dropping `done` ends the wait: the nack went out, or the channel failed.
         let _ = sent.await;
@@ -113,7 +161,7 @@ impl AckBatch {
     /// the acks waiting behind it go one by one. (Requeueing it instead would have the broker
     /// hand it straight back to a consumer that is refusing events while its plugin drains.)
     pub(crate) fn abandon(self: &Arc<Self>, tag: u64) {
-        self.lock().open.insert(tag, Mark::Left);
+        self.lock().set(tag, Mark::Left);
         self.kick();
     }
 
@@ -121,29 +169,34 @@ impl AckBatch {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Start sending what is ready, unless a batch is being sent (its sender takes the rest
-    /// when it is done) or there is no runtime left to send it (the process is ending; the
-    /// broker redelivers).
+    /// Start a sender if there is something to send and none is running (a running one sends
+    /// it too), and a runtime is left to run it (else the process is ending: the broker
+    /// redelivers).
     fn kick(self: &Arc<Self>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let batch = {
+        {
             let mut state = self.lock();
-            if state.sending {
-                return;
-            }
-            let batch = state.take();
-            if batch.is_empty() {
+            if state.sending || !state.ready() {
                 return;
             }
             state.sending = true;
-            batch
-        };
-        runtime.spawn(self.clone().send(batch));
+        }
+        runtime.spawn(self.clone().send());
     }
 
-    /// Send `batch`, then every batch that gathered meanwhile.
-    async fn send(self: Arc<Self>, mut batch: Batch<Acker>) {
-        while !batch.is_empty() {
+    /// Let settlements gather, send them, and go on while more gather.
+    async fn send(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(ACK_LINGER).await;
+            let mut batch = {
+                let mut state = self.lock();
+                let batch = state.take();
+                state.sending = !batch.is_empty();
+                if batch.is_empty() {
+                    return;
+                }
+                batch
+            };
             for acker in batch.requeue.drain(..) {
                 let options = BasicNackOptions { requeue: true, ..Default::default() };
                 match tokio::time::timeout(SETTLE_TIMEOUT, acker.nack(options)).await {
@@ -161,10 +214,6 @@ impl AckBatch {
                     Err(_) => tracing::warn!("ack timed out; the messages will be redelivered"),
                 }
             }
-            batch.done.clear();
-            let mut state = self.lock();
-            batch = state.take();
-            state.sending = !batch.is_empty();
         }
     }
 }
@@ -175,35 +224,33 @@ impl<A> State<A> {
     /// it will never be settled.
     fn take(&mut self) -> Batch<A> {
         let mut batch = Batch { requeue: Vec::new(), ack: None, singles: Vec::new(), done: Vec::new() };
-        let requeued: Vec<u64> =
-            self.open.iter().filter(|(_, m)| matches!(m, Mark::Requeue { .. })).map(|(tag, _)| *tag).collect();
-        for tag in requeued {
-            if let Some(Mark::Requeue { acker, done }) = self.open.remove(&tag) {
-                batch.requeue.push(acker);
-                batch.done.push(done);
+        if self.counts.requeues > 0 {
+            for tag in self.tags(|m| matches!(m, Mark::Requeue { .. })) {
+                if let Some(Mark::Requeue { acker, done }) = self.remove(tag) {
+                    batch.requeue.push(acker);
+                    batch.done.push(done);
+                }
             }
         }
-        while let Some(entry) = self.open.first_entry() {
-            if matches!(entry.get(), Mark::Open | Mark::Left) {
-                break;
-            }
-            if let Mark::Ack { acker, done } = entry.remove() {
+        while let Some((&tag, Mark::Ack { .. })) = self.open.first_key_value() {
+            if let Some(Mark::Ack { acker, done }) = self.remove(tag) {
                 batch.ack = Some(acker);
                 batch.done.push(done);
             }
         }
-        let waiting: Vec<u64> =
-            self.open.iter().filter(|(_, m)| matches!(m, Mark::Ack { .. })).map(|(tag, _)| *tag).collect();
-        let left = self.open.values().any(|m| matches!(m, Mark::Left));
-        if !waiting.is_empty() && (left || waiting.len() >= self.held_back_limit) {
-            for tag in waiting {
-                if let Some(Mark::Ack { acker, done }) = self.open.remove(&tag) {
+        if self.releases_held_back() {
+            for tag in self.tags(|m| matches!(m, Mark::Ack { .. })) {
+                if let Some(Mark::Ack { acker, done }) = self.remove(tag) {
                     batch.singles.push(acker);
                     batch.done.push(done);
                 }
             }
         }
         batch
+    }
+
+    fn tags(&self, of: impl Fn(&Mark<A>) -> bool) -> Vec<u64> {
+        self.open.iter().filter(|(_, m)| of(m)).map(|(tag, _)| *tag).collect()
     }
 }
 
@@ -220,7 +267,7 @@ mod tests {
                 "left" => Mark::Left,
                 _ => Mark::Requeue { acker: *tag, done: Box::new(()) },
             };
-            state.open.insert(*tag, mark);
+            state.set(*tag, mark);
         }
         state
     }
@@ -245,18 +292,44 @@ mod tests {
     #[test]
     fn acks_held_back_too_long_go_one_by_one() {
         let mut marks = vec![(1, "open")];
-        marks.extend((2..65).map(|tag| (tag, "ack")));
+        marks.extend((2..129).map(|tag| (tag, "ack")));
         let mut s = state(&marks);
-        assert!(s.take().is_empty(), "63 acks may wait behind a delivery, with prefetch 256");
-        s.open.insert(65, Mark::Ack { acker: 65, done: Box::new(()) });
+        assert!(!s.ready());
+        assert!(s.take().is_empty(), "127 acks may wait behind a delivery, with prefetch 256");
+        s.set(129, Mark::Ack { acker: 129, done: Box::new(()) });
+        assert!(s.ready(), "half the window waits");
         let batch = s.take();
         assert_eq!(batch.ack, None, "nothing may cover the delivery being handled");
-        assert_eq!(batch.singles, (2..66).collect::<Vec<_>>());
+        assert_eq!(batch.singles, (2..130).collect::<Vec<_>>());
         assert_eq!(s.open.keys().copied().collect::<Vec<_>>(), vec![1]);
+        assert!(!s.ready());
         let mut small = State::new(4);
-        small.open.insert(1, Mark::Open);
-        small.open.insert(2, Mark::Ack { acker: 2, done: Box::new(()) });
-        assert_eq!(small.take().singles, vec![2], "with prefetch 4, one ack waits at most");
+        small.set(1, Mark::Open);
+        small.set(2, Mark::Ack { acker: 2, done: Box::new(()) });
+        assert!(small.take().is_empty(), "with prefetch 4, one ack may wait");
+        small.set(3, Mark::Ack { acker: 3, done: Box::new(()) });
+        assert_eq!(small.take().singles, vec![2, 3], "and two go one by one");
+    }
+
+    #[test]
+    fn ready_tells_whether_take_finds_something() {
+        let cases: [&[(u64, &str)]; 6] = [
+            &[],
+            &[(1, "open"), (2, "ack")],
+            &[(1, "ack"), (2, "open")],
+            &[(1, "open"), (2, "requeue")],
+            &[(1, "left"), (2, "open")],
+            &[(1, "open"), (2, "left"), (3, "ack")],
+        ];
+        for marks in cases {
+            let mut s = state(marks);
+            let ready = s.ready();
+            assert_eq!(ready, !s.take().is_empty(), "{marks:?}");
+            assert!(!s.ready(), "{marks:?}: nothing is left to send once taken");
+        }
+        let mut s = state(&[(1, "open")]);
+        s.set(1, Mark::Ack { acker: 1, done: Box::new(()) });
+        assert_eq!((s.counts.acks, s.ready()), (1, true), "a mark replaced is counted once");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::envelope::{self, HeaderValue, Transport};
 use crate::event::Millis;
 use crate::plugins::{Consumers, PluginSet};
 use crate::route::Pattern;
-use crate::source::{Ack, Backoff, InFlight, Received};
+use crate::source::{Ack, Backoff, InFlight, Received, StreamAcks};
 
 /// How long one `XREADGROUP` waits for entries.
 const BLOCK_MS: usize = 1000;
@@ -358,6 +358,16 @@ impl PubSubConsumer {
 }
 
 /// Reads one stream through one plugin's consumer group.
+/// Whether entries read from a group were delivered before: their attempt is then the
+/// group's delivery count, else 1.
+#[derive(Clone, Copy)]
+enum Delivered {
+    /// New entries (`XREADGROUP >`): delivered for the first time.
+    First,
+    /// This consumer's pending entries, or entries claimed from another consumer.
+    Before,
+}
+
 struct StreamConsumer {
     client: redis::Client,
     stream: String,
@@ -398,7 +408,8 @@ impl StreamConsumer {
     async fn session(&self) -> redis::RedisResult<std::convert::Infallible> {
         // Blocking reads get a connection of their own, so acks never wait behind them.
         let mut reads = self.client.get_multiplexed_async_connection().await?;
-        let acks = self.client.get_multiplexed_async_connection().await?;
+        let conn = self.client.get_multiplexed_async_connection().await?;
+        let acks = Arc::new(StreamAcks::new(conn.clone(), self.stream.clone(), self.group.clone()));
         let created: redis::RedisResult<()> = reads.xgroup_create_mkstream(&self.stream, &self.group, "0").await;
         if let Err(e) = created
             && e.code() != Some("BUSYGROUP")
@@ -408,17 +419,17 @@ impl StreamConsumer {
         self.connected.store(true, Ordering::SeqCst);
         // Entries this consumer read before a restart and never acknowledged.
         let mine = self.read(&mut reads, "0", None).await?;
-        self.deliver(&acks, mine).await;
+        self.deliver(&conn, &acks, mine, Delivered::Before).await;
         let mut last_claim = Instant::now() - Duration::from_secs(3600);
         loop {
             let claim_every = Duration::from_millis((self.config.claim_idle_ms / 2).max(100));
             if last_claim.elapsed() >= claim_every {
                 last_claim = Instant::now();
                 let claimed = self.claim(&mut reads).await?;
-                self.deliver(&acks, claimed).await;
+                self.deliver(&conn, &acks, claimed, Delivered::Before).await;
             }
             let fresh = self.read(&mut reads, ">", Some(BLOCK_MS)).await?;
-            self.deliver(&acks, fresh).await;
+            self.deliver(&conn, &acks, fresh, Delivered::First).await;
         }
     }
 
@@ -463,20 +474,23 @@ impl StreamConsumer {
         }
     }
 
-    async fn deliver(&self, acks: &MultiplexedConnection, entries: Vec<StreamId>) {
+    async fn deliver(
+        &self,
+        conn: &MultiplexedConnection,
+        acks: &Arc<StreamAcks>,
+        entries: Vec<StreamId>,
+        delivered: Delivered,
+    ) {
         if entries.is_empty() {
             return;
         }
-        let counts = self.delivery_counts(acks, &entries).await;
+        let counts = match delivered {
+            Delivered::First => HashMap::new(),
+            Delivered::Before => self.delivery_counts(conn, &entries).await,
+        };
         let subscriptions = self.dispatch.slot().current().settings.subscriptions.clone();
         for entry in entries {
-            let ack = Ack::redis_stream(
-                acks.clone(),
-                self.stream.clone(),
-                self.group.clone(),
-                entry.id.clone(),
-                self.in_flight.clone(),
-            );
+            let ack = Ack::redis_stream(acks, entry.id.clone(), self.in_flight.clone());
             let text = |field: &str| entry.get::<String>(field).filter(|s| !s.is_empty());
             let body: Vec<u8> = entry.get::<Vec<u8>>(EVENT_FIELD).unwrap_or_default();
             // Fields other than the envelope, name and id are the entry's headers.
@@ -501,9 +515,7 @@ impl StreamConsumer {
                     self.dispatch.submit(Inbound { event: decoded.event, received, ack, attempt, parked: None }).await;
                 }
                 // Not for this plugin: its group moves past the entry.
-                Ok(_) => {
-                    ack.ack().await;
-                }
+                Ok(_) => ack.ack_detached(()),
                 Err(e) => {
                     let reason = if entry.contains_key(EVENT_FIELD) {
                         e.to_string()
