@@ -1,6 +1,7 @@
 //! The single SQLite writer: commits each invocation's effects (store writes, outbox rows and
-//! the processed-marker) atomically, many invocations per transaction (group commit), one
-//! savepoint each, so that one invocation's conflict never undoes another's.
+//! the processed-marker) atomically, many invocations per transaction (group commit). An
+//! invocation that is a duplicate or conflicts writes nothing, so that it never undoes
+//! another's; a database error fails the whole batch, whose senders then retry.
 //!
 //! It runs on its own thread; callers send [`Job`]s and await the outcome, and only then
 //! acknowledge the message to the broker.
@@ -331,13 +332,13 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut b
         match job {
             Job::Commit { plugin, event_id, effects, reply } => {
                 let adds_outbox = !effects.outbox.is_empty();
-                let outcome = in_savepoint(&tx, |c| commit_one(c, &plugin, &event_id, &effects, now))?;
+                let outcome = commit_one(&tx, &plugin, &event_id, &effects, now)?;
                 *outbox_added |= adds_outbox && outcome == Outcome::Committed;
                 replies.push(Reply::Commit(reply, outcome));
             }
             Job::DeadLetter { letter, reply } => {
-                let result = in_savepoint(&tx, |c| insert_dead_letter(c, &letter, now).map(Ok))?;
-                replies.push(Reply::Done(reply, result));
+                insert_dead_letter(&tx, &letter, now)?;
+                replies.push(Reply::Done(reply, Ok(())));
             }
             Job::OutboxSent { seqs, reply } => {
                 let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
@@ -422,43 +423,8 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut b
     Ok(replies)
 }
 
-/// Run `f` in a savepoint: keep its changes when it returns `Committed`/`Ok`, roll them back
-/// otherwise. A database error aborts the whole batch.
-fn in_savepoint<T: SavepointResult>(
-    tx: &Connection,
-    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-) -> rusqlite::Result<T> {
-    tx.prepare_cached("SAVEPOINT invocation")?.execute([])?;
-    match f(tx) {
-        Ok(result) if result.keep() => {
-            tx.prepare_cached("RELEASE invocation")?.execute([])?;
-            Ok(result)
-        }
-        Ok(result) => {
-            tx.prepare_cached("ROLLBACK TO invocation")?.execute([])?;
-            tx.prepare_cached("RELEASE invocation")?.execute([])?;
-            Ok(result)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-trait SavepointResult {
-    fn keep(&self) -> bool;
-}
-
-impl SavepointResult for Outcome {
-    fn keep(&self) -> bool {
-        *self == Outcome::Committed
-    }
-}
-
-impl SavepointResult for Result<(), String> {
-    fn keep(&self) -> bool {
-        self.is_ok()
-    }
-}
-
+/// Apply one invocation's effects, or nothing: a duplicate is known before anything is
+/// written, and a conflict before anything but the marker, which it deletes again.
 fn commit_one(
     c: &Connection,
     plugin: &str,
@@ -479,6 +445,8 @@ fn commit_one(
             let current: i64 =
                 rev.query_row(params![plugin, read.collection, read.key], |r| r.get(0)).optional()?.unwrap_or(0);
             if current != read.rev {
+                c.prepare_cached("DELETE FROM processed WHERE plugin = ?1 AND event_id = ?2")?
+                    .execute(params![plugin, event_id])?;
                 return Ok(Outcome::Conflict);
             }
         }

@@ -49,7 +49,8 @@ pub struct Inbound {
 /// An event queued on its lane, with the ordering key that chose the lane (read from the
 /// payload once, here, and handed to the plugin as the event's key).
 struct Queued {
-    inbound: Inbound,
+    /// Boxed: a lane moves its events through several futures, and an event is large.
+    inbound: Box<Inbound>,
     key: Option<String>,
     /// Counts the event as pending until it is dropped: settled, or lost with a cancelled
     /// submit or a stopped lane.
@@ -215,7 +216,7 @@ impl Dispatch {
         let mut hasher = DefaultHasher::new();
         key.as_ref().unwrap_or(&inbound.event.id.0).hash(&mut hasher);
         let lane = (hasher.finish() % self.lanes.len() as u64) as usize;
-        if self.lanes[lane].send(Queued { inbound, key, _pending: entered }).await.is_err() {
+        if self.lanes[lane].send(Queued { inbound: Box::new(inbound), key, _pending: entered }).await.is_err() {
             tracing::error!(plugin = %self.name, "lane stopped; the message will be redelivered");
         }
     }
