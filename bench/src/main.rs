@@ -27,6 +27,8 @@ use switchyard::runtime::{Instance, Overrides, Runtime};
 use broker::Body;
 use routed::{Entry, Latencies, Routed};
 
+switchyard::global_allocator!();
+
 #[derive(Parser)]
 #[command(about = "switchyard benchmarks, each against its baseline in the same run")]
 pub struct Args {

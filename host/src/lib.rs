@@ -10,9 +10,11 @@
 //! invocations, then ack) → `outbox` (publishes committed events).
 //! `config` is `router.toml` as types; `db` is the SQLite schema and reads; `admin` is the
 //! HTTP API; `telemetry` logs and counts; `plugins` is the live set of plugins the admin API changes
-//! and the sources follow; `router` wires it all together.
+//! and the sources follow; `router` wires it all together; `allocator` is the binaries'
+//! memory allocator.
 
 pub mod admin;
+pub mod allocator;
 pub mod capability;
 pub mod commit;
 pub mod config;

@@ -10,6 +10,8 @@ use switchyard::db::Readers;
 use switchyard::router::{self, Router};
 use switchyard::source::rabbitmq::RabbitMqSource;
 
+switchyard::global_allocator!();
+
 #[derive(Parser)]
 #[command(name = "switchyard", version, about = "An event router that hosts WebAssembly handler plugins")]
 struct Cli {
