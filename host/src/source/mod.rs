@@ -152,6 +152,12 @@ const ACK_LINGER: Duration = Duration::from_millis(2);
 /// message's pending count) is released then.
 type Done = Box<dyn Send>;
 
+/// A message settled through its channel's or group's batched acks, taken out of its [`Ack`].
+enum Batched {
+    Amqp { tag: u64, acker: lapin::Acker, batch: Arc<AckBatch> },
+    Stream { acks: Arc<StreamAcks>, id: String },
+}
+
 /// How to settle one message with its source. Dropping it unsettled leaves the message to be
 /// redelivered (RabbitMQ requeues unacknowledged messages when the channel closes).
 pub struct Ack {
@@ -251,16 +257,16 @@ impl Ack {
     /// message stops counting as in flight, once the broker has the ack.
     pub fn ack_detached(mut self, guard: impl Send + 'static) {
         let batched = match &mut self.kind {
-            AckKind::Amqp { tag, acker, batch } => acker.take().map(|acker| (*tag, acker, batch.clone())),
+            AckKind::Amqp { tag, acker, batch } => {
+                acker.take().map(|acker| Batched::Amqp { tag: *tag, acker, batch: batch.clone() })
+            }
+            AckKind::RedisStream { acks, id } => Some(Batched::Stream { acks: acks.clone(), id: std::mem::take(id) }),
             _ => None,
         };
-        if let AckKind::RedisStream { acks, id } = &mut self.kind {
-            let (acks, id) = (acks.clone(), std::mem::take(id));
-            acks.ack(id, Box::new((guard, self)));
-            return;
-        }
+        // The batch keeps the message (and so its in-flight count) until its ack is sent.
         match batched {
-            Some((tag, acker, batch)) => batch.ack(tag, acker, Box::new((guard, self))),
+            Some(Batched::Amqp { tag, acker, batch }) => batch.ack(tag, acker, Box::new((guard, self))),
+            Some(Batched::Stream { acks, id }) => acks.ack(id, Box::new((guard, self))),
             None => {
                 tokio::spawn(async move {
                     self.ack().await;

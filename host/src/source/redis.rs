@@ -357,7 +357,6 @@ impl PubSubConsumer {
     }
 }
 
-/// Reads one stream through one plugin's consumer group.
 /// Whether entries read from a group were delivered before: their attempt is then the
 /// group's delivery count, else 1.
 #[derive(Clone, Copy)]
@@ -368,6 +367,7 @@ enum Delivered {
     Before,
 }
 
+/// Reads one stream through one plugin's consumer group.
 struct StreamConsumer {
     client: redis::Client,
     stream: String,
