@@ -210,6 +210,29 @@ async fn an_email_sent_whose_reply_was_lost_is_not_sent_again_and_large_bodies_g
 }
 
 #[tokio::test]
+async fn an_email_request_delivered_twice_sends_one_email() {
+    let rabbit = Rabbit::new().await;
+    let api = EmailApi::start(KEY).await;
+    let t =
+        TestRouter::start(&config(&rabbit, true, &[("mailer", "mailer.wasm", &mailer(&api, &api.host(), KEY))])).await;
+    connected(&t).await;
+    // The mailer keeps no document: only its outbound request makes the invocation one with
+    // effects, and so one whose processed-marker makes the copy a duplicate.
+    let request = json!({ "id": "email-1", "pattern": "email.requested",
+                          "data": { "to": "ana@mail.test", "template": "welcome" } });
+    for _ in 0..2 {
+        rabbit.publish("", &rabbit.ingress.clone(), request.to_string().as_bytes(), BasicProperties::default()).await;
+    }
+    let counters = || t.router.plugins.get("mailer").expect("mailer runs").slot().counters.snapshot();
+    eventually("the copy to be recognised", SETTLE, || (counters().duplicates == 1).then_some(())).await;
+    settle(&t, &queues(&rabbit, &["mailer"])).await;
+    assert_eq!(api.requests(), 1, "the copy sent nothing");
+    assert_eq!(api.sent().len(), 1);
+    assert!(t.router.readers.processed("mailer", "email-1").unwrap());
+    stop_and_assert_acked(t, &queues(&rabbit, &["mailer"])).await;
+}
+
+#[tokio::test]
 async fn an_email_api_refusing_with_a_4xx_dead_letters_the_request_at_once() {
     let rabbit = Rabbit::new().await;
     let api = EmailApi::start(KEY).await;

@@ -152,6 +152,27 @@ async fn one_event_id_delivered_three_times_applies_once_and_publishes_once() {
 }
 
 #[tokio::test]
+async fn a_handler_that_calls_no_capability_commits_nothing_and_its_messages_are_acked() {
+    let rabbit = Rabbit::new().await;
+    let t = TestRouter::start(&config(&rabbit, false, &[("noop", "noop.wasm", "")])).await;
+    connected(&t).await;
+    let props = |id: &str| BasicProperties::default().with_message_id(id.into());
+    for id in ["pure-1", "pure-2", "pure-1"] {
+        rabbit.publish_event("bench.event", br#"{"n":1}"#, props(id)).await;
+    }
+    let queue = format!("{}noop", rabbit.prefix);
+    let counters = || t.router.plugins.get("noop").expect("noop runs").slot().counters.snapshot();
+    eventually("three invocations", SETTLE, || (counters().succeeded == 3).then_some(())).await;
+    // Nothing to commit, so no processed-marker: the copy of pure-1 ran again, to the same
+    // (empty) effect, and was not counted as a duplicate.
+    assert_eq!(counters().duplicates, 0);
+    for id in ["pure-1", "pure-2"] {
+        assert!(!t.router.readers.processed("noop", id).unwrap(), "{id} left a marker");
+    }
+    stop_and_assert_acked(t, &[queue]).await;
+}
+
+#[tokio::test]
 async fn outbox_rows_committed_before_a_restart_are_published_after_it() {
     let rabbit = Rabbit::new().await;
     let tap = rabbit.tap("order.#").await;

@@ -145,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
     if runs("latency") {
         let latency = latency(&args, offered).await?;
         println!(
-            "| publish → commit at {offered:.0} events/s, 50 % of the no-op peak: p50 / p99 / p99.9 (ms) | – | {} / {} / {} | – |",
+            "| publish → commit, stamp plugin, at {offered:.0} events/s, 50 % of the no-op peak: p50 / p99 / p99.9 (ms) | – | {} / {} / {} | – |",
             latency.quantile(0.5),
             latency.quantile(0.99),
             latency.quantile(0.999)
@@ -154,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
     if runs("swap") {
         let swap = hot_swap(&args, offered).await?;
         println!(
-            "| two hot swaps at {offered:.0} events/s offered: throughput (events/s), p99 (ms), lost | – | {:.0}, {}, {} | – |",
+            "| two hot swaps of the stamp plugin at {offered:.0} events/s offered: throughput (events/s), p99 (ms), lost | – | {:.0}, {}, {} | – |",
             swap.rate,
             swap.latency.quantile(0.99),
             swap.lost
@@ -225,13 +225,23 @@ fn row(name: &str, baseline: &Samples, switchyard: &Samples) {
     );
 }
 
-/// A small JSON event for the no-op plugin, about 210 bytes like the measured baseline.
-fn noop_body(i: usize) -> (String, Vec<u8>) {
+/// A small JSON event named `name`, about 210 bytes like the measured baseline.
+fn small_event(name: &str, i: usize) -> (String, Vec<u8>) {
     let body = serde_json::json!({
-        "pattern": "bench.event",
+        "pattern": name,
         "data": { "n": i, "user_id": format!("u{}", i % 10_000), "padding": "x".repeat(120) },
     });
-    ("bench.event".into(), body.to_string().into_bytes())
+    (name.into(), body.to_string().into_bytes())
+}
+
+/// The no-op plugin's event.
+fn noop_body(i: usize) -> (String, Vec<u8>) {
+    small_event("bench.event", i)
+}
+
+/// The stamp plugin's event.
+fn stamp_body(i: usize) -> (String, Vec<u8>) {
+    small_event("stamp.event", i)
 }
 
 /// `user.updated` over 10,000 distinct users.
@@ -259,14 +269,18 @@ async fn drain(args: &Args, entry: Entry<'_>, patterns: &[&str], body: &Body) ->
     Ok(args.events as f64 / took.as_secs_f64())
 }
 
-/// Publish → commit latency of the no-op plugin under a steady `rate`.
+/// The plugin of the latency and hot-swap scenarios: one document write per event, so that
+/// each event has a commit (the no-op plugin has nothing to commit).
+const STAMP: Entry = Entry { name: "stamp", file: "stamp_v1.wasm", extra: "" };
+
+/// Publish → commit latency of the stamp plugin under a steady `rate`.
 async fn latency(args: &Args, rate: f64) -> anyhow::Result<Latencies> {
     let mut r = Routed::new(args).await?;
-    r.start(args, &[Entry { name: "noop", file: "noop.wasm", extra: "" }]).await?;
+    r.start(args, &[STAMP]).await?;
     let n = (rate * args.paced_secs as f64) as usize;
-    let sent = broker::paced(&r.channel, &r.exchange, n, rate, &noop_body).await?;
-    r.settled("noop", n as u64, Instant::now()).await?;
-    let latencies = Latencies::of(&sent, &r.commit_times("noop")?)?;
+    let sent = broker::paced(&r.channel, &r.exchange, n, rate, &stamp_body).await?;
+    r.settled(STAMP.name, n as u64, Instant::now()).await?;
+    let latencies = Latencies::of(&sent, &r.commit_times(STAMP.name)?)?;
     r.finish().await?;
     Ok(latencies)
 }
@@ -278,25 +292,25 @@ struct Swapped {
     lost: u64,
 }
 
-/// The no-op plugin under a steady `rate`, uploaded again (a hot swap) at one and two thirds
-/// of the run.
+/// The stamp plugin under a steady `rate`, swapped to its second build at one third of the
+/// run and back to the first at two thirds.
 async fn hot_swap(args: &Args, rate: f64) -> anyhow::Result<Swapped> {
     let mut r = Routed::new(args).await?;
-    r.start(args, &[Entry { name: "noop", file: "noop.wasm", extra: "" }]).await?;
+    r.start(args, &[STAMP]).await?;
     let n = (rate * args.paced_secs as f64) as usize;
     let third = Duration::from_secs_f64(args.paced_secs as f64 / 3.0);
     let swaps = async {
-        for _ in 0..2 {
+        for file in ["stamp_v2.wasm", "stamp_v1.wasm"] {
             tokio::time::sleep(third).await;
-            r.upload("noop", "noop.wasm").await?;
+            r.upload(STAMP.name, file).await?;
         }
         anyhow::Ok(())
     };
-    let (sent, swapped) = tokio::join!(broker::paced(&r.channel, &r.exchange, n, rate, &noop_body), swaps);
+    let (sent, swapped) = tokio::join!(broker::paced(&r.channel, &r.exchange, n, rate, &stamp_body), swaps);
     let (sent, ()) = (sent?, swapped?);
-    let settle = r.settled("noop", n as u64, Instant::now());
+    let settle = r.settled(STAMP.name, n as u64, Instant::now());
     tokio::time::timeout(Duration::from_secs(120), settle).await.context("events lost: the run did not settle")??;
-    let committed = r.commit_times("noop")?;
+    let committed = r.commit_times(STAMP.name)?;
     let lost = (0..n).filter(|i| !committed.contains_key(&format!("paced-{i}"))).count() as u64;
     ensure!(lost == 0, "{lost} events lost across the swaps");
     let first = sent.first().map_or(0, |m| m.0);

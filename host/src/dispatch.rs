@@ -565,26 +565,32 @@ impl Lane {
         };
         c.took = started.elapsed();
         match result {
-            Ok(effects) => match self.writer.send_commit(self.name.clone(), event.id.0.clone(), effects).await {
+            Ok(Some(effects)) => match self.writer.send_commit(self.name.clone(), event.id.0.clone(), effects).await {
                 Ok(pending) => Step::Committing(c, pending),
                 Err(e) => {
                     tracing::error!(error = %e, "store writer stopped; leaving the message to the broker");
                     Step::Settled(c.queued, Settled::Abandoned)
                 }
             },
+            // Nothing to commit and no marker to write: running it again would do nothing
+            // either. It is settled as committed.
+            Ok(None) => self.succeeded(c),
             Err(failure) => self.fail(c, failure).await,
         }
+    }
+
+    /// An event whose effects are committed (or that had none).
+    fn succeeded(&self, c: Committing) -> Step {
+        tracing::debug!(attempt = c.attempt, "committed");
+        self.slot.counters.record(&self.name, Counted::Succeeded(c.took));
+        Step::Settled(c.queued, Settled::Committed)
     }
 
     /// Act on a commit's outcome: settle the event, or run it again after a conflict.
     async fn finish(&mut self, mut c: Committing, outcome: Result<Outcome, WriterGone>) -> Step {
         let count = |outcome| self.slot.counters.record(&self.name, outcome);
         match outcome {
-            Ok(Outcome::Committed) => {
-                tracing::debug!(attempt = c.attempt, "committed");
-                count(Counted::Succeeded(c.took));
-                Step::Settled(c.queued, Settled::Committed)
-            }
+            Ok(Outcome::Committed) => self.succeeded(c),
             Ok(Outcome::Duplicate) => {
                 count(Counted::Duplicate);
                 Step::Settled(c.queued, Settled::Duplicate)

@@ -40,6 +40,10 @@ pub struct Invocation {
     /// Why a capability refused a call that fails the whole invocation (a publish outside
     /// the allow-list), whatever the handler returns.
     pub refused: Option<String>,
+    /// Whether the handler called the store, `publish` or outbound HTTP. One that called
+    /// none of them (logging and config aside) computed nothing but from the event: it has
+    /// nothing to commit, not even a processed-marker.
+    pub reached_out: bool,
 }
 
 impl Invocation {
@@ -51,12 +55,17 @@ impl Invocation {
             store: store::Session::new(plugin.name.clone(), plugin.readers.clone()),
             outbox: Vec::new(),
             refused: None,
+            reached_out: false,
         }
     }
 
-    /// The effects to commit.
-    pub fn into_effects(self) -> Effects {
+    /// The effects to commit; `None` when the handler reached no capability with effects or
+    /// state (see [`reached_out`](Self::reached_out)).
+    pub fn into_effects(self) -> Option<Effects> {
+        if !self.reached_out {
+            return None;
+        }
         let (reads, writes) = self.store.into_parts();
-        Effects { reads, writes, outbox: self.outbox }
+        Some(Effects { reads, writes, outbox: self.outbox })
     }
 }

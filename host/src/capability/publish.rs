@@ -14,6 +14,7 @@ impl Host for HostState {
         let Some(invocation) = self.invocation.as_mut() else {
             return Err(PublishError::Invalid("publish is only available while handling an event".into()));
         };
+        invocation.reached_out = true;
         validate_name(&event.name).map_err(PublishError::Invalid)?;
         if !self.plugin.publishes.matches(&event.name) {
             let reason = format!(

@@ -219,10 +219,12 @@ fn check_object(document: &str) -> Result<(), StoreError> {
 
 impl HostState {
     fn session(&mut self) -> Result<&mut Session, StoreError> {
-        self.invocation
+        let invocation = self
+            .invocation
             .as_mut()
-            .map(|i| &mut i.store)
-            .ok_or_else(|| StoreError::Unavailable("the store is only available while handling an event".into()))
+            .ok_or_else(|| StoreError::Unavailable("the store is only available while handling an event".into()))?;
+        invocation.reached_out = true;
+        Ok(&mut invocation.store)
     }
 }
 

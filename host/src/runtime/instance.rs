@@ -73,8 +73,14 @@ impl Instance {
         &self.plugin
     }
 
-    /// Run the handler on one event; on success return the effects to commit.
-    pub async fn handle(&mut self, event: &Event, key: Option<String>, attempt: u32) -> Result<Effects, InvokeError> {
+    /// Run the handler on one event; on success return the effects to commit, or `None` when
+    /// it called no capability but logging and config: then there is nothing to commit.
+    pub async fn handle(
+        &mut self,
+        event: &Event,
+        key: Option<String>,
+        attempt: u32,
+    ) -> Result<Option<Effects>, InvokeError> {
         self.uses += 1;
         let timeout = Duration::from_millis(self.plugin.settings.limits.timeout_ms);
         let data = self.store.data_mut();
@@ -95,7 +101,7 @@ impl Instance {
             return Err(InvokeError::Reject(reason.clone()));
         }
         match result {
-            Ok(Ok(())) => Ok(invocation.map(Invocation::into_effects).unwrap_or_default()),
+            Ok(Ok(())) => Ok(invocation.and_then(Invocation::into_effects)),
             Ok(Err(HandlerError::Retry(reason))) => Err(InvokeError::Retry(reason)),
             Ok(Err(HandlerError::Reject(reason))) => Err(InvokeError::Reject(reason)),
             Err(e) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Err(InvokeError::Timeout(timeout)),

@@ -137,6 +137,10 @@ impl WasiView for HostState {
 
 impl WasiHttpView for HostState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
+        // Any wasi:http call, not only a request sent: the invocation is not pure.
+        if let Some(invocation) = self.invocation.as_mut() {
+            invocation.reached_out = true;
+        }
         self.egress.deadline = self.deadline;
         WasiHttpCtxView { hooks: &mut self.egress, table: &mut self.table, ctx: &mut self.http }
     }
