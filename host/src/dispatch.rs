@@ -674,11 +674,12 @@ impl Lane {
                 && plugin.settings.instances == crate::config::InstancePolicy::Reuse
                 && i.uses < plugin.settings.recycle_after
         });
-        if !reusable {
-            self.instance = None;
-            self.instance = Some(Instance::new(plugin.clone()).await?);
-        }
-        Ok(self.instance.as_mut().expect("instance was just set"))
+        // An instance not reused is dropped before the new one is made.
+        let instance = match self.instance.take().filter(|_| reusable) {
+            Some(instance) => instance,
+            None => Instance::new(plugin.clone()).await?,
+        };
+        Ok(self.instance.insert(instance))
     }
 
     async fn dead_letter(

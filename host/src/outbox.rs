@@ -62,9 +62,6 @@ impl RedisSink {
     }
 
     async fn send(&mut self, events: &[Event]) -> Result<(), String> {
-        if self.conn.is_none() {
-            self.conn = Some(self.client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?);
-        }
         let mut pipe = ::redis::pipe();
         for event in events {
             let body = envelope::encode(event, self.format).body;
@@ -87,7 +84,10 @@ impl RedisSink {
                 }
             }
         }
-        let conn = self.conn.as_mut().expect("connection was just opened");
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            none => none.insert(self.client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?),
+        };
         let sent: ::redis::RedisResult<()> = pipe.query_async(conn).await;
         sent.map_err(|e| {
             self.conn = None;
@@ -110,17 +110,25 @@ impl RabbitSink {
     }
 
     async fn channel(&mut self) -> Result<&Channel, lapin::Error> {
-        if self.channel.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
-            let conn = Connection::connect(self.url.expose(), ConnectionProperties::default()).await?;
-            let channel = conn.create_channel().await?;
-            channel.confirm_select(ConfirmSelectOptions::default()).await?;
-            let options = ExchangeDeclareOptions { durable: true, ..Default::default() };
-            channel
-                .exchange_declare(self.exchange.as_str().into(), ExchangeKind::Topic, options, FieldTable::default())
-                .await?;
-            self.channel = Some((conn, channel));
-        }
-        Ok(&self.channel.as_ref().expect("channel was just opened").1)
+        let open = match self.channel.take() {
+            Some((conn, channel)) if conn.status().connected() => (conn, channel),
+            _ => {
+                let conn = Connection::connect(self.url.expose(), ConnectionProperties::default()).await?;
+                let channel = conn.create_channel().await?;
+                channel.confirm_select(ConfirmSelectOptions::default()).await?;
+                let options = ExchangeDeclareOptions { durable: true, ..Default::default() };
+                channel
+                    .exchange_declare(
+                        self.exchange.as_str().into(),
+                        ExchangeKind::Topic,
+                        options,
+                        FieldTable::default(),
+                    )
+                    .await?;
+                (conn, channel)
+            }
+        };
+        Ok(&self.channel.insert(open).1)
     }
 
     async fn send(&mut self, events: &[Event]) -> Result<(), String> {
