@@ -227,6 +227,19 @@ async fn routers_sharing_a_consumer_group_share_the_entries() {
     connected(&a).await;
     connected(&b).await;
     let mut conn = redis().await;
+    // A consumer joins its group with its first read: until both have read, one of them could
+    // take every entry.
+    let group = format!("{group_prefix}misbehave");
+    let joined = std::time::Instant::now() + SETTLE;
+    loop {
+        let info: redis::RedisResult<redis::streams::StreamInfoConsumersReply> =
+            conn.xinfo_consumers(&stream, &group).await;
+        if info.is_ok_and(|i| i.consumers.len() == 2) {
+            break;
+        }
+        assert!(std::time::Instant::now() < joined, "both consumers must join {group} within {SETTLE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let total = 400;
     for i in 0..total {
         let body = json!({ "pattern": "chaos.ok", "data": {} }).to_string();
