@@ -103,7 +103,7 @@ enum Job {
     OutboxSent { seqs: Vec<i64>, reply: oneshot::Sender<Result<(), String>> },
     Journal { op: JournalOp, reply: oneshot::Sender<Result<(), String>> },
     Execute { sql: String, reply: oneshot::Sender<Result<(), String>> },
-    Prune { before: Millis, reply: oneshot::Sender<Result<(), String>> },
+    Prune { before: Millis, reply: oneshot::Sender<Result<u64, String>> },
     Park { row: ParkedRow, reply: oneshot::Sender<Result<(), String>> },
     Unpark { seq: i64, reply: oneshot::Sender<Result<u64, String>> },
     Replay { letters: Vec<Replayed>, reply: oneshot::Sender<Result<Vec<i64>, String>> },
@@ -168,27 +168,29 @@ impl Writer {
         let notify = outbox_ready.clone();
         let batch_max = config.batch_max;
         let retention = std::time::Duration::from_secs(config.processed_retention_hours.saturating_mul(3600));
-        let pruner = jobs.clone();
         thread::Builder::new()
             .name("switchyard-writer".into())
             .spawn(move || run(conn, rx, batch_max, &notify))
             .map_err(|e| DbError(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        let writer = Writer { jobs, outbox_ready };
         // Expired markers are dropped in the background, from now on every PRUNE_EVERY.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let pruner = writer.clone();
             runtime.spawn(async move {
                 loop {
                     let before = Millis(
                         Millis::now().0.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX)),
                     );
-                    let (reply, _) = oneshot::channel();
-                    if pruner.send(Job::Prune { before, reply }).await.is_err() {
-                        return;
+                    match pruner.prune(before).await {
+                        Err(WriterGone) => return,
+                        Ok(Err(e)) => tracing::warn!(error = %e, "could not prune expired processed-markers"),
+                        Ok(Ok(_)) => {}
                     }
                     tokio::time::sleep(PRUNE_EVERY).await;
                 }
             });
         }
-        Ok(Writer { jobs, outbox_ready })
+        Ok(writer)
     }
 
     /// Commit an invocation's effects with its processed-marker.
@@ -225,9 +227,22 @@ impl Writer {
         self.request(|reply| Job::Journal { op, reply }).await
     }
 
-    /// Drop processed-markers and ingress journal rows older than `before`.
-    pub async fn prune(&self, before: Millis) -> Result<Result<(), String>, WriterGone> {
-        self.request(|reply| Job::Prune { before, reply }).await
+    /// Drop all processed-markers and ingress journal rows older than `before`; returns how
+    /// many markers went. Each transaction deletes at most `PRUNE_BATCH` markers, so commits
+    /// get the writer between two of them however far behind pruning is.
+    pub async fn prune(&self, before: Millis) -> Result<Result<u64, String>, WriterGone> {
+        let mut pruned = 0;
+        loop {
+            match self.request(|reply| Job::Prune { before, reply }).await? {
+                Ok(deleted) => {
+                    pruned += deleted;
+                    if deleted < PRUNE_BATCH as u64 {
+                        return Ok(Ok(pruned));
+                    }
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
     }
 
     /// Park an event until it is due: a new row, or (with `seq`) the same row with its next
@@ -316,10 +331,9 @@ fn failed_reply(job: Job, error: &str) -> Reply {
         Job::DeadLetter { reply, .. }
         | Job::Journal { reply, .. }
         | Job::Execute { reply, .. }
-        | Job::Prune { reply, .. }
         | Job::Park { reply, .. }
         | Job::OutboxSent { reply, .. } => Reply::Done(reply, Err(error.into())),
-        Job::Unpark { reply, .. } | Job::Discard { reply, .. } => Reply::Count(reply, Err(error.into())),
+        Job::Unpark { reply, .. } | Job::Discard { reply, .. } | Job::Prune { reply, .. } => Reply::Count(reply, Err(error.into())),
         Job::Replay { reply, .. } => Reply::Seqs(reply, Err(error.into())),
     }
 }
@@ -368,13 +382,13 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut b
             }
             Job::Prune { before, reply } => {
                 let at = before.0 as i64;
-                tx.prepare_cached(
+                let deleted = tx.prepare_cached(
                     "DELETE FROM processed WHERE (plugin, event_id) IN
                      (SELECT plugin, event_id FROM processed WHERE processed_at < ?1 LIMIT ?2)",
                 )?
                 .execute(params![at, PRUNE_BATCH])?;
                 tx.prepare_cached("DELETE FROM ingress_journal WHERE received_at < ?1")?.execute([at])?;
-                replies.push(Reply::Done(reply, Ok(())));
+                replies.push(Reply::Count(reply, Ok(deleted as u64)));
             }
             Job::Execute { sql, reply } => {
                 let result = tx.execute_batch(&sql).map_err(|e| e.to_string());
@@ -602,8 +616,28 @@ mod tests {
         let cutoff = Millis(Millis::now().0 + 1);
         std::thread::sleep(std::time::Duration::from_millis(5));
         w.commit(p, "new".into(), Effects::default()).await.unwrap();
-        w.prune(cutoff).await.unwrap().unwrap();
+        assert_eq!(w.prune(cutoff).await.unwrap().unwrap(), 1);
         assert!(!r.processed("p", "old").unwrap(), "older than the cutoff: dropped");
+        assert!(r.processed("p", "new").unwrap(), "younger: kept");
+    }
+
+    #[tokio::test]
+    async fn pruning_drops_every_expired_marker_however_many_batches_they_take() {
+        let (_d, w, r) = writer();
+        let expired = 2 * PRUNE_BATCH + 7;
+        // A second old: expired for the cutoff below, not for the retention of the writer's
+        // own background pruner.
+        let old = Millis::now().0 - 1_000;
+        w.execute(format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {expired})
+             INSERT INTO processed (plugin, event_id, processed_at) SELECT 'p', 'old-' || i, {old} FROM n"
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+        w.commit("p".into(), "new".into(), Effects::default()).await.unwrap();
+        assert_eq!(w.prune(Millis(old + 1)).await.unwrap().unwrap(), expired as u64);
+        assert!(!r.processed("p", &format!("old-{expired}")).unwrap(), "the last batch went too");
         assert!(r.processed("p", "new").unwrap(), "younger: kept");
     }
 
