@@ -333,7 +333,9 @@ fn failed_reply(job: Job, error: &str) -> Reply {
         | Job::Execute { reply, .. }
         | Job::Park { reply, .. }
         | Job::OutboxSent { reply, .. } => Reply::Done(reply, Err(error.into())),
-        Job::Unpark { reply, .. } | Job::Discard { reply, .. } | Job::Prune { reply, .. } => Reply::Count(reply, Err(error.into())),
+        Job::Unpark { reply, .. } | Job::Discard { reply, .. } | Job::Prune { reply, .. } => {
+            Reply::Count(reply, Err(error.into()))
+        }
         Job::Replay { reply, .. } => Reply::Seqs(reply, Err(error.into())),
     }
 }
@@ -382,11 +384,12 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut b
             }
             Job::Prune { before, reply } => {
                 let at = before.0 as i64;
-                let deleted = tx.prepare_cached(
-                    "DELETE FROM processed WHERE (plugin, event_id) IN
+                let deleted = tx
+                    .prepare_cached(
+                        "DELETE FROM processed WHERE (plugin, event_id) IN
                      (SELECT plugin, event_id FROM processed WHERE processed_at < ?1 LIMIT ?2)",
-                )?
-                .execute(params![at, PRUNE_BATCH])?;
+                    )?
+                    .execute(params![at, PRUNE_BATCH])?;
                 tx.prepare_cached("DELETE FROM ingress_journal WHERE received_at < ?1")?.execute([at])?;
                 replies.push(Reply::Count(reply, Ok(deleted as u64)));
             }
