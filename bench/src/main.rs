@@ -79,14 +79,10 @@ impl Samples {
         (min, max)
     }
 
-    fn spread(&self) -> String {
+    /// Smallest and largest, with `decimals` decimals.
+    fn spread(&self, decimals: usize) -> String {
         let (min, max) = self.range();
-        format!("{min:.0}–{max:.0}")
-    }
-
-    fn spread_of_ratios(&self) -> String {
-        let (min, max) = self.range();
-        format!("{min:.2}–{max:.2}")
+        format!("{min:.decimals$}–{max:.decimals$}")
     }
 }
 
@@ -167,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "| stamp plugin's sustained peak, published while it consumes (events/s; half of it is offered below) | – | {:.0} ({}) | – |",
             peak.median(),
-            peak.spread()
+            peak.spread(0)
         );
         offered = (peak.median() / 2.0).max(100.0);
     }
@@ -248,25 +244,21 @@ async fn pubsub(args: &Args) -> anyhow::Result<()> {
 /// machine between rounds moves both sides of a ratio instead of the ratio.
 fn row_paired(name: &str, baseline: &Samples, switchyard: &Samples) {
     let ratios = Samples(switchyard.0.iter().zip(&baseline.0).map(|(s, b)| s / b).collect());
-    println!(
-        "| {name} | {:.0} ({}) | {:.0} ({}) | {:.2} ({}) |",
-        baseline.median(),
-        baseline.spread(),
-        switchyard.median(),
-        switchyard.spread(),
-        ratios.median(),
-        ratios.spread_of_ratios()
-    );
+    print_row(name, baseline, switchyard, &format!("{:.2} ({})", ratios.median(), ratios.spread(2)));
 }
 
+/// A row whose switchyard rounds have no baseline rounds of their own: the ratio of medians.
 fn row(name: &str, baseline: &Samples, switchyard: &Samples) {
+    print_row(name, baseline, switchyard, &format!("{:.2}", switchyard.median() / baseline.median()));
+}
+
+fn print_row(name: &str, baseline: &Samples, switchyard: &Samples, ratio: &str) {
     println!(
-        "| {name} | {:.0} ({}) | {:.0} ({}) | {:.2} |",
+        "| {name} | {:.0} ({}) | {:.0} ({}) | {ratio} |",
         baseline.median(),
-        baseline.spread(),
+        baseline.spread(0),
         switchyard.median(),
-        switchyard.spread(),
-        switchyard.median() / baseline.median()
+        switchyard.spread(0),
     );
 }
 
@@ -308,8 +300,7 @@ async fn drain(args: &Args, entry: Entry<'_>, patterns: &[&str], body: &Body) ->
     // Compiling the plugin is start-up, not draining: the clock starts once the router runs.
     r.start(args, &[entry]).await?;
     let took = r.settled(name, args.events as u64, Instant::now()).await?;
-    let counters = r.counters(name)?;
-    ensure!(counters.succeeded == args.events as u64, "every event committed once: {counters:?}");
+    r.committed_once(name, args.events as u64)?;
     r.finish().await?;
     Ok(args.events as f64 / took.as_secs_f64())
 }
@@ -326,8 +317,7 @@ async fn sustained(args: &Args) -> anyhow::Result<f64> {
     let started = Instant::now();
     broker::paced(&r.channel, &r.exchange, args.events, f64::INFINITY, &stamp_body).await?;
     let took = r.settled(STAMP.name, args.events as u64, started).await?;
-    let counters = r.counters(STAMP.name)?;
-    ensure!(counters.succeeded == args.events as u64, "every event committed once: {counters:?}");
+    r.committed_once(STAMP.name, args.events as u64)?;
     r.finish().await?;
     Ok(args.events as f64 / took.as_secs_f64())
 }
@@ -402,8 +392,7 @@ async fn fan_out(args: &Args, authors: usize, followers: usize, posts: usize) ->
     let started = Instant::now();
     broker::publish(&r.channel, &r.exchange, "post", 0..posts, &post).await?;
     let took = r.settled("notifier", (follows + posts) as u64, started).await?;
-    let counters = r.counters("notifier")?;
-    ensure!(counters.succeeded == (follows + posts) as u64, "every event committed once: {counters:?}");
+    r.committed_once("notifier", (follows + posts) as u64)?;
     r.finish().await?;
     Ok((posts * followers) as f64 / took.as_secs_f64())
 }

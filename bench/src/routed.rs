@@ -87,8 +87,15 @@ impl Routed {
         self.router.as_ref().expect("started")
     }
 
-    pub fn counters(&self, name: &str) -> anyhow::Result<CountersSnapshot> {
+    fn counters(&self, name: &str) -> anyhow::Result<CountersSnapshot> {
         Ok(self.router().plugins.get(name).context("the plugin runs")?.slot().counters.snapshot())
+    }
+
+    /// Fail unless plugin `name` committed exactly `n` events, each once.
+    pub fn committed_once(&self, name: &str, n: u64) -> anyhow::Result<()> {
+        let counters = self.counters(name)?;
+        ensure!(counters.succeeded == n, "every event committed once: {counters:?}");
+        Ok(())
     }
 
     /// Wait until plugin `name` has settled `n` events in all; returns how long that took.
