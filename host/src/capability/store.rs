@@ -3,7 +3,9 @@
 //! Writes are buffered in the invocation's [`Session`] and committed by the writer; reads see
 //! the session's pending writes over the committed data. Every document a `get`, or a
 //! versioned `put`/`delete`, looked at is recorded with its revision, so the commit can refuse
-//! (and the router re-run) an invocation whose reads went stale.
+//! (and the router re-run) an invocation whose reads went stale. A document is read from the
+//! database once per invocation: later looks see what that read saw (or the session's own
+//! writes), which the revision check makes safe.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -37,8 +39,16 @@ pub struct Session {
     readers: Readers,
     pending: HashMap<DocKey, Pending>,
     writes: Vec<Write>,
-    /// First revision seen of each document read (0: absent).
-    reads: HashMap<DocKey, i64>,
+    /// What the first read of each document saw.
+    reads: HashMap<DocKey, Read>,
+}
+
+/// A committed document as an invocation first read it.
+#[derive(Debug)]
+struct Read {
+    /// Its revision then (0: absent).
+    rev: i64,
+    current: Current,
 }
 
 /// What a key currently holds, in this session's view.
@@ -55,7 +65,11 @@ impl Session {
 
     /// The read checks and writes to commit.
     pub fn into_parts(self) -> (Vec<ReadCheck>, Vec<Write>) {
-        let reads = self.reads.into_iter().map(|((collection, key), rev)| ReadCheck { collection, key, rev }).collect();
+        let reads = self
+            .reads
+            .into_iter()
+            .map(|((collection, key), read)| ReadCheck { collection, key, rev: read.rev })
+            .collect();
         (reads, self.writes)
     }
 
@@ -68,12 +82,17 @@ impl Session {
                 Pending::Absent => Current { body: None, version: None },
             });
         }
+        if let Some(read) = self.reads.get(&id) {
+            return Ok(read.current.clone());
+        }
         let stored = self.readers.get(&self.plugin, collection, key).map_err(unavailable)?;
-        self.reads.entry(id).or_insert(stored.as_ref().map_or(0, |s| s.rev));
-        Ok(match stored {
-            Some(s) => Current { body: s.body, version: s.version },
-            None => Current { body: None, version: None },
-        })
+        let read = match stored {
+            Some(s) => Read { rev: s.rev, current: Current { body: s.body, version: s.version } },
+            None => Read { rev: 0, current: Current { body: None, version: None } },
+        };
+        let current = read.current.clone();
+        self.reads.insert(id, read);
+        Ok(current)
     }
 
     pub fn get(&mut self, collection: &str, key: &str) -> Result<Option<Entry>, StoreError> {
@@ -346,6 +365,25 @@ mod tests {
         second.put("c", "counter", r#"{"n":1}"#.into(), None).unwrap();
         assert_eq!(f.commit("e1", first).await, Outcome::Committed);
         assert_eq!(f.commit("e2", second).await, Outcome::Conflict);
+    }
+
+    #[tokio::test]
+    async fn a_document_is_read_once_per_invocation_and_a_change_since_conflicts() {
+        let f = fixture().await;
+        let mut s = f.session();
+        assert!(s.get("c", "k").unwrap().is_none());
+
+        let mut other = f.session();
+        other.put("c", "k", r#"{"by":"other"}"#.into(), Some(5)).unwrap();
+        assert_eq!(f.commit("e1", other).await, Outcome::Committed);
+
+        assert!(s.get("c", "k").unwrap().is_none(), "the second look sees what the first read saw");
+        assert!(s.put("c", "k", r#"{"by":"s"}"#.into(), Some(1)).unwrap(), "nor the other's newer version");
+        assert_eq!(f.commit("e2", s).await, Outcome::Conflict, "the re-run will see the other's write");
+
+        let mut rerun = f.session();
+        assert_eq!(rerun.get("c", "k").unwrap().unwrap().version, Some(5));
+        assert!(!rerun.put("c", "k", r#"{"by":"s"}"#.into(), Some(1)).unwrap());
     }
 
     #[tokio::test]
