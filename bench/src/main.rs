@@ -1,7 +1,7 @@
 //! `switchyard-bench`: each scenario runs a baseline and switchyard on the same broker, the same
-//! messages and the same prefetch, interleaved over several rounds, and prints the median and
-//! the spread of each, with their ratio. Absolute figures drift on a shared machine; the
-//! ratio measured side by side is the figure to compare.
+//! messages and the same prefetch, interleaved over several rounds (each first in every other
+//! round), and prints the median and the spread of each, with their ratio. Absolute figures
+//! drift on a shared machine; the ratio measured side by side is the figure to compare.
 //!
 //! Full run (the figures in BENCHMARKS.md):
 //!   cargo run --release -p switchyard-bench
@@ -38,7 +38,7 @@ pub struct Args {
     /// Events per drain round.
     #[arg(long, default_value_t = 200_000)]
     events: usize,
-    /// Rounds per scenario (interleaved baseline / switchyard).
+    /// Rounds per scenario (baseline and switchyard, each first in every other round).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Consumer prefetch, the same for the baseline and switchyard.
@@ -122,10 +122,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let (mut bare, mut routed) = (Samples::default(), Samples::default());
     if runs("drain") {
-        for _ in 0..args.rounds {
-            bare.0.push(broker::drain_bare(&args, &noop_body).await?);
+        for round in 0..args.rounds {
             let noop = Entry { name: "noop", file: "noop.wasm", extra: "" };
-            routed.0.push(drain(&args, noop, &["bench.#"], &noop_body).await?);
+            let switchyard = drain(&args, noop, &["bench.#"], &noop_body);
+            let (b, r) = in_turn(round, broker::drain_bare(&args, &noop_body), switchyard).await?;
+            bare.0.push(b);
+            routed.0.push(r);
         }
         row_paired("drain, no-op plugin (events/s)", &bare, &routed);
     }
@@ -206,13 +208,31 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One round of a paired scenario: the baseline runs first in even rounds and switchyard
+/// first in odd ones, so that neither always finds the broker as the other left it.
+async fn in_turn<B, R>(
+    round: usize,
+    baseline: impl Future<Output = anyhow::Result<B>>,
+    switchyard: impl Future<Output = anyhow::Result<R>>,
+) -> anyhow::Result<(B, R)> {
+    if round % 2 == 0 {
+        let b = baseline.await?;
+        Ok((b, switchyard.await?))
+    } else {
+        let r = switchyard.await?;
+        Ok((baseline.await?, r))
+    }
+}
+
 /// The replica flow over Redis Streams, next to a bare consumer-group reader.
 async fn streams(args: &Args) -> anyhow::Result<()> {
     let (mut bare, mut replica) = (Samples::default(), Samples::default());
-    for _ in 0..args.rounds {
-        bare.0.push(redis_load::streams_bare(args, args.events, &user_updated).await?);
+    for round in 0..args.rounds {
+        let baseline = redis_load::streams_bare(args, args.events, &user_updated);
         let routed = redis_load::streams_routed(args, "user-replica", "user_replica.wasm", args.events, &user_updated);
-        replica.0.push(routed.await?);
+        let (b, r) = in_turn(round, baseline, routed).await?;
+        bare.0.push(b);
+        replica.0.push(r);
     }
     row_paired("replica flow over Redis Streams (events/s; baseline: bare XREADGROUP + XACK)", &bare, &replica);
     Ok(())
@@ -222,9 +242,9 @@ async fn streams(args: &Args) -> anyhow::Result<()> {
 async fn pubsub(args: &Args) -> anyhow::Result<()> {
     let (mut bare, mut routed) = (Samples::default(), Samples::default());
     let (mut bare_share, mut routed_share) = (1.0f64, 1.0f64);
-    for _ in 0..args.rounds {
-        let b = redis_load::pubsub_bare(args, args.events, &noop_body).await?;
-        let r = redis_load::pubsub_routed(args, args.events, &noop_body).await?;
+    for round in 0..args.rounds {
+        let baseline = redis_load::pubsub_bare(args, args.events, &noop_body);
+        let (b, r) = in_turn(round, baseline, redis_load::pubsub_routed(args, args.events, &noop_body)).await?;
         bare_share = bare_share.min(b.delivered as f64 / args.events as f64);
         routed_share = routed_share.min(r.delivered as f64 / args.events as f64);
         bare.0.push(b.rate);
