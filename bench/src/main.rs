@@ -215,7 +215,7 @@ async fn in_turn<B, R>(
     baseline: impl Future<Output = anyhow::Result<B>>,
     switchyard: impl Future<Output = anyhow::Result<R>>,
 ) -> anyhow::Result<(B, R)> {
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         let b = baseline.await?;
         Ok((b, switchyard.await?))
     } else {
