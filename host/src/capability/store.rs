@@ -7,6 +7,7 @@
 //! database once per invocation: later looks see what that read saw (or the session's own
 //! writes), which the revision check makes safe.
 
+use std::collections::hash_map::Entry as Slot;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -48,13 +49,14 @@ pub struct Session {
 struct Read {
     /// Its revision then (0: absent).
     rev: i64,
-    current: Current,
+    body: Option<String>,
+    version: Option<u64>,
 }
 
 /// What a key currently holds, in this session's view.
-#[derive(Debug, Clone, PartialEq)]
-struct Current {
-    body: Option<String>,
+#[derive(Clone, Copy)]
+struct Current<'a> {
+    body: Option<&'a str>,
     version: Option<u64>,
 }
 
@@ -73,32 +75,36 @@ impl Session {
         (reads, self.writes)
     }
 
-    fn current(&mut self, collection: &str, key: &str) -> Result<Current, StoreError> {
+    fn current(&mut self, collection: &str, key: &str) -> Result<Current<'_>, StoreError> {
         let id = (collection.to_string(), key.to_string());
         if let Some(p) = self.pending.get(&id) {
             return Ok(match p {
-                Pending::Doc { body, version } => Current { body: Some(body.clone()), version: *version },
+                Pending::Doc { body, version } => Current { body: Some(body), version: *version },
                 Pending::Tombstone { version } => Current { body: None, version: Some(*version) },
                 Pending::Absent => Current { body: None, version: None },
             });
         }
-        if let Some(read) = self.reads.get(&id) {
-            return Ok(read.current.clone());
-        }
-        let stored = self.readers.get(&self.plugin, collection, key).map_err(unavailable)?;
-        let read = match stored {
-            Some(s) => Read { rev: s.rev, current: Current { body: s.body, version: s.version } },
-            None => Read { rev: 0, current: Current { body: None, version: None } },
+        let read = match self.reads.entry(id) {
+            Slot::Occupied(seen) => seen.into_mut(),
+            Slot::Vacant(unseen) => {
+                let stored = self.readers.get(&self.plugin, collection, key).map_err(unavailable)?;
+                unseen.insert(match stored {
+                    Some(s) => Read { rev: s.rev, body: s.body, version: s.version },
+                    None => Read { rev: 0, body: None, version: None },
+                })
+            }
         };
-        let current = read.current.clone();
-        self.reads.insert(id, read);
-        Ok(current)
+        Ok(Current { body: read.body.as_deref(), version: read.version })
     }
 
     pub fn get(&mut self, collection: &str, key: &str) -> Result<Option<Entry>, StoreError> {
         check_names(collection, key)?;
         let current = self.current(collection, key)?;
-        Ok(current.body.map(|document| Entry { key: key.to_string(), document, version: current.version }))
+        Ok(current.body.map(|document| Entry {
+            key: key.to_string(),
+            document: document.to_string(),
+            version: current.version,
+        }))
     }
 
     pub fn put(
@@ -128,9 +134,10 @@ impl Session {
 
     pub fn delete(&mut self, collection: &str, key: &str, if_newer: Option<u64>) -> Result<bool, StoreError> {
         check_names(collection, key)?;
-        let current = self.current(collection, key)?;
+        let Current { body, version } = self.current(collection, key)?;
+        let existed = body.is_some();
         if let Some(v) = if_newer
-            && current.version.is_some_and(|stored| stored > v)
+            && version.is_some_and(|stored| stored > v)
         {
             return Ok(false);
         }
@@ -140,7 +147,7 @@ impl Session {
         };
         self.pending.insert((collection.into(), key.into()), pending);
         self.writes.push(Write::Delete { collection: collection.into(), key: key.into(), version: if_newer });
-        Ok(current.body.is_some())
+        Ok(existed)
     }
 
     /// Documents matching `filter` after `cursor`, merging pending writes over committed rows.
