@@ -198,9 +198,19 @@ async fn pubsub_reconnects_resubscribes_and_counts_the_gap() {
 }
 
 fn gap_count(metrics: &str) -> u64 {
+    counter(metrics, "switchyard_pubsub_gaps_total", "")
+}
+
+/// How often the consumer of `stream` restarted (0 before its first restart).
+fn stream_restarts(metrics: &str, stream: &str) -> u64 {
+    counter(metrics, "switchyard_stream_restarts_total{", &format!("stream=\"{stream}\""))
+}
+
+/// The value of the first sample of `name` whose line contains `label`.
+fn counter(metrics: &str, name: &str, label: &str) -> u64 {
     metrics
         .lines()
-        .find(|l| l.starts_with("switchyard_pubsub_gaps_total"))
+        .find(|l| l.starts_with(name) && l.contains(label))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse::<f64>().ok())
         .map(|v| v as u64)
@@ -349,4 +359,33 @@ async fn a_redis_outage_mid_stream_reports_not_ready_and_loses_nothing() {
     }
     assert!(acked, "every entry acknowledged after the outage");
     assert_eq!(tally(), events, "every entry applied once across the outage");
+    assert!(stream_restarts(&metrics_text(&t).await, &stream) >= 1, "the outage restarted the stream consumer");
+}
+
+#[tokio::test]
+async fn an_idle_stream_consumer_keeps_its_connection() {
+    let stream = unique("idle");
+    let _keys = Keys(vec![stream.clone()]);
+    let text = header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\n"))
+        + &plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n");
+    let t = TestRouter::start(&text).await;
+    connected(&t).await;
+    let conn = redis().await;
+    let add = |id: &'static str| {
+        let body = json!({ "pattern": "chaos.ok", "data": {} }).to_string();
+        let stream = stream.clone();
+        let mut conn = conn.clone();
+        async move {
+            let _: String = conn.xadd(&stream, "*", &[("event", body.as_str()), ("id", id)]).await.unwrap();
+        }
+    };
+    add("before").await;
+    eventually("the first entry", SETTLE, || t.doc("misbehave", "seen", "before")).await;
+    // Three blocking reads' worth of an empty stream: each read waits BLOCK_MS (1 s) and ends
+    // empty, which is no reason to reconnect.
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    assert_eq!(stream_restarts(&metrics_text(&t).await, &stream), 0, "idle reads restarted the consumer");
+    add("after").await;
+    eventually("an entry after the idle time", SETTLE, || t.doc("misbehave", "seen", "after")).await;
+    assert_eq!(stream_restarts(&metrics_text(&t).await, &stream), 0);
 }

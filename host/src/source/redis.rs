@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
+use redis::{AsyncCommands, AsyncConnectionConfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +30,10 @@ use crate::source::{Ack, Backoff, InFlight, Received, StreamAcks};
 
 /// How long one `XREADGROUP` waits for entries.
 const BLOCK_MS: usize = 1000;
+/// How long the reading connection waits for a reply: a blocking read's wait plus a margin.
+/// (The client's default, 500 ms, is shorter than the wait: every idle read would time out
+/// and restart the consumer.)
+const READ_REPLY_TIMEOUT: Duration = Duration::from_millis(BLOCK_MS as u64 + 5000);
 /// Stream entry field holding the envelope.
 pub const EVENT_FIELD: &str = "event";
 /// Stream entry field naming the event (optional).
@@ -398,6 +402,8 @@ impl StreamConsumer {
             if started.elapsed() >= Duration::from_secs(30) {
                 backoff.reset();
             }
+            metrics::counter!("switchyard_stream_restarts_total", "stream" => self.stream.clone(), "group" => self.group.clone())
+                .increment(1);
             tracing::warn!(stream = %self.stream, group = %self.group, error = %e, retry_in = ?backoff.delay(), "Redis stream consumer restarts");
             if !backoff.wait(&shutdown).await {
                 return;
@@ -407,7 +413,8 @@ impl StreamConsumer {
 
     async fn session(&self) -> redis::RedisResult<std::convert::Infallible> {
         // Blocking reads get a connection of their own, so acks never wait behind them.
-        let mut reads = self.client.get_multiplexed_async_connection().await?;
+        let read_config = AsyncConnectionConfig::new().set_response_timeout(Some(READ_REPLY_TIMEOUT));
+        let mut reads = self.client.get_multiplexed_async_connection_with_config(&read_config).await?;
         let conn = self.client.get_multiplexed_async_connection().await?;
         let acks = Arc::new(StreamAcks::new(conn.clone(), self.stream.clone(), self.group.clone()));
         let created: redis::RedisResult<()> = reads.xgroup_create_mkstream(&self.stream, &self.group, "0").await;
