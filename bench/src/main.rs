@@ -84,6 +84,12 @@ impl Samples {
         let (min, max) = self.range();
         format!("{min:.decimals$}–{max:.decimals$}")
     }
+
+    /// The table cell: median and spread, or a dash when the scenario did not run (a
+    /// baseline left out by `--only`).
+    fn cell(&self) -> String {
+        if self.0.is_empty() { "–".into() } else { format!("{:.0} ({})", self.median(), self.spread(0)) }
+    }
 }
 
 fn repo() -> PathBuf {
@@ -267,19 +273,16 @@ fn row_paired(name: &str, baseline: &Samples, switchyard: &Samples) {
     print_row(name, baseline, switchyard, &format!("{:.2} ({})", ratios.median(), ratios.spread(2)));
 }
 
-/// A row whose switchyard rounds have no baseline rounds of their own: the ratio of medians.
+/// A row whose switchyard rounds have no baseline rounds of their own: the ratio of medians
+/// (none when the baseline's scenario did not run).
 fn row(name: &str, baseline: &Samples, switchyard: &Samples) {
-    print_row(name, baseline, switchyard, &format!("{:.2}", switchyard.median() / baseline.median()));
+    let ratio =
+        if baseline.0.is_empty() { "–".into() } else { format!("{:.2}", switchyard.median() / baseline.median()) };
+    print_row(name, baseline, switchyard, &ratio);
 }
 
 fn print_row(name: &str, baseline: &Samples, switchyard: &Samples, ratio: &str) {
-    println!(
-        "| {name} | {:.0} ({}) | {:.0} ({}) | {ratio} |",
-        baseline.median(),
-        baseline.spread(0),
-        switchyard.median(),
-        switchyard.spread(0),
-    );
+    println!("| {name} | {} | {} | {ratio} |", baseline.cell(), switchyard.cell());
 }
 
 /// A small JSON event named `name`, about 210 bytes like the measured baseline.
