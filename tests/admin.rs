@@ -183,7 +183,7 @@ async fn bad_uploads_are_refused_with_the_reason_and_the_old_version_keeps_runni
             && message.contains("fixture:overreach/escape"),
         "an import the host does not grant is named: {body}"
     );
-    for query in ["subscriptions=a..b", "concurrency=0", "multiplier=0.5", "colour=blue"] {
+    for query in ["subscriptions=a..b", "concurrency=0", "prefetch=0", "multiplier=0.5", "colour=blue"] {
         let (status, body) = put(&t, &format!("/v1/plugins/stamp?{query}"), wasm("stamp_v2.wasm")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
     }
@@ -402,33 +402,38 @@ async fn over_rabbitmq_an_added_plugin_misses_nothing_and_pause_and_delete_keep_
     let url = switchyard_tests::amqp_url();
     let depth = || switchyard::router::queue_depth(&url, &queue);
     let toml = format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n{}", rabbit.section(false))
-        + &plugin_table("user-replica", "user_replica.wasm", "");
+        + &plugin_table("user-replica", "user_replica.wasm", "prefetch = 24\n");
     let t = TestRouter::start(&toml).await;
     eventually("RabbitMQ", Duration::from_secs(30), || t.router.is_connected().then_some(())).await;
+    let (_, view) = call(&t, "GET", "/v1/plugins/user-replica", Some(TOKEN), "").await;
+    assert_eq!(view["prefetch"], 24, "router.toml's prefetch of a plugin: {view}");
     let docs =
         |phase: &str, n: usize| (0..n).filter(|i| t.doc("stamp", "stamped", &format!("{phase}-{i}")).is_some()).count();
 
     // Added while running: its queue is bound before the reply, so what is published next reaches it.
-    let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=4", wasm("stamp_v1.wasm")).await;
+    // With a prefetch of its own, smaller than the router-wide 64.
+    let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=4&prefetch=40", wasm("stamp_v1.wasm")).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, view) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(view["prefetch"], 40, "{view}");
     rabbit.publish_many(stamp_batch("a", 200)).await;
     let stamp = t.router.plugins.get("stamp").unwrap();
     let succeeded = || stamp.slot().counters.snapshot().succeeded;
     eventually("the added plugin to handle its events", Duration::from_secs(60), || (succeeded() == 200).then_some(()))
         .await;
 
-    // Paused: the consumer holds one prefetch (64) in its lanes and the queue keeps the rest.
+    // Paused: the consumer holds one prefetch (its 40) in its lanes and the queue keeps the rest.
     call(&t, "POST", "/v1/plugins/stamp/pause", Some(TOKEN), "").await;
     rabbit.publish_many(stamp_batch("b", 1000)).await;
     let mut ready = None;
     for _ in 0..200 {
         ready = depth().await;
-        if ready == Some(1000 - 64) {
+        if ready == Some(1000 - 40) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(ready, Some(1000 - 64), "a paused plugin's queue keeps filling");
+    assert_eq!(ready, Some(1000 - 40), "a paused plugin's queue keeps filling");
     assert_eq!(stamp.slot().counters.snapshot().consumed, 200, "a paused plugin starts no event");
     call(&t, "POST", "/v1/plugins/stamp/resume", Some(TOKEN), "").await;
     eventually("the held events after resume", Duration::from_secs(60), || (succeeded() == 1200).then_some(())).await;

@@ -44,6 +44,10 @@ pub struct Args {
     /// Consumer prefetch, the same for the baseline and switchyard.
     #[arg(long, default_value_t = 500)]
     prefetch: u16,
+    /// The replica plugin's own prefetch (`[[plugin]] prefetch`) in the replica flow's second
+    /// row; the first runs at `--prefetch`.
+    #[arg(long, default_value_t = 2000)]
+    replica_prefetch: u16,
     /// Lanes per plugin (`concurrency`): events handled at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
@@ -139,12 +143,18 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("replica") {
         memory::reset_peak();
-        let mut replica = Samples::default();
-        for _ in 0..args.rounds {
-            let entry = Entry { name: "user-replica", file: "user_replica.wasm", extra: "" };
-            replica.0.push(drain(&args, entry, &["user.updated"], &user_updated).await?);
+        let own = format!("prefetch = {}\n", args.replica_prefetch);
+        for (extra, name) in [
+            ("", "replica flow, 10,000 users (events/s)".to_string()),
+            (own.as_str(), format!("replica flow, the plugin's own prefetch {} (events/s)", args.replica_prefetch)),
+        ] {
+            let mut replica = Samples::default();
+            for _ in 0..args.rounds {
+                let entry = Entry { name: "user-replica", file: "user_replica.wasm", extra };
+                replica.0.push(drain(&args, entry, &["user.updated"], &user_updated).await?);
+            }
+            row(&name, &bare, &replica);
         }
-        row("replica flow, 10,000 users (events/s)", &bare, &replica);
         let peak = memory::mib("VmHWM").unwrap_or(f64::NAN);
         println!("| peak RSS of the harness process during the replica flow (MiB) | – | {peak:.0} | – |");
     }

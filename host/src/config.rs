@@ -361,6 +361,9 @@ pub struct PluginConfig {
     /// ordering key always go to the same lane, so they are handled in order.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Unacknowledged messages of this plugin's RabbitMQ consumer; default:
+    /// `rabbitmq.prefetch`. Like `concurrency`, it applies when the consumer starts.
+    pub prefetch: Option<u16>,
     /// `reuse` (default) or `fresh`.
     #[serde(default)]
     pub instances: InstancePolicy,
@@ -748,6 +751,9 @@ impl Config {
             if p.concurrency == 0 || p.concurrency > 1024 {
                 problems.push(format!("{at}.concurrency: must be between 1 and 1024"));
             }
+            if p.prefetch == Some(0) {
+                problems.push(format!("{at}.prefetch: must be at least 1"));
+            }
             if p.recycle_after == 0 {
                 problems.push(format!("{at}.recycle_after: must be at least 1"));
             }
@@ -872,7 +878,7 @@ mod tests {
     #[test]
     fn all_cross_field_problems_are_reported_at_once() {
         let text = "[rabbitmq]\nurl = \"http://x\"\nprefetch = 0\n\
-            [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\nconcurrency = 0\n[plugin.config]\nkey = { env = \"NOPE\" }\n\
+            [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\nconcurrency = 0\nprefetch = 0\n[plugin.config]\nkey = { env = \"NOPE\" }\n\
             [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\n";
         let e = error(text);
         for expected in [
@@ -880,6 +886,7 @@ mod tests {
             "rabbitmq.prefetch: must be at least 1",
             "plugin[0] (a).path: no file at /etc/switchyard/missing.wasm",
             "plugin[0] (a).concurrency",
+            "plugin[0] (a).prefetch: must be at least 1",
             "plugin[0] (a).config.key: environment variable NOPE is not set",
             "plugin[1] (a).name: another plugin has the same name",
         ] {

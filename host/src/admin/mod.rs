@@ -231,6 +231,8 @@ pub struct PluginView {
     pub subscriptions: Vec<String>,
     pub ordering_key: Vec<String>,
     pub concurrency: usize,
+    /// The RabbitMQ consumer's prefetch, when the plugin sets its own.
+    pub prefetch: Option<u16>,
     pub instances: String,
     pub memory_mb: u64,
     pub timeout_ms: u64,
@@ -254,6 +256,7 @@ fn view(dispatch: &Dispatch) -> PluginView {
         subscriptions: s.subscriptions.0.iter().map(|p| p.as_str().to_string()).collect(),
         ordering_key: s.ordering_key.clone(),
         concurrency: s.concurrency,
+        prefetch: s.prefetch,
         instances: format!("{:?}", s.instances).to_lowercase(),
         memory_mb: s.limits.memory_mb,
         timeout_ms: s.limits.timeout_ms,

@@ -33,6 +33,8 @@ pub struct UploadSettings {
     pub ordering_key: Option<Vec<String>>,
     /// Lanes: events handled at once.
     pub concurrency: Option<usize>,
+    /// Unacknowledged messages of the plugin's RabbitMQ consumer.
+    pub prefetch: Option<u16>,
     pub memory_mb: Option<u64>,
     pub timeout_ms: Option<u64>,
     pub instances: Option<InstancePolicy>,
@@ -153,6 +155,10 @@ impl UploadSettings {
             return Err(AdminError::BadRequest("concurrency must be at least 1".into()));
         }
         base.concurrency = self.concurrency.unwrap_or(base.concurrency);
+        if self.prefetch == Some(0) {
+            return Err(AdminError::BadRequest("prefetch must be at least 1".into()));
+        }
+        base.prefetch = self.prefetch.or(base.prefetch);
         base.limits.memory_mb = self.memory_mb.unwrap_or(base.limits.memory_mb);
         base.limits.timeout_ms = self.timeout_ms.unwrap_or(base.limits.timeout_ms);
         base.instances = self.instances.unwrap_or(base.instances);

@@ -58,6 +58,8 @@ pub struct Settings {
     pub subscriptions: Subscriptions,
     pub ordering_key: Vec<String>,
     pub concurrency: usize,
+    /// The RabbitMQ consumer's prefetch; `None`: the router-wide `rabbitmq.prefetch`.
+    pub prefetch: Option<u16>,
     pub instances: InstancePolicy,
     pub recycle_after: u64,
     pub limits: Limits,
@@ -78,6 +80,7 @@ pub struct Overrides {
     pub subscriptions: Option<Vec<Pattern>>,
     pub ordering_key: Option<Vec<String>>,
     pub concurrency: usize,
+    pub prefetch: Option<u16>,
     pub instances: InstancePolicy,
     pub recycle_after: u64,
     pub limits: Limits,
@@ -96,6 +99,7 @@ impl Overrides {
             subscriptions: None,
             ordering_key: None,
             concurrency: crate::config::default_concurrency(),
+            prefetch: None,
             instances: InstancePolicy::default(),
             recycle_after: crate::config::default_recycle_after(),
             limits: Limits::default(),
@@ -112,6 +116,7 @@ impl Overrides {
             subscriptions: config.subscriptions.clone(),
             ordering_key: config.ordering_key.clone(),
             concurrency: config.concurrency,
+            prefetch: config.prefetch,
             instances: config.instances,
             recycle_after: config.recycle_after,
             limits: config.limits,
@@ -131,6 +136,7 @@ impl Overrides {
             self.ordering_key = Some(key.clone());
         }
         self.concurrency = stored.concurrency.unwrap_or(self.concurrency);
+        self.prefetch = stored.prefetch.or(self.prefetch);
         self.instances = stored.instances;
         self.recycle_after = stored.recycle_after;
         self.limits = stored.limits;
@@ -153,6 +159,7 @@ impl Overrides {
             subscriptions: Some(settings.subscriptions.0.clone()),
             ordering_key: Some(settings.ordering_key.clone()),
             concurrency: settings.concurrency,
+            prefetch: settings.prefetch,
             instances: settings.instances,
             recycle_after: settings.recycle_after,
             limits: settings.limits,
@@ -171,6 +178,7 @@ impl Settings {
             subscriptions: Some(self.subscriptions.0.iter().map(|p| p.as_str().to_string()).collect()),
             ordering_key: Some(self.ordering_key.clone()),
             concurrency: Some(self.concurrency),
+            prefetch: self.prefetch,
             instances: self.instances,
             recycle_after: self.recycle_after,
             limits: self.limits,
@@ -304,6 +312,7 @@ impl Runtime {
             subscriptions: Subscriptions(overrides.subscriptions.unwrap_or(own_subscriptions)),
             ordering_key: overrides.ordering_key.unwrap_or(metadata.ordering_key),
             concurrency: overrides.concurrency,
+            prefetch: overrides.prefetch,
             instances: overrides.instances,
             recycle_after: overrides.recycle_after,
             limits: overrides.limits,

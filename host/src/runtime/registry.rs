@@ -18,6 +18,9 @@ pub struct StoredSettings {
     /// Absent in entries written before it was kept: the configured value stays.
     #[serde(default)]
     pub concurrency: Option<usize>,
+    /// Absent: the configured prefetch (or the router-wide one) stays.
+    #[serde(default)]
+    pub prefetch: Option<u16>,
     pub instances: InstancePolicy,
     pub recycle_after: u64,
     pub limits: Limits,
@@ -160,6 +163,7 @@ mod tests {
             subscriptions: Some(vec!["a.b".into()]),
             ordering_key: None,
             concurrency: Some(2),
+            prefetch: Some(32),
             instances: InstancePolicy::Reuse,
             recycle_after: 10,
             limits: Limits::default(),
@@ -191,7 +195,7 @@ mod tests {
     }
 
     #[test]
-    fn entries_written_before_concurrency_and_retry_were_kept_still_load() {
+    fn entries_written_before_concurrency_retry_and_prefetch_were_kept_still_load() {
         let dir = tempfile::tempdir().unwrap();
         let registry = Registry::new(dir.path());
         std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
@@ -199,6 +203,7 @@ mod tests {
         let old = r#"{"subscriptions":null,"ordering_key":null,"instances":"reuse","recycle_after":5,"limits":{"memory_mb":8,"timeout_ms":100}}"#;
         std::fs::write(dir.path().join("plugins/old.json"), old).unwrap();
         let loaded = registry.load("old", Which::Current).unwrap().unwrap();
-        assert_eq!((loaded.settings.concurrency, loaded.settings.retry, loaded.settings.config), (None, None, None));
+        let s = &loaded.settings;
+        assert_eq!((s.concurrency, s.retry, s.config.as_ref(), s.prefetch), (None, None, None, None));
     }
 }

@@ -178,6 +178,7 @@ impl RabbitMqSource {
     ) -> Result<(), SessionEnd> {
         for dispatch in consumers.follow(plugins) {
             let plugin = dispatch.slot().current();
+            let prefetch = plugin.settings.prefetch.unwrap_or(self.config.prefetch);
             let queue = Self::queue_name(&self.config, dispatch.name());
             let channel = conn.create_channel().await.map_err(SessionEnd::Connect)?;
             declare_queue(&channel, &queue).await?;
@@ -194,7 +195,7 @@ impl RabbitMqSource {
                     .map_err(|error| SessionEnd::Topology { what: format!("binding {queue} to {pattern}"), error })?;
             }
             channel
-                .basic_qos(self.config.prefetch, BasicQosOptions::default())
+                .basic_qos(prefetch, BasicQosOptions::default())
                 .await
                 .map_err(|error| SessionEnd::Topology { what: format!("prefetch of {queue}"), error })?;
             let stop = CancellationToken::new();
@@ -204,7 +205,7 @@ impl RabbitMqSource {
                 dispatch: dispatch.clone(),
                 writer: self.writer.clone(),
                 in_flight: self.in_flight.clone(),
-                prefetch: self.config.prefetch,
+                prefetch,
                 stop: stop.clone(),
             };
             tasks.spawn(consumer.run(channel));
