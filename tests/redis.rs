@@ -197,13 +197,19 @@ async fn pubsub_reconnects_resubscribes_and_counts_the_gap() {
     }
 }
 
+/// `XADD` a `chaos.ok` event with this id, which `misbehave` records in its `seen` collection.
+async fn add_ok(conn: &mut redis::aio::MultiplexedConnection, stream: &str, id: &str) {
+    let body = json!({ "pattern": "chaos.ok", "data": {} }).to_string();
+    let _: String = conn.xadd(stream, "*", &[("event", body.as_str()), ("id", id)]).await.unwrap();
+}
+
 fn gap_count(metrics: &str) -> u64 {
     counter(metrics, "switchyard_pubsub_gaps_total", "")
 }
 
 /// How often the consumer of `stream` restarted (0 before its first restart).
 fn stream_restarts(metrics: &str, stream: &str) -> u64 {
-    counter(metrics, "switchyard_stream_restarts_total{", &format!("stream=\"{stream}\""))
+    counter(metrics, "switchyard_stream_restarts_total", &format!("stream=\"{stream}\""))
 }
 
 /// The value of the first sample of `name` whose line contains `label`.
@@ -252,9 +258,7 @@ async fn routers_sharing_a_consumer_group_share_the_entries() {
     }
     let total = 400;
     for i in 0..total {
-        let body = json!({ "pattern": "chaos.ok", "data": {} }).to_string();
-        let id = format!("e{i}");
-        let _: String = conn.xadd(&stream, "*", &[("event", body.as_str()), ("id", id.as_str())]).await.unwrap();
+        add_ok(&mut conn, &stream, &format!("e{i}")).await;
     }
     let count = |t: &TestRouter| t.router.readers.scan("misbehave", "seen", "", 10_000).unwrap().len();
     eventually("every entry handled", SETTLE, || (count(&a) + count(&b) == total).then_some(())).await;
@@ -370,22 +374,14 @@ async fn an_idle_stream_consumer_keeps_its_connection() {
         + &plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n");
     let t = TestRouter::start(&text).await;
     connected(&t).await;
-    let conn = redis().await;
-    let add = |id: &'static str| {
-        let body = json!({ "pattern": "chaos.ok", "data": {} }).to_string();
-        let stream = stream.clone();
-        let mut conn = conn.clone();
-        async move {
-            let _: String = conn.xadd(&stream, "*", &[("event", body.as_str()), ("id", id)]).await.unwrap();
-        }
-    };
-    add("before").await;
+    let mut conn = redis().await;
+    add_ok(&mut conn, &stream, "before").await;
     eventually("the first entry", SETTLE, || t.doc("misbehave", "seen", "before")).await;
     // Three blocking reads' worth of an empty stream: each read waits BLOCK_MS (1 s) and ends
     // empty, which is no reason to reconnect.
     tokio::time::sleep(Duration::from_millis(3_200)).await;
     assert_eq!(stream_restarts(&metrics_text(&t).await, &stream), 0, "idle reads restarted the consumer");
-    add("after").await;
+    add_ok(&mut conn, &stream, "after").await;
     eventually("an entry after the idle time", SETTLE, || t.doc("misbehave", "seen", "after")).await;
     assert_eq!(stream_restarts(&metrics_text(&t).await, &stream), 0);
 }

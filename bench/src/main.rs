@@ -156,7 +156,7 @@ async fn main() -> anyhow::Result<()> {
             row(&name, &bare, &replica);
         }
         let peak = memory::mib("VmHWM").unwrap_or(f64::NAN);
-        println!("| peak RSS of the harness process during the replica flow (MiB) | – | {peak:.0} | – |");
+        println!("| peak RSS of the harness process during the replica flows (MiB) | – | {peak:.0} | – |");
     }
     if runs("streams") {
         streams(&args).await?;
