@@ -6,7 +6,7 @@
 //! It runs on its own thread; callers send [`Job`]s and await the outcome, and only then
 //! acknowledge the message to the broker.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
 
@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::StoreConfig;
-use crate::db::{self, DbError, ParkedRow};
+use crate::db::{self, DbError, Markers, ParkedRow, Readers};
 use crate::event::Millis;
 
 /// One document write of an invocation, in the order the plugin made it.
@@ -148,6 +148,8 @@ pub struct WriterGone;
 #[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
+    data_dir: PathBuf,
+    markers: Arc<Markers>,
     /// Signalled after every transaction that added outbox rows.
     pub outbox_ready: Arc<Notify>,
 }
@@ -166,13 +168,15 @@ impl Writer {
         let (jobs, rx) = mpsc::channel(config.batch_max * 4);
         let outbox_ready = Arc::new(Notify::new());
         let notify = outbox_ready.clone();
+        let markers = Arc::new(Markers::new(data_dir));
+        let committed = markers.clone();
         let batch_max = config.batch_max;
         let retention = std::time::Duration::from_secs(config.processed_retention_hours.saturating_mul(3600));
         thread::Builder::new()
             .name("switchyard-writer".into())
-            .spawn(move || run(conn, rx, batch_max, &notify))
+            .spawn(move || run(conn, rx, batch_max, &notify, &committed))
             .map_err(|e| DbError(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        let writer = Writer { jobs, outbox_ready };
+        let writer = Writer { jobs, data_dir: data_dir.to_owned(), markers, outbox_ready };
         // Expired markers are dropped in the background, from now on every PRUNE_EVERY.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let pruner = writer.clone();
@@ -191,6 +195,11 @@ impl Writer {
             });
         }
         Ok(writer)
+    }
+
+    /// Readers of this writer's database, whose processed-marker look-ups follow its commits.
+    pub fn readers(&self) -> Readers {
+        Readers::with_markers(&self.data_dir, self.markers.clone())
     }
 
     /// Commit an invocation's effects with its processed-marker.
@@ -292,7 +301,7 @@ enum Reply {
     Seqs(oneshot::Sender<Result<Vec<i64>, String>>, Result<Vec<i64>, String>),
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_max: usize, outbox_ready: &Notify) {
+fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_max: usize, outbox_ready: &Notify, markers: &Markers) {
     let mut batch = Vec::with_capacity(batch_max);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -304,7 +313,10 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_max: usize, outb
         }
         let mut outbox_added = false;
         let replies = match apply_batch(&mut conn, &mut batch, &mut outbox_added) {
-            Ok(replies) => replies,
+            Ok(replies) => {
+                markers.committed();
+                replies
+            }
             Err(e) => {
                 tracing::error!(error = %e, jobs = batch.len(), "store transaction failed; the batch is retried by its senders");
                 outbox_added = false;
@@ -566,12 +578,11 @@ fn insert_dead_letter(c: &Connection, letter: &DeadLetter, now: Millis) -> rusql
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::Readers;
 
     fn writer() -> (tempfile::TempDir, Writer, Readers) {
         let dir = tempfile::tempdir().unwrap();
         let w = Writer::start(dir.path(), &StoreConfig::default()).unwrap();
-        let r = Readers::new(dir.path());
+        let r = w.readers();
         (dir, w, r)
     }
 
@@ -642,6 +653,49 @@ mod tests {
         assert_eq!(w.prune(Millis(old + 1)).await.unwrap().unwrap(), expired as u64);
         assert!(!r.processed("p", &format!("old-{expired}")).unwrap(), "the last batch went too");
         assert!(r.processed("p", "new").unwrap(), "younger: kept");
+    }
+
+    #[tokio::test]
+    async fn a_marker_look_up_sees_every_commit_made_before_it() {
+        let (d, w, r) = writer();
+        let p: Arc<str> = "p".into();
+        assert!(!r.processed("p", "e1").unwrap(), "nothing committed yet");
+        // The look-up left its snapshot open; the commit must not be hidden by it.
+        w.commit(p.clone(), "e1".into(), Effects::default()).await.unwrap();
+        assert!(r.processed("p", "e1").unwrap(), "committed before the look-up");
+        assert!(!r.processed("p", "e2").unwrap());
+        let letter = DeadLetter {
+            plugin: "p".into(),
+            event_id: Some("e2".into()),
+            name: None,
+            reason: "test".into(),
+            attempts: 1,
+            first_failed_at: Millis::now(),
+            transport: "{}".into(),
+            body: Vec::new(),
+            mark_processed: true,
+        };
+        w.dead_letter(letter).await.unwrap().unwrap();
+        assert!(r.processed("p", "e2").unwrap(), "a dead letter's marker is seen too");
+        assert!(!Readers::new(d.path()).processed("q", "e1").unwrap(), "markers are per plugin");
+    }
+
+    #[tokio::test]
+    async fn a_marker_look_up_does_not_hold_back_checkpoints() {
+        let (d, w, r) = writer();
+        let p: Arc<str> = "p".into();
+        let body = format!(r#"{{"pad":"{}"}}"#, "x".repeat(64 * 1024));
+        w.commit(p.clone(), "first".into(), Effects::default()).await.unwrap();
+        assert!(r.processed("p", "first").unwrap());
+        // 300 commits of 64 KiB, about 19 MiB of WAL frames: a snapshot kept open over them
+        // would keep every checkpoint from reaching the end of the WAL, and so from starting
+        // it again from the beginning.
+        for i in 0..300 {
+            let effects = Effects { writes: vec![put(&format!("k{i}"), &body)], ..Default::default() };
+            assert_eq!(w.commit(p.clone(), format!("e{i}"), effects).await.unwrap(), Outcome::Committed);
+        }
+        let wal = std::fs::metadata(d.path().join(format!("{}-wal", db::FILE_NAME))).unwrap().len();
+        assert!(wal < 12 * 1024 * 1024, "the WAL grew to {wal} bytes");
     }
 
     #[tokio::test]

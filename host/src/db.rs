@@ -2,7 +2,8 @@
 //! the single writer in [`crate::commit`]; reads use a small pool of WAL readers.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
@@ -184,33 +185,123 @@ impl FieldValue {
     }
 }
 
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    c.busy_timeout(std::time::Duration::from_secs(5))?;
+    c.set_prepared_statement_cache_capacity(64);
+    c.pragma_update(None, "mmap_size", MMAP_SIZE)?;
+    Ok(c)
+}
+
+/// Looks up processed-markers, which every event needs before it runs, in a read transaction
+/// kept open until the writer commits again: a WAL read transaction takes file locks (`fcntl`
+/// system calls) to start and end, and a look-up inside one is a B-tree search. The writer,
+/// which shares it, counts its commits and ends the transaction after each, so that a look-up
+/// sees every commit made before it and an idle snapshot never holds back a checkpoint.
+pub struct Markers {
+    path: PathBuf,
+    /// Transactions the writer committed.
+    commits: AtomicU64,
+    reader: Mutex<Option<MarkerReader>>,
+}
+
+struct MarkerReader {
+    conn: Connection,
+    /// The writer's commit count when the open read transaction began; `None`: none is open.
+    open_at: Option<u64>,
+}
+
+impl MarkerReader {
+    fn end(&mut self) -> rusqlite::Result<()> {
+        if self.open_at.take().is_some() {
+            self.conn.prepare_cached("COMMIT")?.execute([])?;
+        }
+        Ok(())
+    }
+
+    fn processed(&mut self, commits: u64, plugin: &str, event_id: &str) -> rusqlite::Result<bool> {
+        if self.open_at != Some(commits) {
+            self.end()?;
+            self.conn.prepare_cached("BEGIN")?.execute([])?;
+            self.open_at = Some(commits);
+        }
+        processed_in(&self.conn, plugin, event_id)
+    }
+}
+
+impl Markers {
+    /// Markers of the database under `data_dir`, for the writer that opened it.
+    pub(crate) fn new(data_dir: &Path) -> Self {
+        Markers { path: path(data_dir), commits: AtomicU64::new(0), reader: Mutex::new(None) }
+    }
+
+    /// Whether `plugin` has committed the effects of `event_id`, as of the writer's last commit.
+    fn processed(&self, plugin: &str, event_id: &str) -> Result<bool, DbError> {
+        let mut guard = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
+        let reader = match guard.as_mut() {
+            Some(reader) => reader,
+            None => guard.insert(MarkerReader { conn: open_reader(&self.path)?, open_at: None }),
+        };
+        // Read before the transaction begins: its snapshot then holds at least these commits.
+        let commits = self.commits.load(Ordering::SeqCst);
+        let found = reader.processed(commits, plugin, event_id);
+        if found.is_err() {
+            // Closing the connection ends whatever transaction it was in; the next look-up
+            // opens another.
+            *guard = None;
+        }
+        Ok(found?)
+    }
+
+    /// The writer committed a transaction: later look-ups read a new snapshot. Called before
+    /// the transaction's outcome is reported, so that whoever learns of a commit finds its
+    /// marker.
+    pub(crate) fn committed(&self) {
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        // A look-up under way ends its own on its next call.
+        if let Ok(mut guard) = self.reader.try_lock()
+            && let Some(reader) = guard.as_mut()
+            && let Err(e) = reader.end()
+        {
+            tracing::warn!(error = %e, "ending the processed-marker snapshot failed; it is reopened");
+            *guard = None;
+        }
+    }
+}
+
+fn processed_in(c: &Connection, plugin: &str, event_id: &str) -> rusqlite::Result<bool> {
+    c.prepare_cached("SELECT 1 FROM processed WHERE plugin = ?1 AND event_id = ?2")?
+        .query_row(params![plugin, event_id], |_| Ok(()))
+        .optional()
+        .map(|r| r.is_some())
+}
+
 /// A pool of read-only connections (WAL readers never block the writer).
 #[derive(Clone)]
 pub struct Readers {
     path: PathBuf,
     idle: Arc<Mutex<Vec<Connection>>>,
+    /// The writer's marker look-ups, when the writer runs in this process.
+    markers: Option<Arc<Markers>>,
 }
 
 impl Readers {
-    /// Readers for the database under `data_dir`; it must exist (open the writer first).
+    /// Readers for the database under `data_dir`; it must exist (open the writer first). A
+    /// process that runs the writer takes its readers from [`crate::commit::Writer::readers`].
     pub fn new(data_dir: &Path) -> Self {
-        Readers { path: path(data_dir), idle: Arc::new(Mutex::new(Vec::new())) }
+        Readers { path: path(data_dir), idle: Arc::new(Mutex::new(Vec::new())), markers: None }
+    }
+
+    /// Readers that look up processed-markers through the writer's `markers`.
+    pub(crate) fn with_markers(data_dir: &Path, markers: Arc<Markers>) -> Self {
+        Readers { markers: Some(markers), ..Readers::new(data_dir) }
     }
 
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
         let pooled = self.idle.lock().map(|mut idle| idle.pop()).unwrap_or(None);
         let conn = match pooled {
             Some(c) => c,
-            None => {
-                let c = Connection::open_with_flags(
-                    &self.path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )?;
-                c.busy_timeout(std::time::Duration::from_secs(5))?;
-                c.set_prepared_statement_cache_capacity(64);
-                c.pragma_update(None, "mmap_size", MMAP_SIZE)?;
-                c
-            }
+            None => open_reader(&self.path)?,
         };
         let result = f(&conn);
         if let Ok(mut idle) = self.idle.lock()
@@ -272,12 +363,10 @@ impl Readers {
 
     /// Whether `plugin` has committed the effects of `event_id`.
     pub fn processed(&self, plugin: &str, event_id: &str) -> Result<bool, DbError> {
-        self.with(|c| {
-            c.prepare_cached("SELECT 1 FROM processed WHERE plugin = ?1 AND event_id = ?2")?
-                .query_row(params![plugin, event_id], |_| Ok(()))
-                .optional()
-                .map(|r| r.is_some())
-        })
+        match &self.markers {
+            Some(markers) => markers.processed(plugin, event_id),
+            None => self.with(|c| processed_in(c, plugin, event_id)),
+        }
     }
 
     /// Number of outbox rows not yet published.
@@ -496,4 +585,24 @@ pub struct ParkedRow {
     pub reason: String,
     pub transport: String,
     pub body: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_look_up_after_a_commit_whose_snapshot_it_could_not_end_reads_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = open_writer(dir.path(), Synchronous::Full).unwrap();
+        let markers = Markers::new(dir.path());
+        assert!(!markers.processed("p", "e").unwrap(), "the look-up leaves its snapshot open");
+        writer.execute("INSERT INTO processed (plugin, event_id, processed_at) VALUES ('p', 'e', 0)", []).unwrap();
+        {
+            // A look-up under way holds the reader: the writer cannot end its snapshot.
+            let _looking_up = markers.reader.lock().unwrap();
+            markers.committed();
+        }
+        assert!(markers.processed("p", "e").unwrap(), "committed before this look-up");
+    }
 }

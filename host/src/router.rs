@@ -49,7 +49,7 @@ impl Router {
         let data_dir = &config.router.data_dir;
         let writer = Writer::start(data_dir, &config.store)
             .with_context(|| format!("opening the store under {}", data_dir.display()))?;
-        let readers = Readers::new(data_dir);
+        let readers = writer.readers();
         let runtime = Arc::new(Runtime::new(readers.clone()).context("starting the WebAssembly runtime")?);
         let registry = Registry::new(data_dir);
         let in_flight = Arc::new(InFlight::default());
