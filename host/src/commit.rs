@@ -6,7 +6,7 @@
 //! It runs on its own thread; callers send [`Job`]s and await the outcome, and only then
 //! acknowledge the message to the broker.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 
@@ -148,7 +148,6 @@ pub struct WriterGone;
 #[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
-    data_dir: PathBuf,
     markers: Arc<Markers>,
     /// Signalled after every transaction that added outbox rows.
     pub outbox_ready: Arc<Notify>,
@@ -176,7 +175,7 @@ impl Writer {
             .name("switchyard-writer".into())
             .spawn(move || run(conn, rx, batch_max, &notify, &committed))
             .map_err(|e| DbError(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        let writer = Writer { jobs, data_dir: data_dir.to_owned(), markers, outbox_ready };
+        let writer = Writer { jobs, markers, outbox_ready };
         // Expired markers are dropped in the background, from now on every PRUNE_EVERY.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let pruner = writer.clone();
@@ -199,7 +198,7 @@ impl Writer {
 
     /// Readers of this writer's database, whose processed-marker look-ups follow its commits.
     pub fn readers(&self) -> Readers {
-        Readers::with_markers(&self.data_dir, self.markers.clone())
+        Readers::with_markers(self.markers.clone())
     }
 
     /// Commit an invocation's effects with its processed-marker.

@@ -1,5 +1,6 @@
 //! The embedded SQLite database: schema, connections and the read queries. Writes go through
-//! the single writer in [`crate::commit`]; reads use a small pool of WAL readers.
+//! the single writer in [`crate::commit`]; reads use a small pool of WAL readers, and the
+//! processed-marker look-ups a snapshot that the writer renews ([`Markers`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -293,8 +294,8 @@ impl Readers {
     }
 
     /// Readers that look up processed-markers through the writer's `markers`.
-    pub(crate) fn with_markers(data_dir: &Path, markers: Arc<Markers>) -> Self {
-        Readers { markers: Some(markers), ..Readers::new(data_dir) }
+    pub(crate) fn with_markers(markers: Arc<Markers>) -> Self {
+        Readers { path: markers.path.clone(), idle: Arc::default(), markers: Some(markers) }
     }
 
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
