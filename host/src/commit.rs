@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::StoreConfig;
-use crate::db::{self, DbError, Markers, ParkedRow, Readers};
+use crate::db::{self, DbError, ParkedRow, Readers, Snapshot};
 use crate::event::Millis;
 
 /// One document write of an invocation, in the order the plugin made it.
@@ -148,7 +148,7 @@ pub struct WriterGone;
 #[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
-    markers: Arc<Markers>,
+    snapshot: Arc<Snapshot>,
     /// Signalled after every transaction that added outbox rows.
     pub outbox_ready: Arc<Notify>,
 }
@@ -167,15 +167,15 @@ impl Writer {
         let (jobs, rx) = mpsc::channel(config.batch_max * 4);
         let outbox_ready = Arc::new(Notify::new());
         let notify = outbox_ready.clone();
-        let markers = Arc::new(Markers::new(data_dir));
-        let committed = markers.clone();
+        let snapshot = Arc::new(Snapshot::new(data_dir));
+        let committed = snapshot.clone();
         let batch_max = config.batch_max;
         let retention = std::time::Duration::from_secs(config.processed_retention_hours.saturating_mul(3600));
         thread::Builder::new()
             .name("switchyard-writer".into())
             .spawn(move || run(conn, rx, batch_max, &notify, &committed))
             .map_err(|e| DbError(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        let writer = Writer { jobs, markers, outbox_ready };
+        let writer = Writer { jobs, snapshot, outbox_ready };
         // Expired markers are dropped in the background, from now on every PRUNE_EVERY.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let pruner = writer.clone();
@@ -196,9 +196,10 @@ impl Writer {
         Ok(writer)
     }
 
-    /// Readers of this writer's database, whose processed-marker look-ups follow its commits.
+    /// Readers of this writer's database, whose processed-marker and document look-ups follow
+    /// its commits.
     pub fn readers(&self) -> Readers {
-        Readers::with_markers(self.markers.clone())
+        Readers::with_snapshot(self.snapshot.clone())
     }
 
     /// Commit an invocation's effects with its processed-marker.
@@ -300,7 +301,13 @@ enum Reply {
     Seqs(oneshot::Sender<Result<Vec<i64>, String>>, Result<Vec<i64>, String>),
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_max: usize, outbox_ready: &Notify, markers: &Markers) {
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Job>,
+    batch_max: usize,
+    outbox_ready: &Notify,
+    snapshot: &Snapshot,
+) {
     let mut batch = Vec::with_capacity(batch_max);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -313,7 +320,7 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_max: usize, outb
         let mut outbox_added = false;
         let replies = match apply_batch(&mut conn, &mut batch, &mut outbox_added) {
             Ok(replies) => {
-                markers.committed();
+                snapshot.committed();
                 replies
             }
             Err(e) => {
@@ -655,13 +662,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_marker_look_up_sees_every_commit_made_before_it() {
+    async fn a_snapshot_read_sees_every_commit_made_before_it() {
         let (d, w, r) = writer();
         let p: Arc<str> = "p".into();
         assert!(!r.processed("p", "e1").unwrap(), "nothing committed yet");
-        // The look-up left its snapshot open; the commit must not be hidden by it.
-        w.commit(p.clone(), "e1".into(), Effects::default()).await.unwrap();
+        assert_eq!(r.get("p", "c", "k").unwrap(), None);
+        // The reads left their snapshot open; the commit must not be hidden by it.
+        let effects = Effects { writes: vec![put("k", r#"{"n":1}"#)], ..Default::default() };
+        w.commit(p.clone(), "e1".into(), effects).await.unwrap();
         assert!(r.processed("p", "e1").unwrap(), "committed before the look-up");
+        let first = r.get("p", "c", "k").unwrap().expect("committed before the read");
+        assert_eq!(first.body.as_deref(), Some(r#"{"n":1}"#));
+        let effects = Effects { writes: vec![put("k", r#"{"n":2}"#)], ..Default::default() };
+        w.commit(p.clone(), "e3".into(), effects).await.unwrap();
+        let second = r.get("p", "c", "k").unwrap().expect("still there");
+        assert_eq!((second.body.as_deref(), second.rev), (Some(r#"{"n":2}"#), first.rev + 1));
         assert!(!r.processed("p", "e2").unwrap());
         let letter = DeadLetter {
             plugin: "p".into(),
@@ -680,7 +695,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_marker_look_up_does_not_hold_back_checkpoints() {
+    async fn the_read_snapshot_does_not_hold_back_checkpoints() {
         let (d, w, r) = writer();
         let p: Arc<str> = "p".into();
         let body = format!(r#"{{"pad":"{}"}}"#, "x".repeat(64 * 1024));

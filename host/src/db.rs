@@ -1,6 +1,6 @@
 //! The embedded SQLite database: schema, connections and the read queries. Writes go through
 //! the single writer in [`crate::commit`]; reads use a small pool of WAL readers, and the
-//! processed-marker look-ups a snapshot that the writer renews ([`Markers`]).
+//! processed-marker and document look-ups a snapshot that the writer renews ([`Snapshot`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -194,25 +194,27 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     Ok(c)
 }
 
-/// Looks up processed-markers, which every event needs before it runs, in a read transaction
-/// kept open until the writer commits again: a WAL read transaction takes file locks (`fcntl`
-/// system calls) to start and end, and a look-up inside one is a B-tree search. The writer,
-/// which shares it, counts its commits and ends the transaction after each, so that a look-up
-/// sees every commit made before it and an idle snapshot never holds back a checkpoint.
-pub struct Markers {
+/// Reads that every event makes (its processed-marker before it runs, the documents its plugin
+/// gets) in a read transaction kept open until the writer commits again: a WAL read
+/// transaction takes file locks (`fcntl` system calls) to start and end, and a read inside one
+/// is a B-tree search. The writer, which shares it, counts its commits and ends the
+/// transaction after each, so that a read sees every commit made before it and an idle
+/// snapshot never holds back a checkpoint. Scans and lookups, which read many rows, use the
+/// pool instead, so that they do not hold up the reads of other lanes.
+pub struct Snapshot {
     path: PathBuf,
     /// Transactions the writer committed.
     commits: AtomicU64,
-    reader: Mutex<Option<MarkerReader>>,
+    reader: Mutex<Option<SnapshotReader>>,
 }
 
-struct MarkerReader {
+struct SnapshotReader {
     conn: Connection,
     /// The writer's commit count when the open read transaction began; `None`: none is open.
     open_at: Option<u64>,
 }
 
-impl MarkerReader {
+impl SnapshotReader {
     fn end(&mut self) -> rusqlite::Result<()> {
         if self.open_at.take().is_some() {
             self.conn.prepare_cached("COMMIT")?.execute([])?;
@@ -220,51 +222,51 @@ impl MarkerReader {
         Ok(())
     }
 
-    fn processed(&mut self, commits: u64, plugin: &str, event_id: &str) -> rusqlite::Result<bool> {
+    fn read<T>(&mut self, commits: u64, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
         if self.open_at != Some(commits) {
             self.end()?;
             self.conn.prepare_cached("BEGIN")?.execute([])?;
             self.open_at = Some(commits);
         }
-        processed_in(&self.conn, plugin, event_id)
+        f(&self.conn)
     }
 }
 
-impl Markers {
-    /// Markers of the database under `data_dir`, for the writer that opened it.
+impl Snapshot {
+    /// The snapshot of the database under `data_dir`, for the writer that opened it.
     pub(crate) fn new(data_dir: &Path) -> Self {
-        Markers { path: path(data_dir), commits: AtomicU64::new(0), reader: Mutex::new(None) }
+        Snapshot { path: path(data_dir), commits: AtomicU64::new(0), reader: Mutex::new(None) }
     }
 
-    /// Whether `plugin` has committed the effects of `event_id`, as of the writer's last commit.
-    fn processed(&self, plugin: &str, event_id: &str) -> Result<bool, DbError> {
+    /// Runs `f` in a read transaction that holds at least every commit the writer had counted
+    /// when it was called.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
         let mut guard = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
         let reader = match guard.as_mut() {
             Some(reader) => reader,
-            None => guard.insert(MarkerReader { conn: open_reader(&self.path)?, open_at: None }),
+            None => guard.insert(SnapshotReader { conn: open_reader(&self.path)?, open_at: None }),
         };
         // Read before the transaction begins: its snapshot then holds at least these commits.
         let commits = self.commits.load(Ordering::SeqCst);
-        let found = reader.processed(commits, plugin, event_id);
-        if found.is_err() {
-            // Closing the connection ends whatever transaction it was in; the next look-up
-            // opens another.
+        let result = reader.read(commits, f);
+        if result.is_err() {
+            // Closing the connection ends whatever transaction it was in; the next read opens
+            // another.
             *guard = None;
         }
-        Ok(found?)
+        Ok(result?)
     }
 
-    /// The writer committed a transaction: later look-ups read a new snapshot. Called before
-    /// the transaction's outcome is reported, so that whoever learns of a commit finds its
-    /// marker.
+    /// The writer committed a transaction: later reads see a new snapshot. Called before the
+    /// transaction's outcome is reported, so that whoever learns of a commit reads its effects.
     pub(crate) fn committed(&self) {
         self.commits.fetch_add(1, Ordering::SeqCst);
-        // A look-up under way ends its own on its next call.
+        // A read under way ends its own on its next call.
         if let Ok(mut guard) = self.reader.try_lock()
             && let Some(reader) = guard.as_mut()
             && let Err(e) = reader.end()
         {
-            tracing::warn!(error = %e, "ending the processed-marker snapshot failed; it is reopened");
+            tracing::warn!(error = %e, "ending the read snapshot failed; it is reopened");
             *guard = None;
         }
     }
@@ -277,25 +279,34 @@ fn processed_in(c: &Connection, plugin: &str, event_id: &str) -> rusqlite::Resul
         .map(|r| r.is_some())
 }
 
+fn get_in(c: &Connection, plugin: &str, collection: &str, key: &str) -> rusqlite::Result<Option<Stored>> {
+    c.prepare_cached("SELECT body, version, rev FROM documents WHERE plugin = ?1 AND collection = ?2 AND key = ?3")?
+        .query_row(params![plugin, collection, key], |r| {
+            Ok(Stored { body: r.get(0)?, version: r.get::<_, Option<i64>>(1)?.map(|v| v as u64), rev: r.get(2)? })
+        })
+        .optional()
+}
+
 /// A pool of read-only connections (WAL readers never block the writer).
 #[derive(Clone)]
 pub struct Readers {
     path: PathBuf,
     idle: Arc<Mutex<Vec<Connection>>>,
-    /// The writer's marker look-ups, when the writer runs in this process.
-    markers: Option<Arc<Markers>>,
+    /// The writer's snapshot, when the writer runs in this process.
+    snapshot: Option<Arc<Snapshot>>,
 }
 
 impl Readers {
     /// Readers for the database under `data_dir`; it must exist (open the writer first). A
     /// process that runs the writer takes its readers from [`crate::commit::Writer::readers`].
     pub fn new(data_dir: &Path) -> Self {
-        Readers { path: path(data_dir), idle: Arc::new(Mutex::new(Vec::new())), markers: None }
+        Readers { path: path(data_dir), idle: Arc::new(Mutex::new(Vec::new())), snapshot: None }
     }
 
-    /// Readers that look up processed-markers through the writer's `markers`.
-    pub(crate) fn with_markers(markers: Arc<Markers>) -> Self {
-        Readers { path: markers.path.clone(), idle: Arc::default(), markers: Some(markers) }
+    /// Readers that read processed-markers and single documents through the writer's
+    /// `snapshot`.
+    pub(crate) fn with_snapshot(snapshot: Arc<Snapshot>) -> Self {
+        Readers { path: snapshot.path.clone(), idle: Arc::default(), snapshot: Some(snapshot) }
     }
 
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
@@ -315,15 +326,10 @@ impl Readers {
 
     /// The row under a key, tombstones included.
     pub fn get(&self, plugin: &str, collection: &str, key: &str) -> Result<Option<Stored>, DbError> {
-        self.with(|c| {
-            c.prepare_cached(
-                "SELECT body, version, rev FROM documents WHERE plugin = ?1 AND collection = ?2 AND key = ?3",
-            )?
-            .query_row(params![plugin, collection, key], |r| {
-                Ok(Stored { body: r.get(0)?, version: r.get::<_, Option<i64>>(1)?.map(|v| v as u64), rev: r.get(2)? })
-            })
-            .optional()
-        })
+        match &self.snapshot {
+            Some(snapshot) => snapshot.read(|c| get_in(c, plugin, collection, key)),
+            None => self.with(|c| get_in(c, plugin, collection, key)),
+        }
     }
 
     /// Live documents of a collection with key > `after`, by key, at most `limit`.
@@ -364,8 +370,8 @@ impl Readers {
 
     /// Whether `plugin` has committed the effects of `event_id`.
     pub fn processed(&self, plugin: &str, event_id: &str) -> Result<bool, DbError> {
-        match &self.markers {
-            Some(markers) => markers.processed(plugin, event_id),
+        match &self.snapshot {
+            Some(snapshot) => snapshot.read(|c| processed_in(c, plugin, event_id)),
             None => self.with(|c| processed_in(c, plugin, event_id)),
         }
     }
@@ -593,17 +599,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_look_up_after_a_commit_whose_snapshot_it_could_not_end_reads_a_new_one() {
+    fn a_read_after_a_commit_whose_snapshot_it_could_not_end_sees_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
         let writer = open_writer(dir.path(), Synchronous::Full).unwrap();
-        let markers = Markers::new(dir.path());
-        assert!(!markers.processed("p", "e").unwrap(), "the look-up leaves its snapshot open");
+        let snapshot = Snapshot::new(dir.path());
+        let processed = |event_id: &str| snapshot.read(|c| processed_in(c, "p", event_id)).unwrap();
+        assert!(!processed("e"), "the read leaves its snapshot open");
         writer.execute("INSERT INTO processed (plugin, event_id, processed_at) VALUES ('p', 'e', 0)", []).unwrap();
         {
-            // A look-up under way holds the reader: the writer cannot end its snapshot.
-            let _looking_up = markers.reader.lock().unwrap();
-            markers.committed();
+            // A read under way holds the reader: the writer cannot end its snapshot.
+            let _reading = snapshot.reader.lock().unwrap();
+            snapshot.committed();
         }
-        assert!(markers.processed("p", "e").unwrap(), "committed before this look-up");
+        assert!(processed("e"), "committed before this read");
     }
 }
