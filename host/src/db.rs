@@ -324,12 +324,17 @@ impl Readers {
         result.map_err(DbError)
     }
 
+    /// Runs `f` in the writer's snapshot if there is one, else on a pooled connection.
+    fn with_latest<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
+        match &self.snapshot {
+            Some(snapshot) => snapshot.read(f),
+            None => self.with(f),
+        }
+    }
+
     /// The row under a key, tombstones included.
     pub fn get(&self, plugin: &str, collection: &str, key: &str) -> Result<Option<Stored>, DbError> {
-        match &self.snapshot {
-            Some(snapshot) => snapshot.read(|c| get_in(c, plugin, collection, key)),
-            None => self.with(|c| get_in(c, plugin, collection, key)),
-        }
+        self.with_latest(|c| get_in(c, plugin, collection, key))
     }
 
     /// Live documents of a collection with key > `after`, by key, at most `limit`.
@@ -370,10 +375,7 @@ impl Readers {
 
     /// Whether `plugin` has committed the effects of `event_id`.
     pub fn processed(&self, plugin: &str, event_id: &str) -> Result<bool, DbError> {
-        match &self.snapshot {
-            Some(snapshot) => snapshot.read(|c| processed_in(c, plugin, event_id)),
-            None => self.with(|c| processed_in(c, plugin, event_id)),
-        }
+        self.with_latest(|c| processed_in(c, plugin, event_id))
     }
 
     /// Number of outbox rows not yet published.
