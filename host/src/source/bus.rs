@@ -8,11 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::commit::Writer;
-use crate::dispatch::{Inbound, dead_letter_undecodable};
+use crate::dispatch::dead_letter_undecodable;
 use crate::envelope::{self, Transport};
 use crate::event::{Event, Millis};
 use crate::plugins::PluginSet;
-use crate::source::{Ack, InFlight, Received};
+use crate::source::{Ack, InFlight, Received, hand_to_subscribers};
 
 /// Owner name of messages the bus could not decode.
 pub const BUS_OWNER: &str = "bus";
@@ -31,23 +31,12 @@ impl Bus {
 
     /// Hand an event to every plugin subscribed to its name; returns how many.
     pub async fn publish(&self, event: Event, received: Received) -> usize {
-        let members = self.plugins.snapshot();
-        let targets: Vec<_> =
-            members.plugins.iter().filter(|d| d.slot().current().settings.subscriptions.matches(&event.name)).collect();
-        if targets.is_empty() {
-            tracing::debug!(name = %event.name, "no plugin subscribes to this event");
+        let name = event.name.clone();
+        let handed = hand_to_subscribers(&self.plugins, event, received, &self.in_flight).await;
+        if handed == 0 {
+            tracing::debug!(%name, "no plugin subscribes to this event");
         }
-        for dispatch in &targets {
-            let inbound = Inbound {
-                event: event.clone(),
-                received: received.clone(),
-                ack: Ack::local(self.in_flight.clone()),
-                attempt: 1,
-                parked: None,
-            };
-            dispatch.submit(inbound).await;
-        }
-        targets.len()
+        handed
     }
 
     /// Decode and publish one message as a broker would have delivered it.

@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::dispatch::Inbound;
 use crate::envelope::{HeaderValue, Transport};
-use crate::event::Millis;
+use crate::event::{Event, Millis};
+use crate::plugins::PluginSet;
 use crate::retry::Parking;
 pub(crate) use amqp_acks::AckBatch;
 pub(crate) use stream_acks::StreamAcks;
@@ -93,6 +95,28 @@ impl Received {
         };
         Received { body, transport }
     }
+}
+
+/// Hand an event that no broker keeps (the in-process bus, Redis pub/sub) to every plugin
+/// subscribed to its name, each with an ack of its own; returns how many. The last plugin
+/// takes the event and message themselves, the others copies.
+pub(crate) async fn hand_to_subscribers(
+    plugins: &PluginSet,
+    event: Event,
+    received: Received,
+    in_flight: &Arc<InFlight>,
+) -> usize {
+    let members = plugins.snapshot();
+    let targets: Vec<_> =
+        members.plugins.iter().filter(|d| d.slot().current().settings.subscriptions.matches(&event.name)).collect();
+    let Some((last, others)) = targets.split_last() else { return 0 };
+    let inbound =
+        |event, received| Inbound { event, received, ack: Ack::local(in_flight.clone()), attempt: 1, parked: None };
+    for dispatch in others {
+        dispatch.submit(inbound(event.clone(), received.clone())).await;
+    }
+    last.submit(inbound(event, received)).await;
+    targets.len()
 }
 
 /// Exponential backoff between reconnection attempts: 200 ms doubling up to 30 s.

@@ -26,7 +26,7 @@ use crate::envelope::{self, HeaderValue, Transport};
 use crate::event::Millis;
 use crate::plugins::{Consumers, PluginSet};
 use crate::route::Pattern;
-use crate::source::{Ack, Backoff, InFlight, Received, StreamAcks};
+use crate::source::{Ack, Backoff, InFlight, Received, StreamAcks, hand_to_subscribers};
 
 /// How long one `XREADGROUP` waits for entries.
 const BLOCK_MS: usize = 1000;
@@ -338,20 +338,7 @@ impl PubSubConsumer {
         let received = Received { body: message.get_payload_bytes().to_vec(), transport };
         match envelope::decode(&received.body, &received.transport) {
             Ok(decoded) => {
-                for dispatch in self.plugins.snapshot().plugins.iter() {
-                    if dispatch.slot().current().settings.subscriptions.matches(&decoded.event.name) {
-                        let ack = Ack::local(self.in_flight.clone());
-                        dispatch
-                            .submit(Inbound {
-                                event: decoded.event.clone(),
-                                received: received.clone(),
-                                ack,
-                                attempt: 1,
-                                parked: None,
-                            })
-                            .await;
-                    }
-                }
+                hand_to_subscribers(&self.plugins, decoded.event, received, &self.in_flight).await;
             }
             Err(e) => {
                 let ack = Ack::local(self.in_flight.clone());
