@@ -4,6 +4,10 @@
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::Deserializer;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
 /// Milliseconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Millis(pub u64);
@@ -68,19 +72,73 @@ impl Event {
     /// The ordering key for a plugin: the first of `paths` (dotted, into the JSON payload)
     /// that holds a string or a number, else the key the envelope carried.
     pub fn ordering_key(&self, paths: &[String]) -> Option<String> {
-        if !paths.is_empty()
-            && let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&self.payload)
-        {
-            for path in paths {
-                let found = path.split('.').try_fold(&payload, |value, part| value.get(part));
-                match found {
-                    Some(serde_json::Value::String(s)) => return Some(s.clone()),
-                    Some(serde_json::Value::Number(n)) => return Some(n.to_string()),
-                    _ => {}
-                }
+        for path in paths {
+            let mut parts = path.split('.');
+            let Some(first) = parts.next().and_then(|part| member(&self.payload, part)) else { continue };
+            let found = parts.try_fold(first, |raw, part| member(raw.get().as_bytes(), part));
+            // Only the member found is parsed into a value, not the whole payload.
+            match found.map(|raw| serde_json::from_str(raw.get())) {
+                Some(Ok(serde_json::Value::String(s))) => return Some(s),
+                Some(Ok(serde_json::Value::Number(n))) => return Some(n.to_string()),
+                _ => {}
             }
         }
         self.key.clone()
+    }
+}
+
+/// Member `name` of the JSON object `json`, unparsed: the last one if the name repeats, as a
+/// parsed object would keep it. None if `json` is not a valid JSON object or has no such member.
+fn member<'a>(json: &'a [u8], name: &str) -> Option<&'a RawValue> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let found = de.deserialize_map(Member(name)).ok()?;
+    de.end().ok()?;
+    found
+}
+
+/// Finds one member of a JSON object while the others are skipped without being built.
+struct Member<'n>(&'n str);
+
+impl<'de> Visitor<'de> for Member<'_> {
+    type Value = Option<&'de RawValue>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(wanted) = map.next_key_seed(KeyIs(self.0))? {
+            if wanted {
+                found = Some(map.next_value()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Whether an object's key is the one wanted, compared without copying it.
+struct KeyIs<'n>(&'n str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<bool, E> {
+        Ok(key == self.0)
     }
 }
 
@@ -109,6 +167,23 @@ mod tests {
         assert_eq!(event(r#"{"user":{"user_id":"u1"}}"#).ordering_key(&paths).as_deref(), Some("u1"));
         assert_eq!(event(r#"{"user_id":"u2"}"#).ordering_key(&paths).as_deref(), Some("u2"));
         assert_eq!(event(r#"{"user_id":42}"#).ordering_key(&paths).as_deref(), Some("42"));
+        assert_eq!(event(r#"{"user_id":-1.5e3}"#).ordering_key(&paths).as_deref(), Some("-1500.0"));
+    }
+
+    #[test]
+    fn ordering_key_reads_the_payload_as_a_parsed_object_would() {
+        let paths = vec!["a.b".to_string()];
+        let key = |payload: &str| event(payload).ordering_key(&paths);
+        assert_eq!(key(r#"{"x":[1,{"b":0}],"a":{"b":"k"}}"#).as_deref(), Some("k"), "other members skipped");
+        assert_eq!(key(r#"{"a":{"b":"first"},"a":{"b":"last"}}"#).as_deref(), Some("last"), "repeated: the last");
+        assert_eq!(key(r#"{"\u0061":{"b":"escaped"}}"#).as_deref(), Some("escaped"), "escaped keys");
+        assert_eq!(key(r#"{"a":{"b":"s\"q"}}"#).as_deref(), Some("s\"q"), "escaped strings");
+        assert_eq!(key(r#"{"a":{"b":"k"}} trailing"#).as_deref(), Some("envelope-key"), "invalid JSON");
+        assert_eq!(key(r#"{"a":{"b":"k"},"c":[}"#).as_deref(), Some("envelope-key"), "invalid after it");
+        assert_eq!(key(r#"{"a":{"b":{"c":1}}}"#).as_deref(), Some("envelope-key"), "an object is no key");
+        assert_eq!(key(r#"{"a":{"b":null}}"#).as_deref(), Some("envelope-key"));
+        assert_eq!(key(r#"{"a":[{"b":"k"}]}"#).as_deref(), Some("envelope-key"), "arrays are not walked");
+        assert_eq!(key(r#"["a"]"#).as_deref(), Some("envelope-key"));
     }
 
     #[test]
