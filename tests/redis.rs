@@ -54,7 +54,8 @@ async fn nestjs_events_over_pubsub_reach_the_replica_and_published_events_come_b
     // NestJS's {pattern, data} has no room for ids over pub/sub (no headers): CloudEvents keeps them.
     let text = header(&format!("sink_format = \"cloudevents\"\n[redis.pubsub]\nchannel_prefix = \"{prefix}\"\n"))
         + &plugin_table("user-replica", "user_replica.wasm", "")
-        + &plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n");
+        + &plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n")
+        + &plugin_table("stamp", "stamp_v1.wasm", "subscriptions = [\"auth.tokenGenerated\"]\n");
     let t = TestRouter::start(&text).await;
     connected(&t).await;
     let mut conn = redis().await;
@@ -63,6 +64,11 @@ async fn nestjs_events_over_pubsub_reach_the_replica_and_published_events_come_b
     let _: () = conn.publish(format!("{prefix}auth.tokenGenerated"), login.to_string()).await.unwrap();
     let doc = eventually("the replica", SETTLE, || t.doc("user-replica", "user_refs", "r1")).await;
     assert_eq!((doc["name"].as_str(), doc["token"].as_str()), (Some("Rosa"), Some("tok")));
+    // Every plugin subscribed gets the message, as the same event: stamp keys its document by
+    // the event's id, here the content id of the id-less NestJS message.
+    let id = switchyard::envelope::content_id("auth.tokenGenerated", login.to_string().as_bytes());
+    let stamped = eventually("stamp's document", SETTLE, || t.doc("stamp", "stamped", &id.0)).await;
+    assert_eq!(stamped["name"], "auth.tokenGenerated");
 
     // The pub/sub sink publishes on <prefix><name>; the router hears its own event.
     let cause = json!({ "pattern": "chaos.publish", "data": {}, "id": "ps-1" });
