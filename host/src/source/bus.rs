@@ -31,12 +31,7 @@ impl Bus {
 
     /// Hand an event to every plugin subscribed to its name; returns how many.
     pub async fn publish(&self, event: Event, received: Received) -> usize {
-        let name = event.name.clone();
-        let handed = hand_to_subscribers(&self.plugins, event, received, &self.in_flight).await;
-        if handed == 0 {
-            tracing::debug!(%name, "no plugin subscribes to this event");
-        }
-        handed
+        hand_to_subscribers(&self.plugins, event, received, &self.in_flight).await
     }
 
     /// Decode and publish one message as a broker would have delivered it.

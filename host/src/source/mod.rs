@@ -109,7 +109,10 @@ pub(crate) async fn hand_to_subscribers(
     let members = plugins.snapshot();
     let targets: Vec<_> =
         members.plugins.iter().filter(|d| d.slot().current().settings.subscriptions.matches(&event.name)).collect();
-    let Some((last, others)) = targets.split_last() else { return 0 };
+    let Some((last, others)) = targets.split_last() else {
+        tracing::debug!(name = %event.name, "no plugin subscribes to this event");
+        return 0;
+    };
     let inbound =
         |event, received| Inbound { event, received, ack: Ack::local(in_flight.clone()), attempt: 1, parked: None };
     for dispatch in others {
