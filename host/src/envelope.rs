@@ -15,6 +15,7 @@
 
 use base64::Engine as _;
 use serde_json::value::RawValue;
+use std::borrow::{Borrow, Cow};
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -113,6 +114,27 @@ pub enum DecodeError {
     NoName,
 }
 
+/// A JSON object's members, their values unparsed. A repeated key keeps its last value.
+type Members<'a> = BTreeMap<Key<'a>, &'a RawValue>;
+
+/// A member's name: borrowed from the body unless it holds escapes, since every message
+/// of a JSON envelope is looked up by its members' names.
+#[derive(serde::Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(transparent)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl Key<'_> {
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for Key<'_> {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Which envelope a message used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Envelope {
@@ -148,7 +170,7 @@ fn decode_event(body: &[u8], transport: &Transport) -> Result<(Envelope, Event, 
         return decode_binary_cloudevent(ty, body, transport).map(|e| (Envelope::CloudEventsBinary, e, true));
     }
     let structured_ce = transport.content_type.as_deref().is_some_and(|ct| ct.starts_with(CLOUDEVENTS_JSON));
-    let members = match serde_json::from_str::<BTreeMap<String, &RawValue>>(text) {
+    let members = match serde_json::from_str::<Members>(text) {
         Ok(members) => Some(members),
         Err(_) => {
             // Not an object: either invalid JSON or a raw non-object payload.
@@ -185,15 +207,15 @@ pub fn content_id(name: &str, body: &[u8]) -> EventId {
     EventId(format!("sha256:{:032x}", u128::from_be_bytes(first)))
 }
 
-fn is_structured_cloudevent(m: &BTreeMap<String, &RawValue>) -> bool {
+fn is_structured_cloudevent(m: &Members) -> bool {
     ["specversion", "id", "type", "source"].iter().all(|k| m.contains_key(*k))
 }
 
-fn is_nestjs(m: &BTreeMap<String, &RawValue>) -> bool {
+fn is_nestjs(m: &Members) -> bool {
     m.contains_key("pattern") && m.keys().all(|k| matches!(k.as_str(), "pattern" | "data" | "id"))
 }
 
-fn string_member(m: &BTreeMap<String, &RawValue>, name: &'static str) -> Result<Option<String>, DecodeError> {
+fn string_member(m: &Members, name: &'static str) -> Result<Option<String>, DecodeError> {
     match m.get(name) {
         None => Ok(None),
         Some(raw) if raw.get() == "null" => Ok(None),
@@ -203,11 +225,11 @@ fn string_member(m: &BTreeMap<String, &RawValue>, name: &'static str) -> Result<
     }
 }
 
-fn required(m: &BTreeMap<String, &RawValue>, name: &'static str) -> Result<String, DecodeError> {
+fn required(m: &Members, name: &'static str) -> Result<String, DecodeError> {
     string_member(m, name)?.filter(|s| !s.is_empty()).ok_or(DecodeError::MissingAttribute(name))
 }
 
-fn decode_structured_cloudevent(m: &BTreeMap<String, &RawValue>, transport: &Transport) -> Result<Event, DecodeError> {
+fn decode_structured_cloudevent(m: &Members, transport: &Transport) -> Result<Event, DecodeError> {
     let spec = required(m, "specversion")?;
     if spec != "1.0" {
         return Err(DecodeError::SpecVersion(spec));
@@ -247,7 +269,7 @@ fn decode_structured_cloudevent(m: &BTreeMap<String, &RawValue>, transport: &Tra
                 serde_json::Value::String(s) => s,
                 other => other.to_string(),
             };
-            headers.push(Header::new(name.clone(), text));
+            headers.push(Header::new(name.0.to_string(), text));
         }
     }
     Ok(Event {
@@ -323,11 +345,7 @@ fn decode_binary_cloudevent(ty: &HeaderValue, body: &[u8], transport: &Transport
     })
 }
 
-fn decode_nestjs(
-    m: &BTreeMap<String, &RawValue>,
-    body: &[u8],
-    transport: &Transport,
-) -> Result<(Event, bool), DecodeError> {
+fn decode_nestjs(m: &Members, body: &[u8], transport: &Transport) -> Result<(Event, bool), DecodeError> {
     let pattern = m.get("pattern").map(|raw| raw.get()).unwrap_or("null");
     // Most patterns are strings: they are read as one before anything else is tried.
     let name = match serde_json::from_str::<String>(pattern) {
@@ -682,6 +700,19 @@ mod tests {
     fn duplicated_keys_keep_the_last_value() {
         let (_, e) = decoded(r#"{"pattern":"first","pattern":"second","data":1}"#, &transport("q"));
         assert_eq!(e.name, "second");
+    }
+
+    #[test]
+    fn member_names_with_escapes_are_the_names_they_spell() {
+        let (kind, e) = decoded(r#"{"pat\u0074ern":"user.updated","d\u0061ta":{"id":1}}"#, &transport("q"));
+        assert_eq!(
+            (kind, e.name.as_str(), e.payload.as_slice()),
+            (Envelope::NestJs, "user.updated", &br#"{"id":1}"#[..])
+        );
+        let body = r#"{"specversion":"1.0","id":"1","type":"t","source":"s","ten\"ant":"acme","\u00e9t\u00e9":"oui"}"#;
+        let (_, e) = decoded(body, &transport("q"));
+        assert!(e.headers.contains(&Header::new("ten\"ant", "acme")), "{:?}", e.headers);
+        assert!(e.headers.contains(&Header::new("été", "oui")), "{:?}", e.headers);
     }
 
     #[test]
