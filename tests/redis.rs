@@ -203,6 +203,43 @@ async fn pubsub_reconnects_resubscribes_and_counts_the_gap() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_slower_than_its_publishers_drops_what_its_buffer_cannot_hold_and_counts_it() {
+    const SENT: u64 = 300;
+    let prefix = format!("{}:", unique("slow"));
+    // One lane taking 2 ms an event, and a buffer of 4: 300 messages published at once cannot
+    // all be held.
+    let text = header(&format!("[redis.pubsub]\nchannel_prefix = \"{prefix}\"\nbuffer = 4\n"))
+        + &plugin_table("misbehave", "misbehave.wasm", "concurrency = 1\n");
+    let t = TestRouter::start(&text).await;
+    connected(&t).await;
+    let dropped_before = dropped_count(&metrics_text(&t).await);
+    let handled = || t.router.plugins.get("misbehave").unwrap().slot().counters.snapshot().succeeded;
+    let mut conn = redis().await;
+    let sleep = |n: u64| json!({ "pattern": "chaos.sleep", "data": { "ms": 2, "n": n } }).to_string();
+    let mut pipe = redis::pipe();
+    for n in 0..SENT {
+        pipe.publish(format!("{prefix}chaos.sleep"), sleep(n)).ignore();
+    }
+    let () = pipe.query_async(&mut conn).await.unwrap();
+    let dropped = || dropped_count(&metrics_text_blocking(&t)) - dropped_before;
+    eventually("every message to be handled or dropped", SETTLE, || {
+        (handled() + dropped() >= SENT && t.router.is_idle()).then_some(())
+    })
+    .await;
+    let (handled_now, dropped_now) = (handled(), dropped());
+    assert_eq!(handled_now + dropped_now, SENT, "each message handled or counted as dropped, once");
+    assert!(dropped_now > 0 && handled_now > 0, "{handled_now} handled, {dropped_now} dropped");
+    // Dropping costs the subscription nothing: the next message is handled.
+    let _: () = conn.publish(format!("{prefix}chaos.sleep"), sleep(SENT)).await.unwrap();
+    eventually("the message after the drops", SETTLE, || (handled() > handled_now).then_some(())).await;
+    assert_eq!(dropped(), dropped_now);
+}
+
+fn dropped_count(metrics: &str) -> u64 {
+    counter(metrics, "switchyard_pubsub_dropped_total", "")
+}
+
 /// `XADD` a `chaos.ok` event with this id, which `misbehave` records in its `seen` collection.
 async fn add_ok(conn: &mut redis::aio::MultiplexedConnection, stream: &str, id: &str) {
     let body = json!({ "pattern": "chaos.ok", "data": {} }).to_string();

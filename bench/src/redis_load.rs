@@ -146,12 +146,14 @@ pub async fn pubsub_bare(args: &Args, n: usize, body: &Body) -> anyhow::Result<D
     result
 }
 
-/// switchyard subscribed with the no-op plugin.
+/// switchyard subscribed with the no-op plugin. Its buffer holds the whole burst: the router
+/// drains it after the publisher stops, and this measures that drain, not what a smaller
+/// buffer would drop.
 pub async fn pubsub_routed(args: &Args, n: usize, body: &Body) -> anyhow::Result<Delivered> {
     let prefix = format!("{}:", unique("bench"));
     let dir = tempfile::tempdir()?;
     let text = format!(
-        "[router]\ndata_dir = \"{}\"\nlog = \"error\"\n[redis]\nurl = \"{}\"\n[redis.pubsub]\nchannel_prefix = \"{prefix}\"\n\
+        "[router]\ndata_dir = \"{}\"\nlog = \"error\"\n[redis]\nurl = \"{}\"\n[redis.pubsub]\nchannel_prefix = \"{prefix}\"\nbuffer = {n}\n\
          [[plugin]]\nname = \"noop\"\npath = \"{}\"\nconcurrency = {}\n",
         dir.path().display(),
         args.redis,

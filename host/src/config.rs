@@ -198,12 +198,26 @@ fn default_stream() -> String {
 }
 
 /// Redis pub/sub source.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PubSubConfig {
     /// Channels are named this prefix + the event name (NestJS uses none).
     #[serde(default)]
     pub channel_prefix: String,
+    /// Messages received and not yet handed to a plugin. Redis sends at the publishers' pace:
+    /// a message that finds this buffer full is dropped and counted.
+    #[serde(default = "default_pubsub_buffer")]
+    pub buffer: usize,
+}
+
+impl Default for PubSubConfig {
+    fn default() -> Self {
+        PubSubConfig { channel_prefix: String::new(), buffer: default_pubsub_buffer() }
+    }
+}
+
+fn default_pubsub_buffer() -> usize {
+    10_000
 }
 
 /// Redis Streams source.
@@ -712,6 +726,9 @@ impl Config {
                 problems
                     .push("redis: configure [redis.pubsub] or [redis.streams] (or use Redis as router.sink)".into());
             }
+            if r.pubsub.as_ref().is_some_and(|p| p.buffer == 0) {
+                problems.push("redis.pubsub.buffer: must be at least 1".into());
+            }
             if let Some(s) = &r.streams {
                 if s.streams.is_empty() {
                     problems.push("redis.streams.streams: name at least one stream".into());
@@ -878,12 +895,14 @@ mod tests {
     #[test]
     fn all_cross_field_problems_are_reported_at_once() {
         let text = "[rabbitmq]\nurl = \"http://x\"\nprefetch = 0\n\
+            [redis]\nurl = \"redis://x\"\n[redis.pubsub]\nbuffer = 0\n\
             [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\nconcurrency = 0\nprefetch = 0\n[plugin.config]\nkey = { env = \"NOPE\" }\n\
             [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\n";
         let e = error(text);
         for expected in [
             "rabbitmq.url: must start with amqp://",
             "rabbitmq.prefetch: must be at least 1",
+            "redis.pubsub.buffer: must be at least 1",
             "plugin[0] (a).path: no file at /etc/switchyard/missing.wasm",
             "plugin[0] (a).concurrency",
             "plugin[0] (a).prefetch: must be at least 1",

@@ -9,13 +9,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands, AsyncConnectionConfig};
+use redis::{AsyncCommands, AsyncConnectionConfig, PushInfo, PushKind, Value};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -67,13 +67,21 @@ impl RedisSource {
         if let Some(pubsub) = &self.config.pubsub {
             let flag = Arc::new(AtomicBool::new(false));
             pubsub_connected = Some(flag.clone());
+            let client = match resp3(&client) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "invalid Redis URL; the Redis source is not running");
+                    return;
+                }
+            };
             let consumer = PubSubConsumer {
-                client: client.clone(),
+                client,
                 config: pubsub.clone(),
                 plugins: plugins.clone(),
                 writer: self.writer.clone(),
                 in_flight: self.in_flight.clone(),
                 connected: flag,
+                dropped: Arc::default(),
             };
             tasks.spawn(consumer.run(shutdown.clone()));
         }
@@ -138,20 +146,17 @@ impl RedisSource {
 /// Subscribe to what is wanted and not subscribed yet, then drop what is no longer wanted, so
 /// that no channel goes unheard in between.
 async fn resubscribe(
-    sink: &mut redis::aio::PubSubSink,
+    conn: &mut MultiplexedConnection,
     now: &BTreeSet<ChannelSub>,
     wanted: &BTreeSet<ChannelSub>,
 ) -> redis::RedisResult<()> {
     for sub in wanted.difference(now) {
-        match sub {
-            ChannelSub::Exact(c) => sink.subscribe(c).await?,
-            ChannelSub::Glob(g) => sink.psubscribe(g).await?,
-        }
+        sub.subscribe(conn).await?;
     }
     for sub in now.difference(wanted) {
         match sub {
-            ChannelSub::Exact(c) => sink.unsubscribe(c).await?,
-            ChannelSub::Glob(g) => sink.punsubscribe(g).await?,
+            ChannelSub::Exact(c) => conn.unsubscribe(c).await?,
+            ChannelSub::Glob(g) => conn.punsubscribe(g).await?,
         }
     }
     if wanted != now {
@@ -201,6 +206,13 @@ impl ChannelSub {
         ChannelSub::Glob(glob)
     }
 
+    async fn subscribe(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        match self {
+            ChannelSub::Exact(c) => conn.subscribe(c).await,
+            ChannelSub::Glob(g) => conn.psubscribe(g).await,
+        }
+    }
+
     fn matches(&self, channel: &str) -> bool {
         match self {
             ChannelSub::Exact(c) => c == channel,
@@ -235,13 +247,92 @@ fn glob_matches(glob: &[u8], text: &[u8]) -> bool {
 
 /// Subscribes to the channels of every plugin's subscriptions, and changes its subscriptions
 /// as the plugin set changes without reconnecting.
+///
+/// Redis sends each message as it is published, whatever the subscriber's pace, so the
+/// connection's reader hands messages over through a buffer of `buffer` messages: a message
+/// that finds it full is dropped and counted, and the router's memory stays bounded.
 struct PubSubConsumer {
+    /// A client speaking RESP3, whose connections deliver messages as pushes.
     client: redis::Client,
     config: PubSubConfig,
     plugins: PluginSet,
     writer: Writer,
     in_flight: Arc<InFlight>,
     connected: Arc<AtomicBool>,
+    dropped: Arc<Dropped>,
+}
+
+/// A connection subscribed to the plugins' channels, and the messages it receives.
+struct Session {
+    conn: MultiplexedConnection,
+    messages: tokio::sync::mpsc::Receiver<PushInfo>,
+}
+
+/// A message received on a subscribed channel.
+struct Message {
+    channel: String,
+    /// The glob it matched, when it was delivered for a `PSUBSCRIBE`.
+    pattern: Option<String>,
+    payload: Vec<u8>,
+}
+
+impl Message {
+    /// A `message` or `pmessage` push; None for any other push.
+    fn from_push(info: PushInfo) -> Option<Message> {
+        let text = |v: Value| match v {
+            Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+            Value::SimpleString(s) => Some(s),
+            _ => None,
+        };
+        let mut data = info.data.into_iter();
+        let pattern = match info.kind {
+            PushKind::Message => None,
+            PushKind::PMessage => Some(text(data.next()?)?),
+            _ => return None,
+        };
+        let channel = text(data.next()?)?;
+        let payload = match data.next()? {
+            Value::BulkString(bytes) => bytes,
+            Value::SimpleString(s) => s.into_bytes(),
+            _ => return None,
+        };
+        Some(Message { channel, pattern, payload })
+    }
+}
+
+/// How often the log says that messages were dropped, while they are.
+const DROPS_LOGGED_EVERY: Duration = Duration::from_secs(10);
+
+/// Messages dropped because the buffer was full.
+#[derive(Default)]
+struct Dropped(AtomicU64);
+
+impl Dropped {
+    fn record(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("switchyard_pubsub_dropped_total").increment(1);
+    }
+}
+
+/// What the log has said of the drops: how many, and when.
+struct DropsLogged {
+    count: u64,
+    at: Option<Instant>,
+}
+
+impl DropsLogged {
+    /// Log the drops since the last line, at most every [`DROPS_LOGGED_EVERY`].
+    fn update(&mut self, dropped: &Dropped, buffer: usize) {
+        let count = dropped.0.load(Ordering::Relaxed);
+        if count > self.count && self.at.is_none_or(|at| at.elapsed() >= DROPS_LOGGED_EVERY) {
+            tracing::warn!(
+                dropped = count - self.count,
+                buffer,
+                "Redis pub/sub messages dropped: the router is slower than their publishers"
+            );
+            (self.count, self.at) = (count, Some(Instant::now()));
+        }
+    }
 }
 
 impl PubSubConsumer {
@@ -258,23 +349,23 @@ impl PubSubConsumer {
         let mut connected_before = false;
         let mut changes = self.plugins.subscribe();
         let following = self.plugins.follower(self.connected.clone());
+        let mut drops_logged = DropsLogged { count: 0, at: None };
         loop {
             let current = changes.borrow_and_update().clone();
             let mut subs = self.subscriptions(&current.plugins);
             match self.session(&subs).await {
-                Ok(pubsub) => {
+                Ok(Session { mut conn, mut messages }) => {
                     backoff.reset();
                     connected_before = true;
                     following.followed(current.generation);
                     self.connected.store(true, Ordering::SeqCst);
-                    let (mut sink, mut messages) = pubsub.split();
                     loop {
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = changes.changed() => {
                                 let current = changes.borrow_and_update().clone();
                                 let wanted = self.subscriptions(&current.plugins);
-                                match resubscribe(&mut sink, &subs, &wanted).await {
+                                match resubscribe(&mut conn, &subs, &wanted).await {
                                     Ok(()) => {
                                         subs = wanted;
                                         following.followed(current.generation);
@@ -285,8 +376,16 @@ impl PubSubConsumer {
                                     }
                                 }
                             }
-                            message = messages.next() => match message {
-                                Some(m) => self.handle(&subs, m).await,
+                            // The connection drops its sender when it closes: the messages
+                            // still buffered are handled, then the session ends.
+                            push = messages.recv() => match push {
+                                Some(push) if push.kind == PushKind::Disconnection => break,
+                                Some(push) => {
+                                    if let Some(message) = Message::from_push(push) {
+                                        self.handle(&subs, message).await;
+                                    }
+                                    drops_logged.update(&self.dropped, self.config.buffer);
+                                }
                                 None => break,
                             },
                         }
@@ -307,35 +406,47 @@ impl PubSubConsumer {
         }
     }
 
-    async fn session(&self, subs: &BTreeSet<ChannelSub>) -> redis::RedisResult<redis::aio::PubSub> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        for sub in subs {
-            match sub {
-                ChannelSub::Exact(c) => pubsub.subscribe(c).await?,
-                ChannelSub::Glob(g) => pubsub.psubscribe(g).await?,
+    async fn session(&self, subs: &BTreeSet<ChannelSub>) -> redis::RedisResult<Session> {
+        let (sender, messages) = tokio::sync::mpsc::channel(self.config.buffer);
+        let dropped = self.dropped.clone();
+        // The connection's reader calls this for every push and must not wait.
+        let push = move |info: PushInfo| match sender.try_send(info) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(info)) => {
+                if matches!(info.kind, PushKind::Message | PushKind::PMessage) {
+                    dropped.record();
+                }
+                Err(())
             }
+            Err(TrySendError::Closed(_)) => Err(()),
+        };
+        let config = AsyncConnectionConfig::new().set_push_sender(push);
+        let mut conn = self.client.get_multiplexed_async_connection_with_config(&config).await?;
+        for sub in subs {
+            sub.subscribe(&mut conn).await?;
         }
-        Ok(pubsub)
+        Ok(Session { conn, messages })
     }
 
-    async fn handle(&self, subs: &BTreeSet<ChannelSub>, message: redis::Msg) {
-        let channel = message.get_channel_name().to_string();
-        let delivered_by = match message.get_pattern::<Option<String>>() {
-            Ok(Some(glob)) => ChannelSub::Glob(glob),
-            _ => ChannelSub::Exact(channel.clone()),
-        };
+    async fn handle(&self, subs: &BTreeSet<ChannelSub>, message: Message) {
         // Overlapping subscriptions deliver a message once per match: keep only the first.
-        if subs.iter().find(|s| s.matches(&channel)) != Some(&delivered_by) {
+        let first = subs.iter().find(|s| s.matches(&message.channel));
+        let delivered_by_first = match (first, &message.pattern) {
+            (Some(ChannelSub::Glob(glob)), Some(pattern)) => glob == pattern,
+            (Some(ChannelSub::Exact(channel)), None) => *channel == message.channel,
+            _ => false,
+        };
+        if !delivered_by_first {
             return;
         }
-        let Some(name) = channel.strip_prefix(&self.config.channel_prefix) else { return };
+        let Some(name) = message.channel.strip_prefix(&self.config.channel_prefix) else { return };
         let transport = Transport {
             routing_key: name.to_string(),
             origin: "redis:pubsub".into(),
             received_at: Millis::now(),
             ..Default::default()
         };
-        let received = Received { body: message.get_payload_bytes().to_vec(), transport };
+        let received = Received { body: message.payload, transport };
         match envelope::decode(&received.body, &received.transport) {
             Ok(decoded) => {
                 hand_to_subscribers(&self.plugins, decoded.event, received, &self.in_flight).await;
@@ -346,6 +457,14 @@ impl PubSubConsumer {
             }
         }
     }
+}
+
+/// The same client speaking RESP3 (Redis 6 or later), whose connections can deliver pub/sub
+/// messages as pushes to a buffer of the router's choosing.
+fn resp3(client: &redis::Client) -> redis::RedisResult<redis::Client> {
+    let info = client.get_connection_info().clone();
+    let settings = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+    redis::Client::open(info.set_redis_settings(settings))
 }
 
 /// Whether entries read from a group were delivered before: their attempt is then the
