@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands, AsyncConnectionConfig, PushInfo, PushKind, Value};
+use redis::{AsyncCommands, AsyncConnectionConfig, PushInfo, PushKind};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -268,38 +268,6 @@ struct Session {
     messages: tokio::sync::mpsc::Receiver<PushInfo>,
 }
 
-/// A message received on a subscribed channel.
-struct Message {
-    channel: String,
-    /// The glob it matched, when it was delivered for a `PSUBSCRIBE`.
-    pattern: Option<String>,
-    payload: Vec<u8>,
-}
-
-impl Message {
-    /// A `message` or `pmessage` push; None for any other push.
-    fn from_push(info: PushInfo) -> Option<Message> {
-        let text = |v: Value| match v {
-            Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
-            Value::SimpleString(s) => Some(s),
-            _ => None,
-        };
-        let mut data = info.data.into_iter();
-        let pattern = match info.kind {
-            PushKind::Message => None,
-            PushKind::PMessage => Some(text(data.next()?)?),
-            _ => return None,
-        };
-        let channel = text(data.next()?)?;
-        let payload = match data.next()? {
-            Value::BulkString(bytes) => bytes,
-            Value::SimpleString(s) => s.into_bytes(),
-            _ => return None,
-        };
-        Some(Message { channel, pattern, payload })
-    }
-}
-
 /// How often the log says that messages were dropped, while they are.
 const DROPS_LOGGED_EVERY: Duration = Duration::from_secs(10);
 
@@ -381,7 +349,7 @@ impl PubSubConsumer {
                             push = messages.recv() => match push {
                                 Some(push) if push.kind == PushKind::Disconnection => break,
                                 Some(push) => {
-                                    if let Some(message) = Message::from_push(push) {
+                                    if let Some(message) = redis::Msg::from_push_info(push) {
                                         self.handle(&subs, message).await;
                                     }
                                     drops_logged.update(&self.dropped, self.config.buffer);
@@ -428,25 +396,24 @@ impl PubSubConsumer {
         Ok(Session { conn, messages })
     }
 
-    async fn handle(&self, subs: &BTreeSet<ChannelSub>, message: Message) {
-        // Overlapping subscriptions deliver a message once per match: keep only the first.
-        let first = subs.iter().find(|s| s.matches(&message.channel));
-        let delivered_by_first = match (first, &message.pattern) {
-            (Some(ChannelSub::Glob(glob)), Some(pattern)) => glob == pattern,
-            (Some(ChannelSub::Exact(channel)), None) => *channel == message.channel,
-            _ => false,
+    async fn handle(&self, subs: &BTreeSet<ChannelSub>, message: redis::Msg) {
+        let channel = message.get_channel_name();
+        let delivered_by = match message.get_pattern::<Option<String>>() {
+            Ok(Some(glob)) => ChannelSub::Glob(glob),
+            _ => ChannelSub::Exact(channel.to_string()),
         };
-        if !delivered_by_first {
+        // Overlapping subscriptions deliver a message once per match: keep only the first.
+        if subs.iter().find(|s| s.matches(channel)) != Some(&delivered_by) {
             return;
         }
-        let Some(name) = message.channel.strip_prefix(&self.config.channel_prefix) else { return };
+        let Some(name) = channel.strip_prefix(&self.config.channel_prefix) else { return };
         let transport = Transport {
             routing_key: name.to_string(),
             origin: "redis:pubsub".into(),
             received_at: Millis::now(),
             ..Default::default()
         };
-        let received = Received { body: message.payload, transport };
+        let received = Received { body: message.get_payload_bytes().to_vec(), transport };
         match envelope::decode(&received.body, &received.transport) {
             Ok(decoded) => {
                 hand_to_subscribers(&self.plugins, decoded.event, received, &self.in_flight).await;
