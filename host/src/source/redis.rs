@@ -398,12 +398,13 @@ impl PubSubConsumer {
 
     async fn handle(&self, subs: &BTreeSet<ChannelSub>, message: redis::Msg) {
         let channel = message.get_channel_name();
-        let delivered_by = match message.get_pattern::<Option<String>>() {
-            Ok(Some(glob)) => ChannelSub::Glob(glob),
-            _ => ChannelSub::Exact(channel.to_string()),
-        };
         // Overlapping subscriptions deliver a message once per match: keep only the first.
-        if subs.iter().find(|s| s.matches(channel)) != Some(&delivered_by) {
+        let delivered_by_first = match subs.iter().find(|s| s.matches(channel)) {
+            Some(ChannelSub::Exact(exact)) => !message.from_pattern() && exact == channel,
+            Some(ChannelSub::Glob(glob)) => message.get_pattern::<String>().is_ok_and(|p| p == *glob),
+            None => false,
+        };
+        if !delivered_by_first {
             return;
         }
         let Some(name) = channel.strip_prefix(&self.config.channel_prefix) else { return };
