@@ -55,7 +55,9 @@ impl RedisSource {
     /// consumers, a plugin removed loses them, and pub/sub subscribes to what the plugins
     /// subscribe to now.
     pub async fn run(self, plugins: PluginSet, shutdown: CancellationToken) {
-        let client = match redis::Client::open(self.config.url.expose()) {
+        // The streams' client, and the same speaking RESP3 for pub/sub.
+        let clients = redis::Client::open(self.config.url.expose()).and_then(|client| Ok((resp3(&client)?, client)));
+        let (push_client, client) = match clients {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "invalid Redis URL; the Redis source is not running");
@@ -67,15 +69,8 @@ impl RedisSource {
         if let Some(pubsub) = &self.config.pubsub {
             let flag = Arc::new(AtomicBool::new(false));
             pubsub_connected = Some(flag.clone());
-            let client = match resp3(&client) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "invalid Redis URL; the Redis source is not running");
-                    return;
-                }
-            };
             let consumer = PubSubConsumer {
-                client,
+                client: push_client,
                 config: pubsub.clone(),
                 plugins: plugins.clone(),
                 writer: self.writer.clone(),
@@ -154,10 +149,7 @@ async fn resubscribe(
         sub.subscribe(conn).await?;
     }
     for sub in now.difference(wanted) {
-        match sub {
-            ChannelSub::Exact(c) => conn.unsubscribe(c).await?,
-            ChannelSub::Glob(g) => conn.punsubscribe(g).await?,
-        }
+        sub.unsubscribe(conn).await?;
     }
     if wanted != now {
         tracing::info!(subscriptions = wanted.len(), "Redis pub/sub subscriptions changed");
@@ -210,6 +202,13 @@ impl ChannelSub {
         match self {
             ChannelSub::Exact(c) => conn.subscribe(c).await,
             ChannelSub::Glob(g) => conn.psubscribe(g).await,
+        }
+    }
+
+    async fn unsubscribe(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        match self {
+            ChannelSub::Exact(c) => conn.unsubscribe(c).await,
+            ChannelSub::Glob(g) => conn.punsubscribe(g).await,
         }
     }
 
