@@ -350,6 +350,18 @@ async fn pubsub_and_streams_follow_plugins_added_swapped_and_removed_over_the_ad
     let _: () = conn.publish(format!("{prefix}stamp.two"), event("stamp.two", "ps-2")).await.unwrap();
     eventually("the event of the new subscription", SETTLE, || stamped("ps-2")).await;
     assert!(stamped("ps-old").is_none(), "the old subscription is dropped");
+    // and dropped at Redis too, not merely filtered out by the router.
+    let old_channel = format!("{prefix}stamp.one");
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let (_, subscribers): (String, u64) =
+            redis::cmd("PUBSUB").arg("NUMSUB").arg(&old_channel).query_async(&mut conn).await.unwrap();
+        if subscribers == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{old_channel} still has {subscribers} subscriber(s)");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Removed: its consumer group stays where it stopped and picks up again when it is back.
     let (status, body) = t.admin("DELETE", "/v1/plugins/stamp", "application/json", "").await;
