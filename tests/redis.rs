@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde_json::json;
-use switchyard_tests::{TestRouter, eventually, plugin_table, unique};
+use switchyard_tests::{TestRouter, eventually, eventually_async, plugin_table, unique};
 
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -195,12 +195,14 @@ async fn pubsub_reconnects_resubscribes_and_counts_the_gap() {
     connected(&t).await;
     // Re-subscribed: an event published now arrives. (What was published during the gap is
     // lost by design; that is what the counter says.)
-    let deadline = std::time::Instant::now() + SETTLE;
-    while t.doc("user-replica", "user_refs", "after").is_none() {
-        assert!(std::time::Instant::now() < deadline, "no event arrived after the reconnection");
-        let _: () = conn.publish(format!("{prefix}auth.tokenGenerated"), login("after")).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_async("an event after the reconnection", SETTLE, async || {
+        let arrived = t.doc("user-replica", "user_refs", "after");
+        if arrived.is_none() {
+            let _: () = conn.publish(format!("{prefix}auth.tokenGenerated"), login("after")).await.unwrap();
+        }
+        arrived
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,17 +353,12 @@ async fn pubsub_and_streams_follow_plugins_added_swapped_and_removed_over_the_ad
     eventually("the event of the new subscription", SETTLE, || stamped("ps-2")).await;
     assert!(stamped("ps-old").is_none(), "the old subscription is dropped");
     // and dropped at Redis too, not merely filtered out by the router.
-    let old_channel = format!("{prefix}stamp.one");
-    let deadline = std::time::Instant::now() + SETTLE;
-    loop {
+    eventually_async("Redis to drop the old channel's subscriber", SETTLE, async || {
         let (_, subscribers): (String, u64) =
-            redis::cmd("PUBSUB").arg("NUMSUB").arg(&old_channel).query_async(&mut conn).await.unwrap();
-        if subscribers == 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{old_channel} still has {subscribers} subscriber(s)");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            redis::cmd("PUBSUB").arg("NUMSUB").arg(format!("{prefix}stamp.one")).query_async(&mut conn).await.unwrap();
+        (subscribers == 0).then_some(())
+    })
+    .await;
 
     // Removed: its consumer group stays where it stopped and picks up again when it is back.
     let (status, body) = t.admin("DELETE", "/v1/plugins/stamp", "application/json", "").await;

@@ -49,9 +49,14 @@ pub fn unique(prefix: &str) -> String {
 
 /// Poll `check` until it returns `Some`, failing the test with `what` after `timeout`.
 pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    eventually_async(what, timeout, async || check()).await
+}
+
+/// [`eventually`] for a check that awaits (a broker query, say).
+pub async fn eventually_async<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = check() {
+        if let Some(v) = check().await {
             return v;
         }
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
@@ -268,14 +273,7 @@ impl Rabbit {
 
     /// Wait for the next message on a queue, failing the test after `timeout`.
     pub async fn next_message(&self, queue: &str, timeout: Duration) -> lapin::message::BasicGetMessage {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(m) = self.get(queue).await {
-                return m;
-            }
-            assert!(Instant::now() < deadline, "no message on {queue} within {timeout:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually_async(&format!("a message on {queue}"), timeout, async || self.get(queue).await).await
     }
 
     /// Take one message from a queue, if any.
