@@ -157,6 +157,14 @@ pub fn plugin_table(name: &str, file: &str, extra: &str) -> String {
     format!("[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n{extra}\n", plugin(file).display())
 }
 
+/// Whether the broker acked a published test message. A confirm that never comes fails the
+/// test rather than hanging it: a run once hung idle with every effect of its messages
+/// committed, and an unbounded confirm is one await that can do that.
+async fn confirmed(confirm: lapin::PublisherConfirm) -> bool {
+    let confirmation = tokio::time::timeout(SETTLE, confirm).await;
+    confirmation.expect("no publisher confirm within SETTLE").expect("confirm").is_ack()
+}
+
 /// RabbitMQ objects of one test: an exchange, queue prefix and ingress queue, all unique, and
 /// deleted on drop.
 pub struct Rabbit {
@@ -232,7 +240,7 @@ impl Rabbit {
             confirms.push(confirm);
         }
         for confirm in confirms {
-            assert!(confirm.await.expect("confirm").is_ack(), "broker refused a test message");
+            assert!(confirmed(confirm).await, "broker refused a test message");
         }
     }
 
@@ -242,7 +250,7 @@ impl Rabbit {
             .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, props)
             .await
             .expect("publish");
-        assert!(confirm.await.expect("confirm").is_ack(), "broker refused a test message");
+        assert!(confirmed(confirm).await, "broker refused a test message");
     }
 
     /// A queue bound to the exchange with `pattern`, to observe what the router publishes.
