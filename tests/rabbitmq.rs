@@ -517,3 +517,40 @@ async fn a_broker_outage_mid_stream_reports_not_ready_holds_the_outbox_and_loses
     let body: serde_json::Value = serde_json::from_slice(&published.delivery.data).unwrap();
     assert_eq!(body["data"]["from"], "during-outage");
 }
+
+#[tokio::test]
+async fn a_batch_the_broker_never_confirms_is_sent_again_on_a_new_connection() {
+    let rabbit = Rabbit::new().await;
+    let tap = rabbit.tap("chaos.published").await;
+    let proxy = switchyard_tests::Proxy::start("127.0.0.1:5672").await;
+    let via_proxy = amqp_url().replace("127.0.0.1:5672", &format!("127.0.0.1:{}", proxy.port));
+    let plugin = ("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n");
+    let text = config(&rabbit, false, &[plugin]).replace(&amqp_url(), &via_proxy).replacen(
+        "[router]\n",
+        "[router]\npublish_timeout_ms = 500\n",
+        1,
+    );
+    let t = TestRouter::start(&text).await;
+    connected(&t).await;
+    // Handled through the HTTP source, so only the relay's publishing needs the link.
+    let cause = async |from: &str| {
+        let cause = json!({ "pattern": "chaos.publish", "data": {}, "id": from }).to_string();
+        let (status, body) = t.admin("POST", "/v1/events", "application/json", cause).await;
+        assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    };
+    let published_from = async || {
+        let message = rabbit.next_message(&tap, SETTLE).await;
+        let body: serde_json::Value = serde_json::from_slice(&message.delivery.data).unwrap();
+        body["data"]["from"].clone()
+    };
+    cause("before").await;
+    assert_eq!(published_from().await, "before", "the relay's connection is open and confirming");
+
+    // The relay's publish goes out on a link that carries nothing: no confirm ever comes.
+    proxy.freeze();
+    cause("frozen").await;
+    assert_eq!(published_from().await, "frozen", "re-sent on a new connection after publish_timeout_ms");
+    eventually("the outbox to empty", SETTLE, || (t.router.readers.outbox_backlog().ok() == Some(0)).then_some(()))
+        .await;
+    drop(t.stop().await);
+}

@@ -65,10 +65,19 @@ pub struct RouterConfig {
     /// in milliseconds, before exiting anyway (what is not finished is redelivered).
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// How long the outbox relay waits for the sink to confirm a batch (RabbitMQ publisher
+    /// confirms, Redis's reply), in milliseconds, before it drops the connection and sends the
+    /// batch again on a new one. The rows stay in the outbox until confirmed.
+    #[serde(default = "default_publish_timeout_ms")]
+    pub publish_timeout_ms: u64,
 }
 
 fn default_drain_timeout_ms() -> u64 {
     30_000
+}
+
+fn default_publish_timeout_ms() -> u64 {
+    10_000
 }
 
 /// Which broker receives published events.
@@ -97,6 +106,7 @@ impl Default for RouterConfig {
             admin_address: None,
             admin_token: None,
             drain_timeout_ms: default_drain_timeout_ms(),
+            publish_timeout_ms: default_publish_timeout_ms(),
         }
     }
 }
@@ -750,6 +760,9 @@ impl Config {
         if self.router.admin_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             problems.push("router.admin_token: must be at least 16 characters".into());
         }
+        if self.router.publish_timeout_ms == 0 {
+            problems.push("router.publish_timeout_ms: must be at least 1".into());
+        }
         if self.store.processed_retention_hours == 0 {
             problems.push("store.processed_retention_hours: must be at least 1".into());
         }
@@ -894,12 +907,13 @@ mod tests {
 
     #[test]
     fn all_cross_field_problems_are_reported_at_once() {
-        let text = "[rabbitmq]\nurl = \"http://x\"\nprefetch = 0\n\
+        let text = "[router]\npublish_timeout_ms = 0\n[rabbitmq]\nurl = \"http://x\"\nprefetch = 0\n\
             [redis]\nurl = \"redis://x\"\n[redis.pubsub]\nbuffer = 0\n\
             [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\nconcurrency = 0\nprefetch = 0\n[plugin.config]\nkey = { env = \"NOPE\" }\n\
             [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\n";
         let e = error(text);
         for expected in [
+            "router.publish_timeout_ms: must be at least 1",
             "rabbitmq.url: must start with amqp://",
             "rabbitmq.prefetch: must be at least 1",
             "redis.pubsub.buffer: must be at least 1",

@@ -188,6 +188,16 @@ fn transport_headers(event: &Event) -> Vec<(String, HeaderValue)> {
 }
 
 impl Sink {
+    /// Drop the broker connection, so the next send opens a new one: after a send that got
+    /// no answer in time, the old one cannot be trusted.
+    fn reconnect(&mut self) {
+        match self {
+            Sink::RabbitMq(sink) => sink.channel = None,
+            Sink::Redis(sink) => sink.conn = None,
+            Sink::Bus(_) => {}
+        }
+    }
+
     async fn send(&mut self, events: Vec<Event>) -> Result<(), String> {
         match self {
             Sink::RabbitMq(sink) => sink.send(&events).await,
@@ -228,8 +238,15 @@ fn event_of(row: OutboxEntry) -> Event {
     }
 }
 
-/// Relay until `shutdown`.
-pub async fn relay(readers: Readers, writer: Writer, mut sink: Sink, shutdown: CancellationToken) {
+/// Relay until `shutdown`. A batch the sink does not confirm within `publish_timeout` is sent
+/// again on a new connection.
+pub async fn relay(
+    readers: Readers,
+    writer: Writer,
+    mut sink: Sink,
+    publish_timeout: Duration,
+    shutdown: CancellationToken,
+) {
     let mut delay = Duration::from_millis(100);
     loop {
         let due = match readers.due_outbox(Millis::now(), BATCH) {
@@ -253,7 +270,15 @@ pub async fn relay(readers: Readers, writer: Writer, mut sink: Sink, shutdown: C
         }
         let seqs: Vec<i64> = due.iter().map(|r| r.seq).collect();
         let events: Vec<Event> = due.into_iter().map(event_of).collect();
-        match sink.send(events).await {
+        let sent = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            sent = tokio::time::timeout(publish_timeout, sink.send(events)) => sent,
+        };
+        let sent = sent.unwrap_or_else(|_| {
+            sink.reconnect();
+            Err(format!("no confirm from the broker within {} ms", publish_timeout.as_millis()))
+        });
+        match sent {
             Ok(()) => {
                 delay = Duration::from_millis(100);
                 match writer.outbox_sent(seqs).await {

@@ -25,6 +25,10 @@ use crate::source::rabbitmq::RabbitMqSource;
 use crate::source::redis::RedisSource;
 use crate::telemetry;
 
+/// How long the tasks (sources and outbox relay) get to end after the shutdown signal before
+/// they are aborted; each ends at its next await once signalled, so this only bounds a stuck one.
+const TASK_STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// A running router.
 pub struct Router {
     pub readers: Readers,
@@ -122,7 +126,8 @@ impl Router {
                 (Some(bus.clone()), Sink::Bus(bus))
             }
         };
-        tasks.spawn(outbox::relay(readers.clone(), writer.clone(), sink, shutdown.clone()));
+        let publish_timeout = Duration::from_millis(config.router.publish_timeout_ms);
+        tasks.spawn(outbox::relay(readers.clone(), writer.clone(), sink, publish_timeout, shutdown.clone()));
         let mut router = Router {
             control,
             readers,
@@ -190,7 +195,8 @@ impl Router {
 
     /// Stop gracefully: take no more messages (each plugin refuses new events, which stay
     /// with the broker), let the invocations under way finish and be acknowledged, give the
-    /// outbox a chance to flush, all within `router.drain_timeout_ms`; then end every task.
+    /// outbox a chance to flush, all within `router.drain_timeout_ms`; then end every task,
+    /// aborting those still running `TASK_STOP_GRACE` after the signal.
     /// Unsettled messages go back to the broker; parked events stay in the store.
     pub async fn stop(mut self) {
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
@@ -215,7 +221,17 @@ impl Router {
             );
         }
         self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        let ended = tokio::time::timeout(TASK_STOP_GRACE, async { while self.tasks.join_next().await.is_some() {} })
+            .await
+            .is_ok();
+        if !ended {
+            tracing::warn!(
+                still_running = self.tasks.len(),
+                grace = ?TASK_STOP_GRACE,
+                "tasks did not end after the shutdown signal; aborting them"
+            );
+            self.tasks.shutdown().await;
+        }
     }
 }
 

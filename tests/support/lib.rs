@@ -313,10 +313,12 @@ impl Drop for Rabbit {
 }
 
 /// A TCP proxy on loopback in front of a server, whose connections a test can cut, and keep
-/// refusing for a while, to simulate a broker outage without touching the shared server.
+/// refusing for a while, to simulate a broker outage without touching the shared server; or
+/// freeze, to simulate a link that silently stops carrying bytes.
 pub struct Proxy {
     pub port: u16,
     cut: tokio::sync::watch::Sender<u64>,
+    freeze: tokio::sync::watch::Sender<u64>,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -326,6 +328,7 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let (freeze, freezes) = tokio::sync::watch::channel(0u64);
         let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let refusing = down.clone();
         let upstream = upstream.to_string();
@@ -336,24 +339,33 @@ impl Proxy {
                     continue;
                 }
                 let upstream = upstream.clone();
-                let mut cuts = cuts.clone();
-                // Only cuts after this connection was made close it.
+                let (mut cuts, mut freezes) = (cuts.clone(), freezes.clone());
+                // Only cuts and freezes after this connection was made affect it.
                 cuts.mark_unchanged();
+                freezes.mark_unchanged();
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                         _ = cuts.changed() => {}
+                        // Both sockets stay open and carry nothing more, until a cut.
+                        _ = freezes.changed() => drop(cuts.changed().await),
                     }
                 });
             }
         });
-        Proxy { port, cut, down, accept }
+        Proxy { port, cut, freeze, down, accept }
     }
 
     /// Close every connection open through the proxy; new ones are accepted again.
     pub fn cut(&self) {
         self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Stop forwarding on every connection open through the proxy, without closing them: what
+    /// is sent on them is never answered. New connections are forwarded as usual.
+    pub fn freeze(&self) {
+        self.freeze.send_modify(|n| *n += 1);
     }
 
     /// An outage: close every connection and refuse new ones until [`up`](Self::up).
