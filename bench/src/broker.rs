@@ -13,6 +13,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm};
 use switchyard::event::Millis;
 
+use crate::cpu::{CpuClock, Drained};
 use crate::{Args, unique};
 
 /// A message: routing key (the event name) and body.
@@ -123,14 +124,14 @@ pub async fn paced(channel: &Channel, exchange: &str, n: usize, rate: f64, body:
 }
 
 /// Baseline: a bare lapin consumer, manual acks with `multiple` every 100, same prefetch.
-pub async fn drain_bare(args: &Args, body: &Body) -> anyhow::Result<f64> {
+pub async fn drain_bare(args: &Args, body: &Body) -> anyhow::Result<Drained> {
     let (conn, channel) = connect(&args.amqp).await?;
     let (exchange, queue) = (unique("bench"), unique("bench-bare"));
     self::queue(&channel, &exchange, &queue, &["bench.#"]).await?;
     publish(&channel, &exchange, "m", 0..args.events, body).await?;
     let consumer_channel = conn.create_channel().await?;
     consumer_channel.basic_qos(args.prefetch, BasicQosOptions::default()).await?;
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), CpuClock::now());
     let mut consumer = consumer_channel
         .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
@@ -145,9 +146,9 @@ pub async fn drain_bare(args: &Args, body: &Body) -> anyhow::Result<f64> {
             break;
         }
     }
-    let rate = args.events as f64 / started.elapsed().as_secs_f64();
+    let drained = Drained::of(args.events, started, &cpu);
     channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
     channel.exchange_delete(exchange.as_str().into(), Default::default()).await?;
     let _ = conn.close(200, "done".into()).await;
-    Ok(rate)
+    Ok(drained)
 }

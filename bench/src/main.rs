@@ -9,6 +9,7 @@
 //!   cargo run -p switchyard-bench -- --smoke
 
 mod broker;
+mod cpu;
 mod memory;
 mod redis_load;
 mod routed;
@@ -25,6 +26,7 @@ use switchyard::event::{Event, EventId, Millis};
 use switchyard::runtime::{Instance, Overrides, Runtime};
 
 use broker::Body;
+use cpu::{CpuClock, Drained};
 use routed::{Entry, Latencies, Routed};
 
 switchyard::global_allocator!();
@@ -96,6 +98,59 @@ impl Samples {
     }
 }
 
+/// The rounds of a drain: rates, and the CPU per event of this process and of the broker.
+#[derive(Default)]
+struct Drains {
+    rate: Samples,
+    own_us: Samples,
+    broker_us: Samples,
+    /// This process's threads in the median round (by its own CPU per event).
+    threads: Vec<Vec<(String, f64)>>,
+}
+
+impl Drains {
+    fn push(&mut self, drained: Drained) {
+        self.rate.0.push(drained.rate);
+        self.own_us.0.push(drained.cpu.own_us);
+        self.broker_us.0.extend(drained.cpu.broker_us);
+        self.threads.push(drained.cpu.threads);
+    }
+
+    /// The threads' CPU per event in the round whose own CPU per event is the median.
+    fn threads_cell(&self) -> String {
+        let mut rounds: Vec<usize> = (0..self.own_us.0.len()).collect();
+        rounds.sort_by(|a, b| self.own_us.0[*a].total_cmp(&self.own_us.0[*b]));
+        let Some(median) = rounds.get(rounds.len() / 2) else { return "–".into() };
+        self.threads[*median].iter().map(|(name, us)| format!("{name} {us:.1}")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Medians of this process's and the broker's CPU per event (a dash for what was not
+    /// measured: a baseline left out by `--only`, a broker not on this machine).
+    fn cpu_cell(&self) -> String {
+        let median = |s: &Samples| if s.0.is_empty() { "–".to_string() } else { format!("{:.1}", s.median()) };
+        if self.rate.0.is_empty() {
+            "–".into()
+        } else {
+            format!("{} / {}", median(&self.own_us), median(&self.broker_us))
+        }
+    }
+}
+
+/// CPU per event of a drain next to the baseline's; the ratio is this process's.
+fn cpu_row(name: &str, baseline: &Drains, switchyard: &Drains) {
+    let ratio = if baseline.rate.0.is_empty() {
+        "–".into()
+    } else {
+        format!("{:.2}", switchyard.own_us.median() / baseline.own_us.median())
+    };
+    println!("| {name} | {} | {} | {ratio} |", baseline.cpu_cell(), switchyard.cpu_cell());
+    println!(
+        "| … of this process, by thread, in the median round (µs) | {} | {} | – |",
+        baseline.threads_cell(),
+        switchyard.threads_cell()
+    );
+}
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("bench/ has a parent").to_path_buf()
 }
@@ -130,16 +185,21 @@ async fn main() -> anyhow::Result<()> {
         let idle = idle_rss().await?;
         println!("| RSS of the `switchyard` process idle, the demo's 9 plugins loaded (MiB) | – | {idle:.0} | – |");
     }
-    let (mut bare, mut routed) = (Samples::default(), Samples::default());
+    let (mut bare, mut routed) = (Drains::default(), Drains::default());
     if runs("drain") {
         for round in 0..args.rounds {
             let noop = Entry { name: "noop", file: "noop.wasm", extra: "" };
             let switchyard = drain(&args, noop, &["bench.#"], &noop_body);
             let (b, r) = in_turn(round, broker::drain_bare(&args, &noop_body), switchyard).await?;
-            bare.0.push(b);
-            routed.0.push(r);
+            bare.push(b);
+            routed.push(r);
         }
-        row_paired("drain, no-op plugin (events/s)", &bare, &routed);
+        row_paired("drain, no-op plugin (events/s)", &bare.rate, &routed.rate);
+        cpu_row(
+            "CPU per event of that drain: this process (bare consumer or router) / the broker (µs)",
+            &bare,
+            &routed,
+        );
     }
     if runs("replica") {
         memory::reset_peak();
@@ -148,12 +208,13 @@ async fn main() -> anyhow::Result<()> {
             ("", "replica flow, 10,000 users (events/s)".to_string()),
             (own.as_str(), format!("replica flow, the plugin's own prefetch {} (events/s)", args.replica_prefetch)),
         ] {
-            let mut replica = Samples::default();
+            let mut replica = Drains::default();
             for _ in 0..args.rounds {
                 let entry = Entry { name: "user-replica", file: "user_replica.wasm", extra };
-                replica.0.push(drain(&args, entry, &["user.updated"], &user_updated).await?);
+                replica.push(drain(&args, entry, &["user.updated"], &user_updated).await?);
             }
-            row(&name, &bare, &replica);
+            row(&name, &bare.rate, &replica.rate);
+            cpu_row("CPU per event of that flow: this process / the broker (µs)", &bare, &replica);
         }
         let peak = memory::mib("VmHWM").unwrap_or(f64::NAN);
         println!("| peak RSS of the harness process during the replica flows (MiB) | – | {peak:.0} | – |");
@@ -171,9 +232,9 @@ async fn main() -> anyhow::Result<()> {
     if runs("latency") || runs("swap") {
         let mut stamp = Samples::default();
         for _ in 0..args.rounds {
-            stamp.0.push(drain(&args, STAMP, &["stamp.#"], &stamp_body).await?);
+            stamp.0.push(drain(&args, STAMP, &["stamp.#"], &stamp_body).await?.rate);
         }
-        row("drain, `stamp` plugin: a document per event, queue filled first (events/s)", &bare, &stamp);
+        row("drain, `stamp` plugin: a document per event, queue filled first (events/s)", &bare.rate, &stamp);
         let mut peak = Samples::default();
         for _ in 0..args.rounds {
             peak.0.push(sustained(&args).await?);
@@ -326,16 +387,18 @@ fn user_updated(i: usize) -> (String, Vec<u8>) {
 
 /// switchyard: the plugin's queue filled first, then the router started and timed until every
 /// event is committed and acknowledged.
-async fn drain(args: &Args, entry: Entry<'_>, patterns: &[&str], body: &Body) -> anyhow::Result<f64> {
+async fn drain(args: &Args, entry: Entry<'_>, patterns: &[&str], body: &Body) -> anyhow::Result<Drained> {
     let name = entry.name;
     let mut r = Routed::new(args).await?;
     r.prefill(name, patterns, args.events, body).await?;
     // Compiling the plugin is start-up, not draining: the clock starts once the router runs.
     r.start(args, &[entry]).await?;
-    let took = r.settled(name, args.events as u64, Instant::now()).await?;
+    let (started, cpu) = (Instant::now(), CpuClock::now());
+    r.settled(name, args.events as u64, started).await?;
+    let drained = Drained::of(args.events, started, &cpu);
     r.committed_once(name, args.events as u64)?;
     r.finish().await?;
-    Ok(args.events as f64 / took.as_secs_f64())
+    Ok(drained)
 }
 
 /// The plugin of the latency and hot-swap scenarios: one document write per event, so that

@@ -1,0 +1,101 @@
+//! CPU time spent by this process and by the RabbitMQ broker over a measured stretch, from
+//! `/proc` (Linux). The router and the broker share the machine's cores, so a ratio of rates
+//! alone hides where the time goes: the CPU per event of each side shows it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// A drain's rate and what it cost.
+pub struct Drained {
+    /// Events per second.
+    pub rate: f64,
+    pub cpu: CpuPerEvent,
+}
+
+impl Drained {
+    /// `events` drained since `started`, with CPU counted since `cpu`.
+    pub fn of(events: usize, started: Instant, cpu: &CpuClock) -> Drained {
+        Drained { rate: events as f64 / started.elapsed().as_secs_f64(), cpu: cpu.per_event(events) }
+    }
+}
+
+/// Linux reports `utime` and `stime` in `USER_HZ` ticks, 100 per second on every architecture
+/// Linux supports (it is part of the kernel's ABI, unlike `HZ`).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time used so far by this process (in all, and by thread name) and by the broker.
+pub struct CpuClock {
+    own: Option<Duration>,
+    threads: BTreeMap<String, Duration>,
+    broker: Option<(String, Duration)>,
+}
+
+/// CPU time used since a [`CpuClock`] was read, per event.
+pub struct CpuPerEvent {
+    /// Microseconds of this process (the bare consumer, or the router hosted in it).
+    pub own_us: f64,
+    /// Microseconds of the broker's process, when it runs on this machine.
+    pub broker_us: Option<f64>,
+    /// Microseconds of this process's threads, summed by thread name (tokio's workers, the
+    /// AMQP client's I/O loop, the store's writer), busiest first.
+    pub threads: Vec<(String, f64)>,
+}
+
+impl CpuClock {
+    /// Read both clocks now. The broker is the process named `beam.smp` (RabbitMQ's Erlang VM).
+    pub fn now() -> CpuClock {
+        let broker = broker_pid().and_then(|pid| cpu_of(&pid).map(|used| (pid, used)));
+        CpuClock { own: cpu_of("self"), threads: threads(), broker }
+    }
+
+    /// CPU per event over `events` since this reading.
+    pub fn per_event(&self, events: usize) -> CpuPerEvent {
+        let per = |before: Duration, after: Duration| after.saturating_sub(before).as_secs_f64() * 1e6 / events as f64;
+        let own_us = match (self.own, cpu_of("self")) {
+            (Some(before), Some(after)) => per(before, after),
+            _ => f64::NAN,
+        };
+        let broker_us = self.broker.as_ref().and_then(|(pid, before)| cpu_of(pid).map(|after| per(*before, after)));
+        let mut threads: Vec<(String, f64)> = threads()
+            .into_iter()
+            .map(|(name, after)| {
+                let before = self.threads.get(&name).copied().unwrap_or_default();
+                (name, per(before, after))
+            })
+            .filter(|(_, us)| *us >= 0.05)
+            .collect();
+        threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+        CpuPerEvent { own_us, broker_us, threads }
+    }
+}
+
+/// CPU time of this process's threads, summed by thread name.
+fn threads() -> BTreeMap<String, Duration> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return by_name };
+    for task in tasks.flatten() {
+        let Ok(tid) = task.file_name().into_string() else { continue };
+        let Ok(name) = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")) else { continue };
+        if let Some(used) = cpu_of(&format!("self/task/{tid}")) {
+            *by_name.entry(name.trim().to_string()).or_default() += used;
+        }
+    }
+    by_name
+}
+
+/// User plus system time of process `pid` (`self` for this one).
+fn cpu_of(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: fields are counted after it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    Some(Duration::from_secs_f64((utime + stime) as f64 / USER_HZ))
+}
+
+fn broker_pid() -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().into_string().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
