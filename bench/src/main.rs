@@ -66,6 +66,11 @@ pub struct Args {
     /// swap, fanout, wasm. Default: all.
     #[arg(long)]
     only: Option<String>,
+    /// Worker threads of the async runtime that hosts the routers (and the baselines), as
+    /// `[router] worker_threads` sets them for the `switchyard` binary. Default: the router's
+    /// default, one per core.
+    #[arg(long)]
+    worker_threads: Option<usize>,
 }
 
 /// One measured figure per round; the table shows the median and the spread.
@@ -165,16 +170,21 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let mut args = Args::parse();
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let router = switchyard::config::RouterConfig { worker_threads: args.worker_threads, ..Default::default() };
+    let runtime = switchyard::router::runtime(&router).context("starting the async runtime")?;
+    runtime.block_on(run(args, router.worker_threads()))
+}
+
+async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
     if args.smoke {
         args.events = 2_000;
         args.rounds = 1;
         args.paced_secs = 2;
     }
     println!(
-        "switchyard-bench: {} events per drain round, {} rounds, prefetch {}, concurrency {}",
+        "switchyard-bench: {} events per drain round, {} rounds, prefetch {}, concurrency {}, {worker_threads} worker thread(s)",
         args.events, args.rounds, args.prefetch, args.concurrency
     );
     println!("| scenario | baseline (median, spread) | switchyard (median, spread) | ratio |");

@@ -70,6 +70,16 @@ pub struct RouterConfig {
     /// batch again on a new one. The rows stay in the outbox until confirmed.
     #[serde(default = "default_publish_timeout_ms")]
     pub publish_timeout_ms: u64,
+    /// Threads that run the sources, the lanes and the plugins' calls (the async runtime's
+    /// workers; the store's writer has its own). Default: one per core.
+    pub worker_threads: Option<usize>,
+}
+
+impl RouterConfig {
+    /// The worker threads to start: `worker_threads`, or one per core.
+    pub fn worker_threads(&self) -> usize {
+        self.worker_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    }
 }
 
 fn default_drain_timeout_ms() -> u64 {
@@ -107,6 +117,7 @@ impl Default for RouterConfig {
             admin_token: None,
             drain_timeout_ms: default_drain_timeout_ms(),
             publish_timeout_ms: default_publish_timeout_ms(),
+            worker_threads: None,
         }
     }
 }
@@ -760,6 +771,9 @@ impl Config {
         if self.router.admin_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             problems.push("router.admin_token: must be at least 16 characters".into());
         }
+        if self.router.worker_threads.is_some_and(|n| !(1..=1024).contains(&n)) {
+            problems.push("router.worker_threads: must be between 1 and 1024".into());
+        }
         if self.router.publish_timeout_ms == 0 {
             problems.push("router.publish_timeout_ms: must be at least 1".into());
         }
@@ -907,13 +921,14 @@ mod tests {
 
     #[test]
     fn all_cross_field_problems_are_reported_at_once() {
-        let text = "[router]\npublish_timeout_ms = 0\n[rabbitmq]\nurl = \"http://x\"\nprefetch = 0\n\
+        let text = "[router]\npublish_timeout_ms = 0\nworker_threads = 0\n[rabbitmq]\nurl = \"http://x\"\nprefetch = 0\n\
             [redis]\nurl = \"redis://x\"\n[redis.pubsub]\nbuffer = 0\n\
             [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\nconcurrency = 0\nprefetch = 0\n[plugin.config]\nkey = { env = \"NOPE\" }\n\
             [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\n";
         let e = error(text);
         for expected in [
             "router.publish_timeout_ms: must be at least 1",
+            "router.worker_threads: must be between 1 and 1024",
             "rabbitmq.url: must start with amqp://",
             "rabbitmq.prefetch: must be at least 1",
             "redis.pubsub.buffer: must be at least 1",

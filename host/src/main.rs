@@ -59,15 +59,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
+    match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -76,7 +68,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, rabbitmq, redis, feed, exit_when_idle } => {
             let env = |name: &str| match (&rabbitmq, &redis, name) {
@@ -85,7 +77,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let config = Config::load_with_env(&config, &env)?;
             switchyard::telemetry::init(&config.router.log);
-            serve(config, feed, exit_when_idle).await
+            let runtime = router::runtime(&config.router).context("cannot start the async runtime")?;
+            runtime.block_on(serve(config, feed, exit_when_idle))
         }
         Command::Store { config, plugin, collection } => {
             let config = Config::load(&config)?;

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::commit::Writer;
-use crate::config::{Config, PluginConfig, PluginName, Secret, SinkChoice};
+use crate::config::{Config, PluginConfig, PluginName, RouterConfig, Secret, SinkChoice};
 use crate::db::{self, Readers};
 use crate::dispatch::Dispatch;
 use crate::outbox::{self, RabbitSink, RedisSink, Sink};
@@ -282,4 +282,22 @@ pub async fn queue_depth(url: &str, queue: &str) -> Option<u32> {
 /// Whether a data dir already holds a database.
 pub fn has_database(data_dir: &Path) -> bool {
     db::path(data_dir).is_file()
+}
+
+/// The async runtime a router runs on: `router.worker_threads` workers.
+pub fn runtime(config: &RouterConfig) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(config.worker_threads()).enable_all().build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runtime_has_the_configured_workers_and_one_per_core_by_default() {
+        let configured = RouterConfig { worker_threads: Some(3), ..Default::default() };
+        assert_eq!(runtime(&configured).unwrap().metrics().num_workers(), 3);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(runtime(&RouterConfig::default()).unwrap().metrics().num_workers(), cores);
+    }
 }
