@@ -328,8 +328,7 @@ async fn a_fresh_ingress_message_gets_an_assigned_id_and_its_journal_row_is_prun
 async fn the_source_reconnects_after_the_connection_drops_and_loses_nothing() {
     let rabbit = Rabbit::new().await;
     let proxy = switchyard_tests::Proxy::start("127.0.0.1:5672").await;
-    let via_proxy = amqp_url().replace("127.0.0.1:5672", &format!("127.0.0.1:{}", proxy.port));
-    let text = config(&rabbit, false, &[("user-replica", "user_replica.wasm", "")]).replace(&amqp_url(), &via_proxy);
+    let text = proxy.through(&config(&rabbit, false, &[("user-replica", "user_replica.wasm", "")]));
     let t = TestRouter::start(&text).await;
     connected(&t).await;
     let token = |id: &str| json!({ "user": user(id, id), "token": "t" }).to_string();
@@ -477,13 +476,12 @@ async fn a_broker_outage_mid_stream_reports_not_ready_holds_the_outbox_and_loses
     let rabbit = Rabbit::new().await;
     let tap = rabbit.tap("chaos.published").await;
     let proxy = switchyard_tests::Proxy::start("127.0.0.1:5672").await;
-    let via_proxy = amqp_url().replace("127.0.0.1:5672", &format!("127.0.0.1:{}", proxy.port));
     let plugin = (
         "misbehave",
         "misbehave.wasm",
         "publishes = [\"chaos.published\"]\nconcurrency = 4\nordering_key = [\"bucket\"]\n",
     );
-    let text = config(&rabbit, false, &[plugin]).replace(&amqp_url(), &via_proxy);
+    let text = proxy.through(&config(&rabbit, false, &[plugin]));
     let t = TestRouter::start(&text).await;
     connected(&t).await;
     let tally = || t.tally("misbehave");
@@ -523,9 +521,8 @@ async fn a_batch_the_broker_never_confirms_is_sent_again_on_a_new_connection() {
     let rabbit = Rabbit::new().await;
     let tap = rabbit.tap("chaos.published").await;
     let proxy = switchyard_tests::Proxy::start("127.0.0.1:5672").await;
-    let via_proxy = amqp_url().replace("127.0.0.1:5672", &format!("127.0.0.1:{}", proxy.port));
     let plugin = ("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n");
-    let text = config(&rabbit, false, &[plugin]).replace(&amqp_url(), &via_proxy).replacen(
+    let text = proxy.through(&config(&rabbit, false, &[plugin])).replacen(
         "[router]\n",
         "[router]\npublish_timeout_ms = 500\n",
         1,

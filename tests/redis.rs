@@ -374,9 +374,7 @@ async fn a_redis_outage_mid_stream_reports_not_ready_and_loses_nothing() {
     let stream = unique("stream");
     let _keys = Keys(vec![stream.clone()]);
     let proxy = switchyard_tests::Proxy::start("127.0.0.1:6379").await;
-    let via_proxy = redis_url().replace("127.0.0.1:6379", &format!("127.0.0.1:{}", proxy.port));
-    let text = header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\nclaim_idle_ms = 500\n"))
-        .replace(&redis_url(), &via_proxy)
+    let text = proxy.through(&header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\nclaim_idle_ms = 500\n")))
         + &plugin_table(
             "misbehave",
             "misbehave.wasm",

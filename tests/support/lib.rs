@@ -317,6 +317,7 @@ impl Drop for Rabbit {
 /// freeze, to simulate a link that silently stops carrying bytes.
 pub struct Proxy {
     pub port: u16,
+    upstream: String,
     cut: tokio::sync::watch::Sender<u64>,
     freeze: tokio::sync::watch::Sender<u64>,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -331,14 +332,14 @@ impl Proxy {
         let (freeze, freezes) = tokio::sync::watch::channel(0u64);
         let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let refusing = down.clone();
-        let upstream = upstream.to_string();
+        let target = upstream.to_string();
         let accept = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if refusing.load(std::sync::atomic::Ordering::SeqCst) {
                     // The broker is "down": the connection closes at once.
                     continue;
                 }
-                let upstream = upstream.clone();
+                let upstream = target.clone();
                 let (mut cuts, mut freezes) = (cuts.clone(), freezes.clone());
                 // Only cuts and freezes after this connection was made affect it.
                 cuts.mark_unchanged();
@@ -354,7 +355,12 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, cut, freeze, down, accept }
+        Proxy { port, upstream: upstream.to_string(), cut, freeze, down, accept }
+    }
+
+    /// `text` (a config, a URL) with the upstream's address replaced by the proxy's.
+    pub fn through(&self, text: &str) -> String {
+        text.replace(&self.upstream, &format!("127.0.0.1:{}", self.port))
     }
 
     /// Close every connection open through the proxy; new ones are accepted again.
