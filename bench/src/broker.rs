@@ -1,6 +1,7 @@
-//! The broker side of the benchmarks: filling a queue, the bare lapin consumer that is the
-//! baseline, and a publisher that offers events at a fixed rate.
+//! The broker side of the benchmarks: filling a queue, the bare lapin consumers that are the
+//! baselines, and a publisher that offers events at a fixed rate.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
@@ -14,6 +15,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use switchyard::event::Millis;
 
 use crate::cpu::{CpuClock, Drained};
+use crate::routed::Latencies;
 use crate::{Args, unique};
 
 /// A message: routing key (the event name) and body.
@@ -109,18 +111,63 @@ pub async fn publish(
 }
 
 /// Offer events `0..n` at `rate` per second, with message ids `paced-<i>`; returns when each
-/// was published (epoch ms), by index.
+/// was published (epoch ms), by index. Confirms are awaited beside the publishing, so that a
+/// slow confirm never holds the next publishes back and then sends them in a burst: the load
+/// stays what is offered, as that of many producers does.
 pub async fn paced(channel: &Channel, exchange: &str, n: usize, rate: f64, body: &Body) -> anyhow::Result<Vec<Millis>> {
+    let (confirms, mut pending) = tokio::sync::mpsc::unbounded_channel::<PublisherConfirm>();
+    let confirmed = tokio::spawn(async move {
+        while let Some(confirm) = pending.recv().await {
+            ensure!(confirm.await?.is_ack(), "the broker refused a message");
+        }
+        anyhow::Ok(())
+    });
     let mut sent_at = Vec::with_capacity(n);
-    let mut confirms = Confirms::new();
     let started = Instant::now();
     for i in 0..n {
         tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
         sent_at.push(Millis::now());
-        confirms.push(send(channel, exchange, "paced", i, body).await?).await?;
+        if confirms.send(send(channel, exchange, "paced", i, body).await?).is_err() {
+            // The confirms' task stopped on an error, which it returns below.
+            break;
+        }
     }
-    confirms.wait().await?;
+    drop(confirms);
+    confirmed.await??;
     Ok(sent_at)
+}
+
+/// Baseline of the latency scenario: publish → delivered to a bare lapin consumer (acks with
+/// `multiple` every 100, as in the drain) at `rate` for `args.paced_secs`: what the broker adds
+/// by itself.
+pub async fn latency_bare(args: &Args, rate: f64, body: &Body) -> anyhow::Result<Latencies> {
+    let (conn, channel) = connect(&args.amqp).await?;
+    let (exchange, queue) = (unique("bench"), unique("bench-bare"));
+    self::queue(&channel, &exchange, &queue, &["#"]).await?;
+    let consumer_channel = conn.create_channel().await?;
+    consumer_channel.basic_qos(args.prefetch, BasicQosOptions::default()).await?;
+    let mut consumer = consumer_channel
+        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let n = (rate * args.paced_secs as f64) as usize;
+    let delivered = tokio::spawn(async move {
+        let mut at = HashMap::with_capacity(n);
+        while at.len() < n {
+            let delivery = consumer.next().await.context("the consumer ended")??;
+            let id = delivery.properties.message_id().as_ref().context("a paced message has an id")?;
+            at.insert(id.as_str().to_string(), Millis::now());
+            if at.len() % 100 == 0 || at.len() == n {
+                delivery.acker.ack(BasicAckOptions { multiple: true }).await?;
+            }
+        }
+        anyhow::Ok(at)
+    });
+    let sent = paced(&channel, &exchange, n, rate, body).await?;
+    let delivered = delivered.await??;
+    channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+    channel.exchange_delete(exchange.as_str().into(), Default::default()).await?;
+    let _ = conn.close(200, "done".into()).await;
+    Latencies::of(&sent, &delivered)
 }
 
 /// Baseline: a bare lapin consumer, manual acks with `multiple` every 100, same prefetch.

@@ -257,12 +257,12 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
         offered = (peak.median() / 2.0).max(100.0);
     }
     if runs("latency") {
+        let bare = broker::latency_bare(&args, offered, &stamp_body).await?;
         let latency = latency(&args, offered).await?;
         println!(
-            "| publish → commit, stamp plugin, at {offered:.0} events/s, 50 % of its sustained peak: p50 / p99 / p99.9 (ms) | – | {} / {} / {} | – |",
-            latency.quantile(0.5),
-            latency.quantile(0.99),
-            latency.quantile(0.999)
+            "| publish → commit, stamp plugin, at {offered:.0} events/s, 50 % of its sustained peak: p50 / p99 / p99.9 (ms; baseline: publish → delivered to a bare consumer) | {} | {} | – |",
+            bare.percentiles(),
+            latency.percentiles()
         );
     }
     if runs("swap") {
@@ -432,10 +432,11 @@ async fn sustained(args: &Args) -> anyhow::Result<f64> {
 async fn latency(args: &Args, rate: f64) -> anyhow::Result<Latencies> {
     let mut r = Routed::new(args).await?;
     r.start(args, &[STAMP]).await?;
+    let watch = r.watch_commits(STAMP.name);
     let n = (rate * args.paced_secs as f64) as usize;
     let sent = broker::paced(&r.channel, &r.exchange, n, rate, &stamp_body).await?;
     r.settled(STAMP.name, n as u64, Instant::now()).await?;
-    let latencies = Latencies::of(&sent, &r.commit_times(STAMP.name)?)?;
+    let latencies = Latencies::of(&sent, &watch.finish()?)?;
     r.finish().await?;
     Ok(latencies)
 }
@@ -452,6 +453,7 @@ struct Swapped {
 async fn hot_swap(args: &Args, rate: f64) -> anyhow::Result<Swapped> {
     let mut r = Routed::new(args).await?;
     r.start(args, &[STAMP]).await?;
+    let watch = r.watch_commits(STAMP.name);
     let n = (rate * args.paced_secs as f64) as usize;
     let third = Duration::from_secs_f64(args.paced_secs as f64 / 3.0);
     let swaps = async {
@@ -465,7 +467,7 @@ async fn hot_swap(args: &Args, rate: f64) -> anyhow::Result<Swapped> {
     let (sent, ()) = (sent?, swapped?);
     let settle = r.settled(STAMP.name, n as u64, Instant::now());
     tokio::time::timeout(Duration::from_secs(120), settle).await.context("events lost: the run did not settle")??;
-    let committed = r.commit_times(STAMP.name)?;
+    let committed = watch.finish()?;
     let lost = (0..n).filter(|i| !committed.contains_key(&format!("paced-{i}"))).count() as u64;
     ensure!(lost == 0, "{lost} events lost across the swaps");
     let first = sent.first().map_or(0, |m| m.0);

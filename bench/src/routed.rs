@@ -2,6 +2,9 @@
 //! what the scenarios read back from it (counters, commit times).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
@@ -112,13 +115,9 @@ impl Routed {
         }
     }
 
-    /// When each event of plugin `name` committed, by event id.
-    pub fn commit_times(&self, name: &str) -> anyhow::Result<HashMap<String, Millis>> {
-        let db = rusqlite::Connection::open(switchyard::db::path(self.dir.path()))?;
-        let mut query = db.prepare("SELECT event_id, processed_at FROM processed WHERE plugin = ?1")?;
-        let rows =
-            query.query_map([name], |row| Ok((row.get::<_, String>(0)?, Millis(row.get::<_, i64>(1)? as u64))))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    /// Start noting when each event of plugin `name` commits (the router runs).
+    pub fn watch_commits(&self, name: &str) -> CommitWatch {
+        CommitWatch::start(switchyard::db::path(self.dir.path()), name.to_string())
     }
 
     /// Upload `file` as plugin `name` over the admin API: a hot swap when it runs.
@@ -167,11 +166,61 @@ pub fn settled_count(router: &Router, name: &str) -> anyhow::Result<u64> {
     Ok(c.succeeded + c.duplicates + c.dead_lettered)
 }
 
+/// When each event of one plugin committed, as a reader sees it: a thread of the harness polls
+/// the processed-markers every millisecond and notes when each first appears. A marker's own
+/// `processed_at` is when its transaction began, before the writes and the fsync; an event
+/// is committed once its transaction is durable, which is when readers see it.
+pub struct CommitWatch {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<HashMap<String, Millis>>>,
+}
+
+impl CommitWatch {
+    /// How often the markers are read: the bound on how late a commit is noted.
+    const POLL: Duration = Duration::from_millis(1);
+
+    fn start(db: PathBuf, plugin: String) -> CommitWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let db = rusqlite::Connection::open(db)?;
+            // Transactions commit one after another, none with an earlier `processed_at` than
+            // the one before: what has not been seen yet is at or after the latest seen. (Left
+            // to choose, SQLite takes the primary key and reads every marker of the plugin.)
+            let mut newer = db.prepare(
+                "SELECT event_id, processed_at FROM processed INDEXED BY processed_by_age
+                 WHERE processed_at >= ?2 AND plugin = ?1",
+            )?;
+            let (mut committed, mut latest) = (HashMap::new(), 0i64);
+            loop {
+                let last_look = stopping.load(Ordering::SeqCst);
+                let seen_at = Millis::now();
+                let mut rows = newer.query(rusqlite::params![plugin, latest])?;
+                while let Some(row) = rows.next()? {
+                    latest = latest.max(row.get(1)?);
+                    committed.entry(row.get::<_, String>(0)?).or_insert(seen_at);
+                }
+                if last_look {
+                    return Ok(committed);
+                }
+                std::thread::sleep(Self::POLL);
+            }
+        });
+        CommitWatch { stop, thread }
+    }
+
+    /// Stop watching (after the events settled); returns when each committed, by event id.
+    pub fn finish(self) -> anyhow::Result<HashMap<String, Millis>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().map_err(|_| anyhow::anyhow!("the commit watch panicked"))?
+    }
+}
+
 /// Latency percentiles, in milliseconds, of publish → commit.
 pub struct Latencies(Vec<u64>);
 
 impl Latencies {
-    /// Each paced event's commit time minus its publish time.
+    /// Each paced event's commit (or delivery) time minus its publish time.
     pub fn of(sent_at: &[Millis], committed: &HashMap<String, Millis>) -> anyhow::Result<Latencies> {
         let mut ms = Vec::with_capacity(sent_at.len());
         for (i, sent) in sent_at.iter().enumerate() {
@@ -186,5 +235,10 @@ impl Latencies {
     pub fn quantile(&self, q: f64) -> u64 {
         let at = ((self.0.len() as f64 - 1.0) * q).round() as usize;
         self.0.get(at).copied().unwrap_or(0)
+    }
+
+    /// p50 / p99 / p99.9, as the table shows them.
+    pub fn percentiles(&self) -> String {
+        format!("{} / {} / {}", self.quantile(0.5), self.quantile(0.99), self.quantile(0.999))
     }
 }
