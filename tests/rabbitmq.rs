@@ -540,14 +540,20 @@ async fn a_batch_the_broker_never_confirms_is_sent_again_on_a_new_connection() {
         let body: serde_json::Value = serde_json::from_slice(&message.delivery.data).unwrap();
         body["data"]["from"].clone()
     };
+    let outbox_empty = async || {
+        eventually("the outbox to empty", SETTLE, || (t.router.readers.outbox_backlog().ok() == Some(0)).then_some(()))
+            .await
+    };
     cause("before").await;
     assert_eq!(published_from().await, "before", "the relay's connection is open and confirming");
+    // Its confirm too has reached the relay: a freeze now cannot catch it on the way (the
+    // relay would then send it again, rightly, with the same message id).
+    outbox_empty().await;
 
     // The relay's publish goes out on a link that carries nothing: no confirm ever comes.
     proxy.freeze();
     cause("frozen").await;
     assert_eq!(published_from().await, "frozen", "re-sent on a new connection after publish_timeout_ms");
-    eventually("the outbox to empty", SETTLE, || (t.router.readers.outbox_backlog().ok() == Some(0)).then_some(()))
-        .await;
+    outbox_empty().await;
     drop(t.stop().await);
 }
