@@ -1,4 +1,4 @@
-//! The broker side of the benchmarks: filling a queue, the bare lapin consumers that are the
+//! The broker side of the benchmarks: filling a queue, the bare lapin consumer of the
 //! baselines, and a publisher that offers events at a fixed rate.
 
 use std::collections::HashMap;
@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use futures::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -137,18 +138,54 @@ pub async fn paced(channel: &Channel, exchange: &str, n: usize, rate: f64, body:
     Ok(sent_at)
 }
 
-/// Baseline of the latency scenario: publish → delivered to a bare lapin consumer (acks with
-/// `multiple` every 100, as in the drain) at `rate` for `args.paced_secs`: what the broker adds
-/// by itself.
+/// The bare lapin consumer of the baselines, on an exchange and a queue of its own: the same
+/// prefetch as the router, manual acks with `multiple` every 100.
+struct Bare {
+    conn: Connection,
+    /// Publishes to `exchange`, with confirms.
+    channel: Channel,
+    exchange: String,
+    queue: String,
+}
+
+impl Bare {
+    /// Declare its exchange and its queue, bound with `pattern`.
+    async fn new(args: &Args, pattern: &str) -> anyhow::Result<Bare> {
+        let (conn, channel) = connect(&args.amqp).await?;
+        let (exchange, queue) = (unique("bench"), unique("bench-bare"));
+        self::queue(&channel, &exchange, &queue, &[pattern]).await?;
+        Ok(Bare { conn, channel, exchange, queue })
+    }
+
+    async fn consume(&self, args: &Args) -> anyhow::Result<lapin::Consumer> {
+        let channel = self.conn.create_channel().await?;
+        channel.basic_qos(args.prefetch, BasicQosOptions::default()).await?;
+        Ok(channel
+            .basic_consume(self.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?)
+    }
+
+    /// Settle `delivery`, the `taken`th of `total`: an ack with `multiple` every 100 and at the last.
+    async fn took(delivery: &Delivery, taken: usize, total: usize) -> anyhow::Result<()> {
+        if taken.is_multiple_of(100) || taken == total {
+            delivery.acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete(self) -> anyhow::Result<()> {
+        self.channel.queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default()).await?;
+        self.channel.exchange_delete(self.exchange.as_str().into(), Default::default()).await?;
+        let _ = self.conn.close(200, "done".into()).await;
+        Ok(())
+    }
+}
+
+/// Baseline of the latency scenario: publish → delivered to the bare consumer at `rate` for
+/// `args.paced_secs`: what the broker adds by itself.
 pub async fn latency_bare(args: &Args, rate: f64, body: &Body) -> anyhow::Result<Latencies> {
-    let (conn, channel) = connect(&args.amqp).await?;
-    let (exchange, queue) = (unique("bench"), unique("bench-bare"));
-    self::queue(&channel, &exchange, &queue, &["#"]).await?;
-    let consumer_channel = conn.create_channel().await?;
-    consumer_channel.basic_qos(args.prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = consumer_channel
-        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await?;
+    let bare = Bare::new(args, "#").await?;
+    let mut consumer = bare.consume(args).await?;
     let n = (rate * args.paced_secs as f64) as usize;
     let delivered = tokio::spawn(async move {
         let mut at = HashMap::with_capacity(n);
@@ -156,46 +193,27 @@ pub async fn latency_bare(args: &Args, rate: f64, body: &Body) -> anyhow::Result
             let delivery = consumer.next().await.context("the consumer ended")??;
             let id = delivery.properties.message_id().as_ref().context("a paced message has an id")?;
             at.insert(id.as_str().to_string(), Millis::now());
-            if at.len() % 100 == 0 || at.len() == n {
-                delivery.acker.ack(BasicAckOptions { multiple: true }).await?;
-            }
+            Bare::took(&delivery, at.len(), n).await?;
         }
         anyhow::Ok(at)
     });
-    let sent = paced(&channel, &exchange, n, rate, body).await?;
+    let sent = paced(&bare.channel, &bare.exchange, n, rate, body).await?;
     let delivered = delivered.await??;
-    channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
-    channel.exchange_delete(exchange.as_str().into(), Default::default()).await?;
-    let _ = conn.close(200, "done".into()).await;
+    bare.delete().await?;
     Latencies::of(&sent, &delivered)
 }
 
-/// Baseline: a bare lapin consumer, manual acks with `multiple` every 100, same prefetch.
+/// Baseline of the drains: the bare consumer drains `args.events` queued first.
 pub async fn drain_bare(args: &Args, body: &Body) -> anyhow::Result<Drained> {
-    let (conn, channel) = connect(&args.amqp).await?;
-    let (exchange, queue) = (unique("bench"), unique("bench-bare"));
-    self::queue(&channel, &exchange, &queue, &["bench.#"]).await?;
-    publish(&channel, &exchange, "m", 0..args.events, body).await?;
-    let consumer_channel = conn.create_channel().await?;
-    consumer_channel.basic_qos(args.prefetch, BasicQosOptions::default()).await?;
+    let bare = Bare::new(args, "bench.#").await?;
+    publish(&bare.channel, &bare.exchange, "m", 0..args.events, body).await?;
     let (started, cpu) = (Instant::now(), CpuClock::now());
-    let mut consumer = consumer_channel
-        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await?;
-    let mut taken = 0;
-    while let Some(delivery) = consumer.next().await {
-        let delivery = delivery?;
-        taken += 1;
-        if taken % 100 == 0 || taken == args.events {
-            delivery.acker.ack(BasicAckOptions { multiple: true }).await?;
-        }
-        if taken == args.events {
-            break;
-        }
+    let mut consumer = bare.consume(args).await?;
+    for taken in 1..=args.events {
+        let delivery = consumer.next().await.context("the consumer ended")??;
+        Bare::took(&delivery, taken, args.events).await?;
     }
     let drained = Drained::of(args.events, started, &cpu);
-    channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
-    channel.exchange_delete(exchange.as_str().into(), Default::default()).await?;
-    let _ = conn.close(200, "done".into()).await;
+    bare.delete().await?;
     Ok(drained)
 }
