@@ -1,11 +1,12 @@
-//! The broker side of the benchmarks: filling a queue, the bare lapin consumer of the
-//! baselines, and a publisher that offers events at a fixed rate.
+//! The broker side of the benchmarks: filling a queue, the bare lapin consumers of the
+//! baselines (one that only acks, one that commits each message to SQLite first), and a
+//! publisher that offers events at a fixed rate.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -13,6 +14,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm};
+use rusqlite::Connection as Sqlite;
 use switchyard::event::Millis;
 
 use crate::cpu::{CpuClock, Drained};
@@ -201,6 +203,79 @@ pub async fn latency_bare(args: &Args, rate: f64, body: &Body) -> anyhow::Result
     let delivered = delivered.await??;
     bare.delete().await?;
     Latencies::of(&sent, &delivered)
+}
+
+/// Second baseline of the latency scenario: publish → committed by the bare consumer at `rate`
+/// for `args.paced_secs`, where the consumer commits each message to SQLite before its ack, as
+/// the router does: WAL, `synchronous = FULL`, one transaction for all the deliveries at hand
+/// (group commit), then one ack with `multiple`. It writes the rows the `stamp` plugin's
+/// events cost the router (a document and a processed-marker, keyed by the message id) and
+/// nothing else: no routing, lanes or Wasm. So it is the floor that a durable consumer of
+/// these events on this disk and broker does not go under.
+pub async fn latency_durable(args: &Args, rate: f64, body: &Body) -> anyhow::Result<Latencies> {
+    let bare = Bare::new(args, "#").await?;
+    let mut consumer = bare.consume(args).await?;
+    let dir = tempfile::tempdir()?;
+    let mut db = Some(durable_store(&dir.path().join("baseline.db"))?);
+    let n = (rate * args.paced_secs as f64) as usize;
+    let committed = tokio::spawn(async move {
+        let mut at = HashMap::with_capacity(n);
+        while at.len() < n {
+            let mut batch = vec![consumer.next().await.context("the consumer ended")??];
+            while let Some(next) = consumer.next().now_or_never() {
+                batch.push(next.context("the consumer ended")??);
+            }
+            let rows = batch
+                .iter_mut()
+                .map(|d| {
+                    let id = d.properties.message_id().as_ref().context("a paced message has an id")?;
+                    Ok((id.as_str().to_string(), std::mem::take(&mut d.data)))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let conn = db.take().context("the store is back after each commit")?;
+            let (conn, ids) = tokio::task::spawn_blocking(move || commit_rows(conn, rows)).await??;
+            db = Some(conn);
+            let now = Millis::now();
+            at.extend(ids.into_iter().map(|id| (id, now)));
+            let last = batch.last().context("a batch has a delivery")?;
+            last.acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
+        anyhow::Ok(at)
+    });
+    let sent = paced(&bare.channel, &bare.exchange, n, rate, body).await?;
+    let committed = committed.await??;
+    bare.delete().await?;
+    Latencies::of(&sent, &committed)
+}
+
+/// The durable baseline's store: documents and processed-markers by message id, set up as the
+/// router's are.
+fn durable_store(path: &std::path::Path) -> anyhow::Result<Sqlite> {
+    let conn = Sqlite::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(
+        "CREATE TABLE documents (key TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID;
+         CREATE TABLE processed (id TEXT PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;",
+    )?;
+    Ok(conn)
+}
+
+/// Store `rows` (id, body), a document and a marker each, in one transaction; returns the
+/// connection and the ids committed.
+fn commit_rows(mut conn: Sqlite, rows: Vec<(String, Vec<u8>)>) -> anyhow::Result<(Sqlite, Vec<String>)> {
+    let tx = conn.transaction()?;
+    {
+        let mut document = tx.prepare_cached("INSERT INTO documents (key, body) VALUES (?1, ?2)")?;
+        let mut marker = tx.prepare_cached("INSERT INTO processed (id, at) VALUES (?1, ?2)")?;
+        let now = Millis::now().0 as i64;
+        for (id, body) in &rows {
+            document.execute((id, body))?;
+            marker.execute((id, now))?;
+        }
+    }
+    tx.commit()?;
+    Ok((conn, rows.into_iter().map(|(id, _)| id).collect()))
 }
 
 /// Baseline of the drains: the bare consumer drains `args.events` queued first.

@@ -103,6 +103,38 @@ impl Samples {
     }
 }
 
+/// The rounds of a latency scenario: each round's p50, p99 and p99.9.
+#[derive(Default)]
+struct LatencyRounds {
+    p50: Samples,
+    p99: Samples,
+    p999: Samples,
+}
+
+impl LatencyRounds {
+    fn push(&mut self, latencies: &Latencies) {
+        self.p50.0.push(latencies.quantile(0.5) as f64);
+        self.p99.0.push(latencies.quantile(0.99) as f64);
+        self.p999.0.push(latencies.quantile(0.999) as f64);
+    }
+
+    /// The table cell: each percentile's median over the rounds, and the p99's spread.
+    fn cell(&self) -> String {
+        format!(
+            "{:.0} / {:.0} / {:.0} ({})",
+            self.p50.median(),
+            self.p99.median(),
+            self.p999.median(),
+            self.p99.spread(0)
+        )
+    }
+
+    /// The ratio of the p99s' medians, `self` over `baseline`.
+    fn p99_ratio(&self, baseline: &LatencyRounds) -> String {
+        format!("{:.2}", self.p99.median() / baseline.p99.median())
+    }
+}
+
 /// The rounds of a drain: rates, and the CPU per event of this process and of the broker.
 #[derive(Default)]
 struct Drains {
@@ -257,12 +289,31 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
         offered = (peak.median() / 2.0).max(100.0);
     }
     if runs("latency") {
-        let bare = broker::latency_bare(&args, offered, &stamp_body).await?;
-        let latency = latency(&args, offered).await?;
+        let (mut bare, mut durable, mut routed) =
+            (LatencyRounds::default(), LatencyRounds::default(), LatencyRounds::default());
+        // Each round runs the three in turn, each first in every third round.
+        for round in 0..args.rounds {
+            for turn in 0..3 {
+                match (round + turn) % 3 {
+                    0 => bare.push(&broker::latency_bare(&args, offered, &stamp_body).await?),
+                    1 => durable.push(&broker::latency_durable(&args, offered, &stamp_body).await?),
+                    _ => routed.push(&latency(&args, offered).await?),
+                }
+            }
+        }
+        let name = format!("publish → commit, stamp plugin, at {offered:.0} events/s, 50 % of its sustained peak");
+        let percentiles = "p50 / p99 / p99.9, medians of the rounds (ms), p99 spread";
         println!(
-            "| publish → commit, stamp plugin, at {offered:.0} events/s, 50 % of its sustained peak: p50 / p99 / p99.9 (ms; baseline: publish → delivered to a bare consumer) | {} | {} | – |",
-            bare.percentiles(),
-            latency.percentiles()
+            "| {name}: {percentiles}; baseline: publish → delivered to the bare consumer | {} | {} | {} |",
+            bare.cell(),
+            routed.cell(),
+            routed.p99_ratio(&bare)
+        );
+        println!(
+            "| {name}: {percentiles}; baseline: publish → committed by the bare consumer to SQLite (WAL, `synchronous = FULL`, group commit), then acked | {} | {} | {} |",
+            durable.cell(),
+            routed.cell(),
+            routed.p99_ratio(&durable)
         );
     }
     if runs("swap") {

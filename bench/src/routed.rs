@@ -236,9 +236,4 @@ impl Latencies {
         let at = ((self.0.len() as f64 - 1.0) * q).round() as usize;
         self.0.get(at).copied().unwrap_or(0)
     }
-
-    /// p50 / p99 / p99.9, as the table shows them.
-    pub fn percentiles(&self) -> String {
-        format!("{} / {} / {}", self.quantile(0.5), self.quantile(0.99), self.quantile(0.999))
-    }
 }
