@@ -18,7 +18,7 @@ use rusqlite::Connection as Sqlite;
 use switchyard::event::Millis;
 
 use crate::cpu::{CpuClock, Drained};
-use crate::routed::Latencies;
+use crate::routed::{Latencies, Paced};
 use crate::{Args, unique};
 
 /// A message: routing key (the event name) and body.
@@ -184,8 +184,8 @@ impl Bare {
 }
 
 /// Baseline of the latency scenario: publish → delivered to the bare consumer at `rate` for
-/// `args.paced_secs`: what the broker adds by itself.
-pub async fn latency_bare(args: &Args, rate: f64, body: &Body) -> anyhow::Result<Latencies> {
+/// `args.paced_secs`: what the broker adds by itself; with its CPU per event while it runs.
+pub async fn latency_bare(args: &Args, rate: f64, body: &Body) -> anyhow::Result<Paced> {
     let bare = Bare::new(args, "#").await?;
     let mut consumer = bare.consume(args).await?;
     let n = (rate * args.paced_secs as f64) as usize;
@@ -199,10 +199,12 @@ pub async fn latency_bare(args: &Args, rate: f64, body: &Body) -> anyhow::Result
         }
         anyhow::Ok(at)
     });
+    let (started, cpu) = (Instant::now(), CpuClock::now());
     let sent = paced(&bare.channel, &bare.exchange, n, rate, body).await?;
     let delivered = delivered.await??;
+    let cost = Drained::of(n, started, &cpu);
     bare.delete().await?;
-    Latencies::of(&sent, &delivered)
+    Ok(Paced { latencies: Latencies::of(&sent, &delivered)?, cost })
 }
 
 /// Second baseline of the latency scenario: publish → committed by the bare consumer at `rate`
@@ -212,7 +214,7 @@ pub async fn latency_bare(args: &Args, rate: f64, body: &Body) -> anyhow::Result
 /// events cost the router (a document and a processed-marker, keyed by the message id) and
 /// nothing else: no routing, lanes or Wasm. So it is the floor that a durable consumer of
 /// these events on this disk and broker does not go under.
-pub async fn latency_durable(args: &Args, rate: f64, body: &Body) -> anyhow::Result<Latencies> {
+pub async fn latency_durable(args: &Args, rate: f64, body: &Body) -> anyhow::Result<Paced> {
     let bare = Bare::new(args, "#").await?;
     let mut consumer = bare.consume(args).await?;
     let dir = tempfile::tempdir()?;
@@ -242,10 +244,12 @@ pub async fn latency_durable(args: &Args, rate: f64, body: &Body) -> anyhow::Res
         }
         anyhow::Ok(at)
     });
+    let (started, cpu) = (Instant::now(), CpuClock::now());
     let sent = paced(&bare.channel, &bare.exchange, n, rate, body).await?;
     let committed = committed.await??;
+    let cost = Drained::of(n, started, &cpu);
     bare.delete().await?;
-    Latencies::of(&sent, &committed)
+    Ok(Paced { latencies: Latencies::of(&sent, &committed)?, cost })
 }
 
 /// The durable baseline's store: documents and processed-markers by message id, set up as the

@@ -27,7 +27,7 @@ use switchyard::runtime::{Instance, Overrides, Runtime};
 
 use broker::Body;
 use cpu::{CpuClock, Drained};
-use routed::{Entry, Latencies, Routed};
+use routed::{Entry, Latencies, Paced, Routed};
 
 switchyard::global_allocator!();
 
@@ -103,19 +103,21 @@ impl Samples {
     }
 }
 
-/// The rounds of a latency scenario: each round's p50, p99 and p99.9.
+/// The rounds of a latency scenario: each round's p50, p99 and p99.9, and its CPU per event.
 #[derive(Default)]
 struct LatencyRounds {
     p50: Samples,
     p99: Samples,
     p999: Samples,
+    cpu: Drains,
 }
 
 impl LatencyRounds {
-    fn push(&mut self, latencies: &Latencies) {
-        self.p50.0.push(latencies.quantile(0.5) as f64);
-        self.p99.0.push(latencies.quantile(0.99) as f64);
-        self.p999.0.push(latencies.quantile(0.999) as f64);
+    fn push(&mut self, paced: Paced) {
+        self.p50.0.push(paced.latencies.quantile(0.5) as f64);
+        self.p99.0.push(paced.latencies.quantile(0.99) as f64);
+        self.p999.0.push(paced.latencies.quantile(0.999) as f64);
+        self.cpu.push(paced.cost);
     }
 
     /// The table cell: each percentile's median over the rounds, and the p99's spread.
@@ -294,27 +296,31 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
         // Each round runs the three in turn, each first in every third round.
         for round in 0..args.rounds {
             for turn in 0..3 {
-                match (round + turn) % 3 {
-                    0 => bare.push(&broker::latency_bare(&args, offered, &stamp_body).await?),
-                    1 => durable.push(&broker::latency_durable(&args, offered, &stamp_body).await?),
-                    _ => routed.push(&latency(&args, offered).await?),
-                }
+                let (rounds, paced) = match (round + turn) % 3 {
+                    0 => (&mut bare, broker::latency_bare(&args, offered, &stamp_body).await?),
+                    1 => (&mut durable, broker::latency_durable(&args, offered, &stamp_body).await?),
+                    _ => (&mut routed, latency(&args, offered).await?),
+                };
+                rounds.push(paced);
             }
         }
         let name = format!("publish → commit, stamp plugin, at {offered:.0} events/s, 50 % of its sustained peak");
         let percentiles = "p50 / p99 / p99.9, medians of the rounds (ms), p99 spread";
+        let cpu = "CPU per event of that load: this process (publisher and consumer, or publisher and router) / the broker (µs)";
         println!(
             "| {name}: {percentiles}; baseline: publish → delivered to the bare consumer | {} | {} | {} |",
             bare.cell(),
             routed.cell(),
             routed.p99_ratio(&bare)
         );
+        cpu_row(cpu, &bare.cpu, &routed.cpu);
         println!(
             "| {name}: {percentiles}; baseline: publish → committed by the bare consumer to SQLite (WAL, `synchronous = FULL`, group commit), then acked | {} | {} | {} |",
             durable.cell(),
             routed.cell(),
             routed.p99_ratio(&durable)
         );
+        cpu_row(cpu, &durable.cpu, &routed.cpu);
     }
     if runs("swap") {
         let swap = hot_swap(&args, offered).await?;
@@ -479,17 +485,20 @@ async fn sustained(args: &Args) -> anyhow::Result<f64> {
     Ok(args.events as f64 / took.as_secs_f64())
 }
 
-/// Publish → commit latency of the stamp plugin under a steady `rate`.
-async fn latency(args: &Args, rate: f64) -> anyhow::Result<Latencies> {
+/// Publish → commit latency of the stamp plugin under a steady `rate`, and its CPU per event
+/// once the router runs (the commit watch's thread included).
+async fn latency(args: &Args, rate: f64) -> anyhow::Result<Paced> {
     let mut r = Routed::new(args).await?;
     r.start(args, &[STAMP]).await?;
-    let watch = r.watch_commits(STAMP.name);
+    let watch = r.watch_commits(STAMP.name)?;
     let n = (rate * args.paced_secs as f64) as usize;
+    let (started, cpu) = (Instant::now(), CpuClock::now());
     let sent = broker::paced(&r.channel, &r.exchange, n, rate, &stamp_body).await?;
     r.settled(STAMP.name, n as u64, Instant::now()).await?;
+    let cost = Drained::of(n, started, &cpu);
     let latencies = Latencies::of(&sent, &watch.finish()?)?;
     r.finish().await?;
-    Ok(latencies)
+    Ok(Paced { latencies, cost })
 }
 
 /// What a steady load sees while the plugin is swapped twice.
@@ -504,7 +513,7 @@ struct Swapped {
 async fn hot_swap(args: &Args, rate: f64) -> anyhow::Result<Swapped> {
     let mut r = Routed::new(args).await?;
     r.start(args, &[STAMP]).await?;
-    let watch = r.watch_commits(STAMP.name);
+    let watch = r.watch_commits(STAMP.name)?;
     let n = (rate * args.paced_secs as f64) as usize;
     let third = Duration::from_secs_f64(args.paced_secs as f64 / 3.0);
     let swaps = async {

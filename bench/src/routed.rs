@@ -16,6 +16,7 @@ use switchyard::router::Router;
 use switchyard::telemetry::CountersSnapshot;
 
 use crate::broker::{self, Body};
+use crate::cpu::Drained;
 use crate::{Args, plugin, unique};
 
 /// The admin token of the benchmark's routers (hot swaps go through the admin API).
@@ -116,7 +117,7 @@ impl Routed {
     }
 
     /// Start noting when each event of plugin `name` commits (the router runs).
-    pub fn watch_commits(&self, name: &str) -> CommitWatch {
+    pub fn watch_commits(&self, name: &str) -> anyhow::Result<CommitWatch> {
         CommitWatch::start(switchyard::db::path(self.dir.path()), name.to_string())
     }
 
@@ -179,10 +180,11 @@ impl CommitWatch {
     /// How often the markers are read: the bound on how late a commit is noted.
     const POLL: Duration = Duration::from_millis(1);
 
-    fn start(db: PathBuf, plugin: String) -> CommitWatch {
+    /// Start the watching thread, named `commit-watch` so that the CPU rows show it apart.
+    fn start(db: PathBuf, plugin: String) -> anyhow::Result<CommitWatch> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
-        let thread = std::thread::spawn(move || {
+        let thread = std::thread::Builder::new().name("commit-watch".into()).spawn(move || {
             let db = rusqlite::Connection::open(db)?;
             // Transactions commit one after another, none with an earlier `processed_at` than
             // the one before: what has not been seen yet is at or after the latest seen. (Left
@@ -205,8 +207,8 @@ impl CommitWatch {
                 }
                 std::thread::sleep(Self::POLL);
             }
-        });
-        CommitWatch { stop, thread }
+        })?;
+        Ok(CommitWatch { stop, thread })
     }
 
     /// Stop watching (after the events settled); returns when each committed, by event id.
@@ -214,6 +216,12 @@ impl CommitWatch {
         self.stop.store(true, Ordering::SeqCst);
         self.thread.join().map_err(|_| anyhow::anyhow!("the commit watch panicked"))?
     }
+}
+
+/// A paced load's latencies, and its CPU per event from its first publish to its last commit.
+pub struct Paced {
+    pub latencies: Latencies,
+    pub cost: Drained,
 }
 
 /// Latency percentiles, in milliseconds, of publish → commit.
