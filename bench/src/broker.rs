@@ -184,27 +184,18 @@ impl Bare {
 }
 
 /// Baseline of the latency scenario: publish → delivered to the bare consumer at `rate` for
-/// `args.paced_secs`: what the broker adds by itself; with its CPU per event while it runs.
+/// `args.paced_secs`: what the broker adds by itself.
 pub async fn latency_bare(args: &Args, rate: f64, body: &Body) -> anyhow::Result<Paced> {
-    let bare = Bare::new(args, "#").await?;
-    let mut consumer = bare.consume(args).await?;
-    let n = (rate * args.paced_secs as f64) as usize;
-    let delivered = tokio::spawn(async move {
+    paced_to_bare(args, rate, body, |mut consumer, n| async move {
         let mut at = HashMap::with_capacity(n);
         while at.len() < n {
             let delivery = consumer.next().await.context("the consumer ended")??;
-            let id = delivery.properties.message_id().as_ref().context("a paced message has an id")?;
-            at.insert(id.as_str().to_string(), Millis::now());
+            at.insert(paced_id(&delivery)?, Millis::now());
             Bare::took(&delivery, at.len(), n).await?;
         }
-        anyhow::Ok(at)
-    });
-    let (started, cpu) = (Instant::now(), CpuClock::now());
-    let sent = paced(&bare.channel, &bare.exchange, n, rate, body).await?;
-    let delivered = delivered.await??;
-    let cost = Drained::of(n, started, &cpu);
-    bare.delete().await?;
-    Ok(Paced { latencies: Latencies::of(&sent, &delivered)?, cost })
+        Ok(at)
+    })
+    .await
 }
 
 /// Second baseline of the latency scenario: publish → committed by the bare consumer at `rate`
@@ -215,41 +206,51 @@ pub async fn latency_bare(args: &Args, rate: f64, body: &Body) -> anyhow::Result
 /// nothing else: no routing, lanes or Wasm. So it is the floor that a durable consumer of
 /// these events on this disk and broker does not go under.
 pub async fn latency_durable(args: &Args, rate: f64, body: &Body) -> anyhow::Result<Paced> {
-    let bare = Bare::new(args, "#").await?;
-    let mut consumer = bare.consume(args).await?;
     let dir = tempfile::tempdir()?;
-    let mut db = Some(durable_store(&dir.path().join("baseline.db"))?);
-    let n = (rate * args.paced_secs as f64) as usize;
-    let committed = tokio::spawn(async move {
+    let mut db = durable_store(&dir.path().join("baseline.db"))?;
+    paced_to_bare(args, rate, body, |mut consumer, n| async move {
         let mut at = HashMap::with_capacity(n);
         while at.len() < n {
             let mut batch = vec![consumer.next().await.context("the consumer ended")??];
             while let Some(next) = consumer.next().now_or_never() {
                 batch.push(next.context("the consumer ended")??);
             }
-            let rows = batch
-                .iter_mut()
-                .map(|d| {
-                    let id = d.properties.message_id().as_ref().context("a paced message has an id")?;
-                    Ok((id.as_str().to_string(), std::mem::take(&mut d.data)))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let conn = db.take().context("the store is back after each commit")?;
-            let (conn, ids) = tokio::task::spawn_blocking(move || commit_rows(conn, rows)).await??;
-            db = Some(conn);
+            let rows =
+                batch.iter().map(|d| Ok((paced_id(d)?, d.data.as_slice()))).collect::<anyhow::Result<Vec<_>>>()?;
+            tokio::task::block_in_place(|| commit_rows(&mut db, &rows))?;
             let now = Millis::now();
-            at.extend(ids.into_iter().map(|id| (id, now)));
+            at.extend(rows.into_iter().map(|(id, _)| (id, now)));
             let last = batch.last().context("a batch has a delivery")?;
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
-        anyhow::Ok(at)
-    });
+        Ok(at)
+    })
+    .await
+}
+
+/// Offer `args.paced_secs` of `rate` to a bare consumer of its own, which `consume` runs on
+/// the consumer and the number of messages and which returns when it took each, by message
+/// id; with the CPU per event from the first publish to the last message taken.
+async fn paced_to_bare<C, F>(args: &Args, rate: f64, body: &Body, consume: C) -> anyhow::Result<Paced>
+where
+    C: FnOnce(lapin::Consumer, usize) -> F,
+    F: Future<Output = anyhow::Result<HashMap<String, Millis>>> + Send + 'static,
+{
+    let bare = Bare::new(args, "#").await?;
+    let n = (rate * args.paced_secs as f64) as usize;
+    let taken = tokio::spawn(consume(bare.consume(args).await?, n));
     let (started, cpu) = (Instant::now(), CpuClock::now());
     let sent = paced(&bare.channel, &bare.exchange, n, rate, body).await?;
-    let committed = committed.await??;
+    let taken = taken.await??;
     let cost = Drained::of(n, started, &cpu);
     bare.delete().await?;
-    Ok(Paced { latencies: Latencies::of(&sent, &committed)?, cost })
+    Ok(Paced { latencies: Latencies::of(&sent, &taken)?, cost })
+}
+
+/// The id of a paced message (`paced-<i>`).
+fn paced_id(delivery: &Delivery) -> anyhow::Result<String> {
+    let id = delivery.properties.message_id().as_ref().context("a paced message has an id")?;
+    Ok(id.as_str().to_string())
 }
 
 /// The durable baseline's store: documents and processed-markers by message id, set up as the
@@ -265,21 +266,20 @@ fn durable_store(path: &std::path::Path) -> anyhow::Result<Sqlite> {
     Ok(conn)
 }
 
-/// Store `rows` (id, body), a document and a marker each, in one transaction; returns the
-/// connection and the ids committed.
-fn commit_rows(mut conn: Sqlite, rows: Vec<(String, Vec<u8>)>) -> anyhow::Result<(Sqlite, Vec<String>)> {
+/// Store `rows` (id, body), a document and a marker each, in one transaction.
+fn commit_rows(conn: &mut Sqlite, rows: &[(String, &[u8])]) -> anyhow::Result<()> {
     let tx = conn.transaction()?;
     {
         let mut document = tx.prepare_cached("INSERT INTO documents (key, body) VALUES (?1, ?2)")?;
         let mut marker = tx.prepare_cached("INSERT INTO processed (id, at) VALUES (?1, ?2)")?;
         let now = Millis::now().0 as i64;
-        for (id, body) in &rows {
+        for (id, body) in rows {
             document.execute((id, body))?;
             marker.execute((id, now))?;
         }
     }
     tx.commit()?;
-    Ok((conn, rows.into_iter().map(|(id, _)| id).collect()))
+    Ok(())
 }
 
 /// Baseline of the drains: the bare consumer drains `args.events` queued first.
