@@ -22,7 +22,10 @@ use crate::routed::{Latencies, Paced};
 use crate::{Args, unique};
 
 /// A message: routing key (the event name) and body.
-pub type Body = dyn Fn(usize) -> (String, Vec<u8>);
+pub type Message = (String, Vec<u8>);
+
+/// The `i`th message of a load.
+pub type Body = dyn Fn(usize) -> Message;
 
 pub async fn connect(url: &str) -> anyhow::Result<(Connection, Channel)> {
     let conn = Connection::connect(url, ConnectionProperties::default()).await.context("connecting to RabbitMQ")?;
@@ -81,19 +84,12 @@ impl Confirms {
     }
 }
 
-/// Publish message `i` of `body` to `exchange`, persistent, with message id `<id_prefix>-<i>`.
-async fn send(
-    channel: &Channel,
-    exchange: &str,
-    id_prefix: &str,
-    i: usize,
-    body: &Body,
-) -> anyhow::Result<PublisherConfirm> {
-    let (name, bytes) = body(i);
-    let id = format!("{id_prefix}-{i}");
-    let props = BasicProperties::default().with_delivery_mode(2).with_message_id(id.as_str().into());
+/// Publish `message` to `exchange`, persistent, with message id `id`.
+async fn send(channel: &Channel, exchange: &str, id: &str, message: &Message) -> anyhow::Result<PublisherConfirm> {
+    let (name, bytes) = message;
+    let props = BasicProperties::default().with_delivery_mode(2).with_message_id(id.into());
     Ok(channel
-        .basic_publish(exchange.into(), name.as_str().into(), BasicPublishOptions::default(), &bytes, props)
+        .basic_publish(exchange.into(), name.as_str().into(), BasicPublishOptions::default(), bytes, props)
         .await?)
 }
 
@@ -108,16 +104,50 @@ pub async fn publish(
 ) -> anyhow::Result<()> {
     let mut confirms = Confirms::new();
     for i in range {
-        confirms.push(send(channel, exchange, id_prefix, i, body).await?).await?;
+        confirms.push(send(channel, exchange, &format!("{id_prefix}-{i}"), &body(i)).await?).await?;
     }
     confirms.wait().await
 }
 
-/// Offer events `0..n` at `rate` per second, with message ids `paced-<i>`; returns when each
-/// was published (epoch ms), by index. Confirms are awaited beside the publishing, so that a
-/// slow confirm never holds the next publishes back and then sends them in a burst: the load
-/// stays what is offered, as that of many producers does.
-pub async fn paced(channel: &Channel, exchange: &str, n: usize, rate: f64, body: &Body) -> anyhow::Result<Vec<Millis>> {
+/// Offer events `0..n` at `rate` per second to `exchange`, with message ids `paced-<i>`.
+///
+/// The publisher has a thread, a runtime and a connection of its own, as a producer in another
+/// process would, so that it never waits for its turn behind the tasks of the consumer it
+/// measures. The messages are made before the first is due, and confirms are awaited beside
+/// the publishing, so that neither holds the next publishes back. What is left to hold them
+/// back is the machine (the cores it shares) and the broker's flow control:
+/// [`Offered::behind`] says how far behind its schedule the publisher fell.
+pub async fn paced(amqp: &str, exchange: &str, n: usize, rate: f64, body: &Body) -> anyhow::Result<Offered> {
+    let messages: Vec<Message> = (0..n).map(body).collect();
+    let (amqp, exchange) = (amqp.to_string(), exchange.to_string());
+    publisher()?.spawn(async move { publish_paced(&amqp, &exchange, &messages, rate).await }).await?
+}
+
+/// The paced publisher's runtime: one worker thread, kept (with the connection in
+/// [`publish_paced`]) for the whole run, so that their CPU shows in each load's thread rows.
+fn publisher() -> anyhow::Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: std::sync::OnceLock<std::io::Result<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("paced-publisher")
+                .enable_all()
+                .build()
+        })
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("starting the publisher's runtime: {e}"))
+}
+
+/// [`paced`]'s publishing, on the publisher's runtime and connection.
+async fn publish_paced(amqp: &str, exchange: &str, messages: &[Message], rate: f64) -> anyhow::Result<Offered> {
+    static CONNECTION: tokio::sync::OnceCell<Connection> = tokio::sync::OnceCell::const_new();
+    let conn = CONNECTION
+        .get_or_try_init(|| async { Connection::connect(amqp, ConnectionProperties::default()).await })
+        .await
+        .context("connecting the publisher to RabbitMQ")?;
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let (confirms, mut pending) = tokio::sync::mpsc::unbounded_channel::<PublisherConfirm>();
     let confirmed = tokio::spawn(async move {
         while let Some(confirm) = pending.recv().await {
@@ -125,19 +155,32 @@ pub async fn paced(channel: &Channel, exchange: &str, n: usize, rate: f64, body:
         }
         anyhow::Ok(())
     });
-    let mut sent_at = Vec::with_capacity(n);
+    let mut sent_at = Vec::with_capacity(messages.len());
+    let mut behind = Vec::with_capacity(messages.len());
     let started = Instant::now();
-    for i in 0..n {
-        tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+    for (i, message) in messages.iter().enumerate() {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        behind.push(due.elapsed().as_millis() as u64);
         sent_at.push(Millis::now());
-        if confirms.send(send(channel, exchange, "paced", i, body).await?).is_err() {
+        if confirms.send(send(&channel, exchange, &format!("paced-{i}"), message).await?).is_err() {
             // The confirms' task stopped on an error, which it returns below.
             break;
         }
     }
     drop(confirms);
     confirmed.await??;
-    Ok(sent_at)
+    let _ = channel.close(200, "published".into()).await;
+    Ok(Offered { sent_at, behind: Latencies::sorted(behind) })
+}
+
+/// A paced load as it was published.
+pub struct Offered {
+    /// When each message was published (epoch ms), by index.
+    pub sent_at: Vec<Millis>,
+    /// How far each publish was behind its schedule (ms; the runtime's timer rounds up to
+    /// the next). A load that falls behind sends what it owes in a burst.
+    pub behind: Latencies,
 }
 
 /// The bare lapin consumer of the baselines, on an exchange and a queue of its own: the same
@@ -240,11 +283,11 @@ where
     let n = (rate * args.paced_secs as f64) as usize;
     let taken = tokio::spawn(consume(bare.consume(args).await?, n));
     let (started, cpu) = (Instant::now(), CpuClock::now());
-    let sent = paced(&bare.channel, &bare.exchange, n, rate, body).await?;
+    let offered = paced(&args.amqp, &bare.exchange, n, rate, body).await?;
     let taken = taken.await??;
     let cost = Drained::of(n, started, &cpu);
     bare.delete().await?;
-    Ok(Paced { latencies: Latencies::of(&sent, &taken)?, cost })
+    Ok(Paced { latencies: Latencies::of(&offered.sent_at, &taken)?, behind: offered.behind, cost })
 }
 
 /// The id of a paced message (`paced-<i>`).

@@ -13,9 +13,11 @@ pub struct Drained {
 }
 
 impl Drained {
-    /// `events` drained since `started`, with CPU counted since `cpu`.
+    /// `events` drained since `started`, with CPU counted since `cpu` (NaN when there were
+    /// none to time: `--smoke`'s few events can all be drained before the clock starts).
     pub fn of(events: usize, started: Instant, cpu: &CpuClock) -> Drained {
-        Drained { rate: events as f64 / started.elapsed().as_secs_f64(), cpu: cpu.per_event(events) }
+        let rate = if events == 0 { f64::NAN } else { events as f64 / started.elapsed().as_secs_f64() };
+        Drained { rate, cpu: cpu.per_event(events) }
     }
 }
 
@@ -26,7 +28,7 @@ const USER_HZ: f64 = 100.0;
 /// CPU time used so far by this process (in all, and by thread name) and by the broker.
 pub struct CpuClock {
     own: Option<Duration>,
-    threads: BTreeMap<String, Duration>,
+    threads: BTreeMap<String, Thread>,
     broker: Option<(String, Duration)>,
 }
 
@@ -56,31 +58,37 @@ impl CpuClock {
             _ => f64::NAN,
         };
         let broker_us = self.broker.as_ref().and_then(|(pid, before)| cpu_of(pid).map(|after| per(*before, after)));
-        let mut threads: Vec<(String, f64)> = threads()
-            .into_iter()
-            .map(|(name, after)| {
-                let before = self.threads.get(&name).copied().unwrap_or_default();
-                (name, per(before, after))
-            })
-            .filter(|(_, us)| *us >= 0.05)
-            .collect();
+        // By thread id, then summed by name: a thread that ended meanwhile (one of tokio's
+        // blocking threads, named as its workers are) must not take its time off the others.
+        let mut by_name: BTreeMap<String, f64> = BTreeMap::new();
+        for (tid, after) in threads() {
+            let before = self.threads.get(&tid).map(|t| t.used).unwrap_or_default();
+            *by_name.entry(after.name).or_default() += per(before, after.used);
+        }
+        let mut threads: Vec<(String, f64)> = by_name.into_iter().filter(|(_, us)| *us >= 0.05).collect();
         threads.sort_by(|a, b| b.1.total_cmp(&a.1));
         CpuPerEvent { own_us, broker_us, threads }
     }
 }
 
-/// CPU time of this process's threads, summed by thread name.
-fn threads() -> BTreeMap<String, Duration> {
-    let mut by_name = BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return by_name };
+/// One of this process's threads: its name and the CPU time it used so far.
+struct Thread {
+    name: String,
+    used: Duration,
+}
+
+/// This process's threads, by thread id.
+fn threads() -> BTreeMap<String, Thread> {
+    let mut by_tid = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return by_tid };
     for task in tasks.flatten() {
         let Ok(tid) = task.file_name().into_string() else { continue };
         let Ok(name) = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")) else { continue };
         if let Some(used) = cpu_of(&format!("self/task/{tid}")) {
-            *by_name.entry(name.trim().to_string()).or_default() += used;
+            by_tid.insert(tid, Thread { name: name.trim().to_string(), used });
         }
     }
-    by_name
+    by_tid
 }
 
 /// User plus system time of process `pid` (`self` for this one).

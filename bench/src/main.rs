@@ -66,6 +66,11 @@ pub struct Args {
     /// swap, fanout, wasm. Default: all.
     #[arg(long)]
     only: Option<String>,
+    /// Events per second offered in the latency and hot-swap scenarios, instead of half of
+    /// the `stamp` plugin's sustained peak (which is then not measured): to see the latency
+    /// at a chosen load.
+    #[arg(long)]
+    offered: Option<f64>,
     /// Worker threads of the async runtime that hosts the routers (and the baselines), as
     /// `[router] worker_threads` sets them for the `switchyard` binary. Default: the router's
     /// default, one per core.
@@ -84,10 +89,13 @@ impl Samples {
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     }
 
+    /// Smallest and largest, NaN when no round measured anything.
     fn range(&self) -> (f64, f64) {
-        let min = self.0.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = self.0.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (min, max)
+        let measured = || self.0.iter().copied().filter(|v| !v.is_nan());
+        match (measured().reduce(f64::min), measured().reduce(f64::max)) {
+            (Some(min), Some(max)) => (min, max),
+            _ => (f64::NAN, f64::NAN),
+        }
     }
 
     /// Smallest and largest, with `decimals` decimals.
@@ -109,6 +117,9 @@ struct LatencyRounds {
     p50: Samples,
     p99: Samples,
     p999: Samples,
+    /// How far the publisher fell behind its schedule: p99 and worst.
+    behind_p99: Samples,
+    behind_max: Samples,
     cpu: Drains,
 }
 
@@ -117,6 +128,8 @@ impl LatencyRounds {
         self.p50.0.push(paced.latencies.quantile(0.5) as f64);
         self.p99.0.push(paced.latencies.quantile(0.99) as f64);
         self.p999.0.push(paced.latencies.quantile(0.999) as f64);
+        self.behind_p99.0.push(paced.behind.quantile(0.99) as f64);
+        self.behind_max.0.push(paced.behind.quantile(1.0) as f64);
         self.cpu.push(paced.cost);
     }
 
@@ -129,6 +142,11 @@ impl LatencyRounds {
             self.p999.median(),
             self.p99.spread(0)
         )
+    }
+
+    /// How far the publisher fell behind: medians of the rounds' p99 and worst.
+    fn behind_cell(&self) -> String {
+        format!("{:.0} / {:.0}", self.behind_p99.median(), self.behind_max.median())
     }
 
     /// The ratio of the p99s' medians, `self` over `baseline`.
@@ -190,6 +208,16 @@ fn cpu_row(name: &str, baseline: &Drains, switchyard: &Drains) {
     );
 }
 
+/// How far the paced publisher fell behind its schedule next to each consumer: where it is
+/// far behind, the machine or the broker held the load back, and it went out in bursts.
+fn behind_row(baseline: &LatencyRounds, switchyard: &LatencyRounds) {
+    println!(
+        "| … the publisher behind its schedule: p99 / worst, medians of the rounds (ms) | {} | {} | – |",
+        baseline.behind_cell(),
+        switchyard.behind_cell()
+    );
+}
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("bench/ has a parent").to_path_buf()
 }
@@ -207,6 +235,12 @@ fn unique(prefix: &str) -> String {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let router = switchyard::config::RouterConfig { worker_threads: args.worker_threads, ..Default::default() };
+    // The routers log as the binary's do, so that they pay what it pays; to a file, so that
+    // the table stays readable.
+    let log = std::env::temp_dir().join("switchyard-bench.log");
+    let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    switchyard::telemetry::init_with_writer(&router.log, std::sync::Mutex::new(file));
+    println!("the routers log at `{}` (or RUST_LOG) to {}", router.log, log.display());
     let runtime = switchyard::router::runtime(&router).context("starting the async runtime")?;
     runtime.block_on(run(args, router.worker_threads()))
 }
@@ -272,8 +306,10 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
     // Half the peak of the plugin they run, publishing and consuming at once as they do: the
     // stamp plugin's sustained peak, measured here. Its drain of a filled queue is shown too;
     // it is faster, since the broker then only delivers.
-    let mut offered = f64::NAN;
-    if runs("latency") || runs("swap") {
+    let (mut offered, mut load) = (f64::NAN, "50 % of its sustained peak");
+    if let Some(rate) = args.offered.filter(|_| runs("latency") || runs("swap")) {
+        (offered, load) = (rate, "the rate given (`--offered`)");
+    } else if runs("latency") || runs("swap") {
         let mut stamp = Samples::default();
         for _ in 0..args.rounds {
             stamp.0.push(drain(&args, STAMP, &["stamp.#"], &stamp_body).await?.rate);
@@ -304,7 +340,7 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
                 rounds.push(paced);
             }
         }
-        let name = format!("publish → commit, stamp plugin, at {offered:.0} events/s, 50 % of its sustained peak");
+        let name = format!("publish → commit, stamp plugin, at {offered:.0} events/s, {load}");
         let percentiles = "p50 / p99 / p99.9, medians of the rounds (ms), p99 spread";
         let cpu = "CPU per event of that load: this process (publisher and consumer, or publisher and router) / the broker (µs)";
         println!(
@@ -314,6 +350,7 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
             routed.p99_ratio(&bare)
         );
         cpu_row(cpu, &bare.cpu, &routed.cpu);
+        behind_row(&bare, &routed);
         println!(
             "| {name}: {percentiles}; baseline: publish → committed by the bare consumer to SQLite (WAL, `synchronous = FULL`, group commit), then acked | {} | {} | {} |",
             durable.cell(),
@@ -321,6 +358,7 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
             routed.p99_ratio(&durable)
         );
         cpu_row(cpu, &durable.cpu, &routed.cpu);
+        behind_row(&durable, &routed);
     }
     if runs("swap") {
         let swap = hot_swap(&args, offered).await?;
@@ -459,10 +497,13 @@ async fn drain(args: &Args, entry: Entry<'_>, patterns: &[&str], body: &Body) ->
     let mut r = Routed::new(args).await?;
     r.prefill(name, patterns, args.events, body).await?;
     // Compiling the plugin is start-up, not draining: the clock starts once the router runs.
+    // The router starts draining before its start returns: the events settled by then are
+    // not counted either.
     r.start(args, &[entry]).await?;
     let (started, cpu) = (Instant::now(), CpuClock::now());
+    let early = routed::settled_count(r.router(), name)? as usize;
     r.settled(name, args.events as u64, started).await?;
-    let drained = Drained::of(args.events, started, &cpu);
+    let drained = Drained::of(args.events - early, started, &cpu);
     r.committed_once(name, args.events as u64)?;
     r.finish().await?;
     Ok(drained)
@@ -478,7 +519,7 @@ async fn sustained(args: &Args) -> anyhow::Result<f64> {
     let mut r = Routed::new(args).await?;
     r.start(args, &[STAMP]).await?;
     let started = Instant::now();
-    broker::paced(&r.channel, &r.exchange, args.events, f64::INFINITY, &stamp_body).await?;
+    broker::paced(&args.amqp, &r.exchange, args.events, f64::INFINITY, &stamp_body).await?;
     let took = r.settled(STAMP.name, args.events as u64, started).await?;
     r.committed_once(STAMP.name, args.events as u64)?;
     r.finish().await?;
@@ -493,12 +534,12 @@ async fn latency(args: &Args, rate: f64) -> anyhow::Result<Paced> {
     let watch = r.watch_commits(STAMP.name)?;
     let n = (rate * args.paced_secs as f64) as usize;
     let (started, cpu) = (Instant::now(), CpuClock::now());
-    let sent = broker::paced(&r.channel, &r.exchange, n, rate, &stamp_body).await?;
+    let offered = broker::paced(&args.amqp, &r.exchange, n, rate, &stamp_body).await?;
     r.settled(STAMP.name, n as u64, Instant::now()).await?;
     let cost = Drained::of(n, started, &cpu);
-    let latencies = Latencies::of(&sent, &watch.finish()?)?;
+    let latencies = Latencies::of(&offered.sent_at, &watch.finish()?)?;
     r.finish().await?;
-    Ok(Paced { latencies, cost })
+    Ok(Paced { latencies, behind: offered.behind, cost })
 }
 
 /// What a steady load sees while the plugin is swapped twice.
@@ -523,8 +564,8 @@ async fn hot_swap(args: &Args, rate: f64) -> anyhow::Result<Swapped> {
         }
         anyhow::Ok(())
     };
-    let (sent, swapped) = tokio::join!(broker::paced(&r.channel, &r.exchange, n, rate, &stamp_body), swaps);
-    let (sent, ()) = (sent?, swapped?);
+    let (offered, swapped) = tokio::join!(broker::paced(&args.amqp, &r.exchange, n, rate, &stamp_body), swaps);
+    let (sent, ()) = (offered?.sent_at, swapped?);
     let settle = r.settled(STAMP.name, n as u64, Instant::now());
     tokio::time::timeout(Duration::from_secs(120), settle).await.context("events lost: the run did not settle")??;
     let committed = watch.finish()?;

@@ -218,16 +218,23 @@ impl CommitWatch {
     }
 }
 
-/// A paced load's latencies, and its CPU per event from its first publish to its last commit.
+/// A paced load's latencies, how far its publisher fell behind, and its CPU per event from
+/// its first publish to its last commit.
 pub struct Paced {
     pub latencies: Latencies,
+    pub behind: Latencies,
     pub cost: Drained,
 }
 
-/// Latency percentiles, in milliseconds, of publish → commit.
+/// Latency percentiles, in milliseconds: of publish → commit, or of a publisher's lag.
 pub struct Latencies(Vec<u64>);
 
 impl Latencies {
+    pub fn sorted(mut ms: Vec<u64>) -> Latencies {
+        ms.sort_unstable();
+        Latencies(ms)
+    }
+
     /// Each paced event's commit (or delivery) time minus its publish time.
     pub fn of(sent_at: &[Millis], committed: &HashMap<String, Millis>) -> anyhow::Result<Latencies> {
         let mut ms = Vec::with_capacity(sent_at.len());
@@ -235,8 +242,7 @@ impl Latencies {
             let at = committed.get(&format!("paced-{i}")).with_context(|| format!("paced-{i} was not committed"))?;
             ms.push(at.0.saturating_sub(sent.0));
         }
-        ms.sort_unstable();
-        Ok(Latencies(ms))
+        Ok(Latencies::sorted(ms))
     }
 
     /// The `q` quantile (0 to 1).

@@ -8,10 +8,19 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-/// Install the global subscriber; later calls are no-ops.
+/// Install the global subscriber, logging to stderr; later calls are no-ops.
 pub fn init(default_filter: &str) {
+    init_with_writer(default_filter, std::io::stderr);
+}
+
+/// Install the global subscriber the binary installs, logging to `writer` (the benchmarks
+/// log to a file, so that the routers they run pay what the binary's routers pay).
+pub fn init_with_writer<W>(default_filter: &str, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).try_init();
 }
 
 /// The process-wide Prometheus recorder, installed on first use.
