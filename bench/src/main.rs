@@ -503,7 +503,7 @@ async fn drain(args: &Args, entry: Entry<'_>, patterns: &[&str], body: &Body) ->
     let (started, cpu) = (Instant::now(), CpuClock::now());
     let early = routed::settled_count(r.router(), name)? as usize;
     r.settled(name, args.events as u64, started).await?;
-    let drained = Drained::of(args.events - early, started, &cpu);
+    let drained = Drained::of(args.events.saturating_sub(early), started, &cpu);
     r.committed_once(name, args.events as u64)?;
     r.finish().await?;
     Ok(drained)
