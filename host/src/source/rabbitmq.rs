@@ -522,29 +522,36 @@ impl Forwarder {
     }
 }
 
+/// How long a depth read waits for each answer of the broker (the connection, each passive
+/// declare, the close): depths are best effort, and a broker that stops answering must not
+/// hold up whoever asked (the admin API's status, a `--exit-when-idle` run).
+const DEPTH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Ready-message counts of queues, each through a passive declare on one connection; `None`
-/// for a queue that cannot be read.
+/// for a queue that cannot be read, or whose count the broker did not give within
+/// [`DEPTH_TIMEOUT`].
 pub async fn queue_depths(url: &str, queues: &[String]) -> Vec<Option<u32>> {
-    let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await else {
+    let connect = Connection::connect(url, ConnectionProperties::default());
+    let Ok(Ok(conn)) = tokio::time::timeout(DEPTH_TIMEOUT, connect).await else {
         return vec![None; queues.len()];
     };
     let mut depths = Vec::with_capacity(queues.len());
     for queue in queues {
         // A failed passive declare closes the channel: one channel per queue.
-        let depth = match conn.create_channel().await {
-            Ok(channel) => {
+        let depth = match tokio::time::timeout(DEPTH_TIMEOUT, conn.create_channel()).await {
+            Ok(Ok(channel)) => {
                 let options = QueueDeclareOptions { passive: true, ..Default::default() };
-                channel
-                    .queue_declare(queue.as_str().into(), options, FieldTable::default())
-                    .await
-                    .ok()
-                    .map(|q| q.message_count())
+                let declared = channel.queue_declare(queue.as_str().into(), options, FieldTable::default());
+                match tokio::time::timeout(DEPTH_TIMEOUT, declared).await {
+                    Ok(Ok(q)) => Some(q.message_count()),
+                    _ => None,
+                }
             }
-            Err(_) => None,
+            _ => None,
         };
         depths.push(depth);
     }
-    let _ = conn.close(200, "measured".into()).await;
+    let _ = tokio::time::timeout(DEPTH_TIMEOUT, conn.close(200, "measured".into())).await;
     depths
 }
 
@@ -611,4 +618,26 @@ pub async fn publish_jsonl(config: &RabbitMqConfig, path: &std::path::Path) -> a
     }
     let _ = conn.close(200, "fed".into()).await;
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_broker_that_never_answers_gives_unknown_depths_instead_of_a_hang() {
+        // Accepts connections and never speaks AMQP.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                sockets.push(socket);
+            }
+        });
+        let queues = ["a".to_string(), "b".to_string()];
+        let depths = tokio::time::timeout(DEPTH_TIMEOUT * 3, queue_depths(&url, &queues)).await;
+        assert_eq!(depths.expect("queue_depths gave up on its own"), vec![None, None]);
+        held.abort();
+    }
 }
