@@ -147,7 +147,8 @@ impl TestRouter {
     }
 
     pub async fn stop(self) -> tempfile::TempDir {
-        self.router.stop().await;
+        // The drain timeout (30 s by default) and the tasks' grace, with room to spare.
+        bounded("the router's stop", SETTLE * 3, self.router.stop()).await;
         self.dir
     }
 }
@@ -155,6 +156,13 @@ impl TestRouter {
 /// A `[[plugin]]` table for a built plugin, with extra lines appended.
 pub fn plugin_table(name: &str, file: &str, extra: &str) -> String {
     format!("[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n{extra}\n", plugin(file).display())
+}
+
+/// Await `step`, or fail the test naming it once `within` has passed: a test that hangs
+/// instead says where. (CI hung twice, idle, with every effect of the test's messages
+/// committed; the steps its tests await on the broker or the router are bounded this way.)
+pub async fn bounded<T>(step: &str, within: Duration, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(within, future).await.unwrap_or_else(|_| panic!("{step} did not finish within {within:?}"))
 }
 
 /// Whether the broker acked a published test message. A confirm that never comes fails the
@@ -226,17 +234,14 @@ impl Rabbit {
     pub async fn publish_many(&self, messages: impl IntoIterator<Item = (String, Vec<u8>, BasicProperties)>) {
         let mut confirms = Vec::new();
         for (routing_key, body, props) in messages {
-            let confirm = self
-                .channel
-                .basic_publish(
-                    self.exchange.as_str().into(),
-                    routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props,
-                )
-                .await
-                .expect("publish");
+            let publish = self.channel.basic_publish(
+                self.exchange.as_str().into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            );
+            let confirm = bounded("a test message's publish", SETTLE, publish).await.expect("publish");
             confirms.push(confirm);
         }
         for confirm in confirms {
@@ -245,11 +250,14 @@ impl Rabbit {
     }
 
     pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], props: BasicProperties) {
-        let confirm = self
-            .channel
-            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, props)
-            .await
-            .expect("publish");
+        let publish = self.channel.basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        );
+        let confirm = bounded("a test message's publish", SETTLE, publish).await.expect("publish");
         assert!(confirmed(confirm).await, "broker refused a test message");
     }
 
