@@ -524,7 +524,7 @@ impl Forwarder {
 
 /// How long a depth read waits for each answer of the broker (the connection, each passive
 /// declare, the close): depths are best effort, and a broker that stops answering must not
-/// hold up whoever asked (the admin API's status, a `--exit-when-idle` run).
+/// hold up whoever asked (a `/metrics` scrape, a `--exit-when-idle` run).
 const DEPTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Ready-message counts of queues, each through a passive declare on one connection; `None`
