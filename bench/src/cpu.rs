@@ -13,12 +13,16 @@ pub struct Drained {
 }
 
 impl Drained {
-    /// `events` drained since `started`, with CPU counted since `cpu` (NaN when there were
-    /// none to time: `--smoke`'s few events can all be drained before the clock starts).
+    /// `events` drained since `started`, with CPU counted since `cpu`.
     pub fn of(events: usize, started: Instant, cpu: &CpuClock) -> Drained {
-        let rate = if events == 0 { f64::NAN } else { events as f64 / started.elapsed().as_secs_f64() };
-        Drained { rate, cpu: cpu.per_event(events) }
+        Drained { rate: rate(events, started), cpu: cpu.per_event(events) }
     }
+}
+
+/// Events per second since `started`; NaN when there were none to time (`--smoke`'s few
+/// events can all be drained before the clock starts).
+pub fn rate(events: usize, started: Instant) -> f64 {
+    if events == 0 { f64::NAN } else { events as f64 / started.elapsed().as_secs_f64() }
 }
 
 /// Linux reports `utime` and `stime` in `USER_HZ` ticks, 100 per second on every architecture

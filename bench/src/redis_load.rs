@@ -85,15 +85,14 @@ pub async fn streams_routed(args: &Args, name: &str, file: &str, n: usize, body:
     );
     let router = start_router(&text, dir.path()).await?;
     // The router starts draining before its start returns: what it settled by then is not
-    // counted (with `--smoke`'s few events that can be all of them, and the rate is NaN).
+    // counted.
     let started = Instant::now();
-    let early = settled_count(&router, name)?;
+    let early = settled_count(&router, name)? as usize;
     while settled_count(&router, name)? < n as u64 || router.in_flight() > 0 {
         ensure!(started.elapsed() < Duration::from_secs(1800), "switchyard did not drain the stream in 30 minutes");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let timed = n as u64 - early.min(n as u64);
-    let rate = if timed == 0 { f64::NAN } else { timed as f64 / started.elapsed().as_secs_f64() };
+    let rate = crate::cpu::rate(n.saturating_sub(early), started);
     router.stop().await;
     let _: () = conn.del(&stream).await?;
     Ok(rate)

@@ -14,7 +14,7 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
 use switchyard::config::{Config, Secret};
 use switchyard::router::Router;
 
@@ -168,9 +168,8 @@ pub async fn bounded<T>(step: &str, within: Duration, future: impl Future<Output
 /// Whether the broker acked a published test message. A confirm that never comes fails the
 /// test rather than hanging it: a run once hung idle with every effect of its messages
 /// committed, and an unbounded confirm is one await that can do that.
-async fn confirmed(confirm: lapin::PublisherConfirm) -> bool {
-    let confirmation = tokio::time::timeout(SETTLE, confirm).await;
-    confirmation.expect("no publisher confirm within SETTLE").expect("confirm").is_ack()
+async fn confirmed(confirm: PublisherConfirm) -> bool {
+    bounded("a test message's publisher confirm", SETTLE, confirm).await.expect("confirm").is_ack()
 }
 
 /// RabbitMQ objects of one test: an exchange, queue prefix and ingress queue, all unique, and
@@ -234,15 +233,7 @@ impl Rabbit {
     pub async fn publish_many(&self, messages: impl IntoIterator<Item = (String, Vec<u8>, BasicProperties)>) {
         let mut confirms = Vec::new();
         for (routing_key, body, props) in messages {
-            let publish = self.channel.basic_publish(
-                self.exchange.as_str().into(),
-                routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            );
-            let confirm = bounded("a test message's publish", SETTLE, publish).await.expect("publish");
-            confirms.push(confirm);
+            confirms.push(self.send(&self.exchange, &routing_key, &body, props).await);
         }
         for confirm in confirms {
             assert!(confirmed(confirm).await, "broker refused a test message");
@@ -250,6 +241,12 @@ impl Rabbit {
     }
 
     pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], props: BasicProperties) {
+        let confirm = self.send(exchange, routing_key, body, props).await;
+        assert!(confirmed(confirm).await, "broker refused a test message");
+    }
+
+    /// Publish one message; its confirm is the caller's to await.
+    async fn send(&self, exchange: &str, routing_key: &str, body: &[u8], props: BasicProperties) -> PublisherConfirm {
         let publish = self.channel.basic_publish(
             exchange.into(),
             routing_key.into(),
@@ -257,8 +254,7 @@ impl Rabbit {
             body,
             props,
         );
-        let confirm = bounded("a test message's publish", SETTLE, publish).await.expect("publish");
-        assert!(confirmed(confirm).await, "broker refused a test message");
+        bounded("a test message's publish", SETTLE, publish).await.expect("publish")
     }
 
     /// A queue bound to the exchange with `pattern`, to observe what the router publishes.
