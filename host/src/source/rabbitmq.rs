@@ -35,6 +35,21 @@ use crate::source::{Ack, AckBatch, Backoff, InFlight, Received};
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Ingress messages forwarded per confirm round.
 const INGRESS_BATCH: usize = 256;
+/// How long a close waits for the broker's answer. A link that silently stops carrying bytes
+/// never answers, and a close that waited for it would hold up whoever closes: the session's
+/// reconnection, a plugin's removal, an admin request.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Wait for `closing` (a connection's or a channel's close) at most [`CLOSE_TIMEOUT`]. What
+/// was closed is given up either way: a failed or unanswered close only leaves the broker to
+/// notice the connection is gone.
+async fn close_within(what: &str, closing: impl Future<Output = Result<(), lapin::Error>>) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(what, error = %e, "closing failed"),
+        Err(_) => tracing::warn!(what, timeout = ?CLOSE_TIMEOUT, "the broker did not answer the close; giving it up"),
+    }
+}
 
 /// Why a connection to RabbitMQ ended.
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +178,7 @@ impl RabbitMqSource {
             }
         };
         tasks.abort_all();
-        let _ = conn.close(200, "switchyard session ends".into()).await;
+        close_within("the session's connection", conn.close(200, "switchyard session ends".into())).await;
         ended
     }
 
@@ -344,7 +359,7 @@ impl PluginConsumer {
             tracing::warn!(queue = %self.queue, error = %e, "cancelling the consumer failed");
         }
         self.dispatch.drained().await;
-        let _ = channel.close(200, "plugin removed".into()).await;
+        close_within("a removed plugin's channel", channel.close(200, "plugin removed".into())).await;
         tracing::info!(queue = %self.queue, "consumer stopped: plugin removed");
         None
     }
@@ -523,7 +538,7 @@ impl Forwarder {
 }
 
 /// How long a depth read waits for each answer of the broker (the connection, each passive
-/// declare, the close): depths are best effort, and a broker that stops answering must not
+/// declare; the close waits [`CLOSE_TIMEOUT`]): depths are best effort, and a broker that stops answering must not
 /// hold up whoever asked (a `/metrics` scrape, a `--exit-when-idle` run).
 const DEPTH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -551,7 +566,7 @@ pub async fn queue_depths(url: &str, queues: &[String]) -> Vec<Option<u32>> {
         };
         depths.push(depth);
     }
-    let _ = tokio::time::timeout(DEPTH_TIMEOUT, conn.close(200, "measured".into())).await;
+    close_within("a depth read's connection", conn.close(200, "measured".into())).await;
     depths
 }
 
@@ -574,7 +589,7 @@ pub async fn rebind(
         let (q, x) = (queue.into(), config.exchange.as_str().into());
         channel.queue_unbind(q, x, pattern.as_str().into(), FieldTable::default()).await?;
     }
-    let _ = conn.close(200, "rebound".into()).await;
+    close_within("a rebind's connection", conn.close(200, "rebound".into())).await;
     Ok(())
 }
 
@@ -583,7 +598,7 @@ pub async fn delete_queue(config: &RabbitMqConfig, queue: &str) -> Result<(), la
     let conn = Connection::connect(config.url.expose(), ConnectionProperties::default()).await?;
     let channel = conn.create_channel().await?;
     channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
-    let _ = conn.close(200, "deleted".into()).await;
+    close_within("a queue deletion's connection", conn.close(200, "deleted".into())).await;
     Ok(())
 }
 
@@ -616,7 +631,7 @@ pub async fn publish_jsonl(config: &RabbitMqConfig, path: &std::path::Path) -> a
     for confirm in confirms {
         anyhow::ensure!(confirm.await?.is_ack(), "the broker refused an event");
     }
-    let _ = conn.close(200, "fed".into()).await;
+    close_within("the feed's connection", conn.close(200, "fed".into())).await;
     Ok(count)
 }
 
@@ -639,5 +654,36 @@ mod tests {
         let depths = tokio::time::timeout(DEPTH_TIMEOUT * 3, queue_depths(&url, &queues)).await;
         assert_eq!(depths.expect("queue_depths gave up on its own"), vec![None, None]);
         held.abort();
+    }
+
+    /// The loopback broker's address, as the integration tests take it.
+    fn broker_address() -> String {
+        let url = std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        let authority = url.split('@').nth(1).unwrap_or("127.0.0.1:5672");
+        authority.split('/').next().unwrap_or(authority).to_string()
+    }
+
+    #[tokio::test]
+    async fn a_close_on_a_link_that_stopped_carrying_bytes_gives_up_instead_of_hanging() {
+        // A relay to the broker that, once frozen, holds both sockets open and forwards nothing.
+        let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("amqp://guest:guest@{}/%2f", relay.local_addr().unwrap());
+        let frozen = CancellationToken::new();
+        let freeze = frozen.clone();
+        let broker = broker_address();
+        let relayed = tokio::spawn(async move {
+            let (mut client, _) = relay.accept().await.unwrap();
+            let mut server = tokio::net::TcpStream::connect(broker).await.unwrap();
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                _ = freeze.cancelled() => std::future::pending::<()>().await,
+            }
+        });
+        let conn = Connection::connect(&url, ConnectionProperties::default()).await.expect("connect through the relay");
+        frozen.cancel();
+        let closing = close_within("a frozen connection", conn.close(200, "test".into()));
+        let closed = tokio::time::timeout(CLOSE_TIMEOUT * 3, closing).await;
+        assert!(closed.is_ok(), "closing waited for an answer that never comes");
+        relayed.abort();
     }
 }
