@@ -74,7 +74,7 @@ pub async fn streams_routed(args: &Args, name: &str, file: &str, n: usize, body:
     fill_stream(&mut conn, &stream, n, body).await?;
     let dir = tempfile::tempdir()?;
     let text = format!(
-        "[router]\ndata_dir = \"{}\"\nlog = \"warn\"\n[redis]\nurl = \"{}\"\n[redis.streams]\nstreams = [\"{stream}\"]\n\
+        "[router]\ndata_dir = \"{}\"\n[redis]\nurl = \"{}\"\n[redis.streams]\nstreams = [\"{stream}\"]\n\
          group_prefix = \"{}.\"\nbatch = {}\n[[plugin]]\nname = \"{name}\"\npath = \"{}\"\nconcurrency = {}\n",
         dir.path().display(),
         args.redis,
@@ -156,7 +156,7 @@ pub async fn pubsub_routed(args: &Args, n: usize, body: &Body) -> anyhow::Result
     let prefix = format!("{}:", unique("bench"));
     let dir = tempfile::tempdir()?;
     let text = format!(
-        "[router]\ndata_dir = \"{}\"\nlog = \"error\"\n[redis]\nurl = \"{}\"\n[redis.pubsub]\nchannel_prefix = \"{prefix}\"\nbuffer = {n}\n\
+        "[router]\ndata_dir = \"{}\"\n[redis]\nurl = \"{}\"\n[redis.pubsub]\nchannel_prefix = \"{prefix}\"\nbuffer = {n}\n\
          [[plugin]]\nname = \"noop\"\npath = \"{}\"\nconcurrency = {}\n",
         dir.path().display(),
         args.redis,

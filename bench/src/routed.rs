@@ -66,7 +66,7 @@ impl Routed {
     /// Start the router with these plugins, `args.concurrency` lanes each.
     pub async fn start(&mut self, args: &Args, plugins: &[Entry<'_>]) -> anyhow::Result<&Router> {
         let mut text = format!(
-            "[router]\ndata_dir = \"{}\"\nlog = \"warn\"\n[rabbitmq]\nurl = \"{}\"\nexchange = \"{}\"\nqueue_prefix = \"{}\"\nprefetch = {}\n",
+            "[router]\ndata_dir = \"{}\"\n[rabbitmq]\nurl = \"{}\"\nexchange = \"{}\"\nqueue_prefix = \"{}\"\nprefetch = {}\n",
             self.dir.path().display(),
             args.amqp,
             self.exchange,

@@ -1,6 +1,7 @@
 //! Logging and metrics: `tracing` to stderr, and per-plugin counters that also feed the
 //! Prometheus exporter served on the admin API's `/metrics`.
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -8,19 +9,27 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-/// Install the global subscriber, logging to stderr; later calls are no-ops.
+/// Install the global subscriber, logging to stderr, in colour only when stderr is a terminal
+/// (a file, journald or `docker logs` gets plain text); later calls are no-ops.
 pub fn init(default_filter: &str) {
-    init_with_writer(default_filter, std::io::stderr);
+    install(default_filter, std::io::stderr, std::io::stderr().is_terminal());
 }
 
-/// Install the global subscriber the binary installs, logging to `writer` (the benchmarks
-/// log to a file, so that the routers they run pay what the binary's routers pay).
+/// Install the global subscriber the binary installs, logging to `writer` in plain text (the
+/// benchmarks log to a file, so that the routers they run pay what the binary's routers pay).
 pub fn init_with_writer<W>(default_filter: &str, writer: W)
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
+    install(default_filter, writer, false);
+}
+
+fn install<W>(default_filter: &str, writer: W, ansi: bool)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi).try_init();
 }
 
 /// The process-wide Prometheus recorder, installed on first use.

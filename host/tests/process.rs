@@ -287,6 +287,7 @@ async fn sigterm_lets_the_invocations_under_way_finish_and_leaves_the_rest_queue
     let status = exit_of(&mut router, Duration::from_secs(30)).await;
     assert!(status.success(), "SIGTERM exits 0: {}", deployment.log(1));
     assert!(deployment.log(1).contains("drained"), "{}", deployment.log(1));
+    assert!(!deployment.log(1).contains('\x1b'), "a log written to a file carries no colour codes");
     let handled = deployment.seen();
     assert!(handled < total, "SIGTERM must land in the middle ({handled} handled)");
     let mut left = None;
