@@ -493,6 +493,29 @@ fn multipart(component: Vec<u8>, settings: Option<&str>) -> (String, Vec<u8>) {
 }
 
 #[tokio::test]
+async fn a_broker_that_stops_answering_fails_an_upload_with_the_reason_instead_of_hanging_it() {
+    let rabbit = Rabbit::new().await;
+    rabbit.track_plugin("stamp");
+    let proxy = switchyard_tests::Proxy::start("127.0.0.1:5672").await;
+    let toml = format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n{}", rabbit.section(false))
+        + &plugin_table("user-replica", "user_replica.wasm", "");
+    let t = TestRouter::start(&proxy.through(&toml)).await;
+    eventually("RabbitMQ", Duration::from_secs(30), || t.router.is_connected().then_some(())).await;
+
+    // Binding the new plugin's queue takes a connection of its own, which the broker accepts
+    // and never answers on.
+    proxy.stall();
+    let upload = put(&t, "/v1/plugins/stamp", wasm("stamp_v1.wasm"));
+    let (status, body) = switchyard_tests::bounded("the upload", Duration::from_secs(60), upload).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.to_string().contains("did not answer"), "{body}");
+    let (status, _) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a change the broker did not take is not made");
+    assert!(t.router.is_connected(), "the session's own connection is untouched");
+    drop(t.stop().await);
+}
+
+#[tokio::test]
 async fn config_values_come_in_a_multipart_settings_part_and_secrets_stay_references() {
     let t = TestRouter::start(&stamp_router_toml("")).await;
     let settings = r#"{"subscriptions": ["stamp.#"], "timeout_ms": 2500, "config": {"label": "blue", "path": {"env": "PATH"}},

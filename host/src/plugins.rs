@@ -213,6 +213,8 @@ impl<T> Consumers<T> {
 
 /// How long a change waits for the sources to apply it.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a plugin change waits for the broker to declare, bind, unbind or delete its queue.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Changes to the running plugins, each made whole or not at all: what the admin API's
 /// plugin routes do, and how the router installs its plugins at start.
@@ -425,18 +427,14 @@ impl Control {
             return Ok(());
         }
         let queue = RabbitMqSource::queue_name(rabbit, name);
-        rebind(rabbit, &queue, bind, unbind)
-            .await
-            .map_err(|e| ControlError::Broker { queue: queue.clone(), reason: e.to_string() })
+        on_broker(&queue, rebind(rabbit, &queue, bind, unbind)).await
     }
 
     /// Delete a removed plugin's queue and consumer groups with the events they hold.
     async fn discard(&self, name: &str) -> Result<(), ControlError> {
         if let Some(rabbit) = &self.rabbitmq {
             let queue = RabbitMqSource::queue_name(rabbit, name);
-            delete_queue(rabbit, &queue)
-                .await
-                .map_err(|e| ControlError::Broker { queue: queue.clone(), reason: e.to_string() })?;
+            on_broker(&queue, delete_queue(rabbit, &queue)).await?;
         }
         if let Some(redis) = &self.redis
             && let Err(e) = destroy_groups(redis, name).await
@@ -444,6 +442,17 @@ impl Control {
             tracing::warn!(plugin = %name, error = %e, "could not delete the plugin's Redis consumer groups");
         }
         Ok(())
+    }
+}
+
+/// Run a change of `queue` on the broker, given up after [`BROKER_TIMEOUT`]: a broker that
+/// accepts connections and stops answering fails the admin request that asked, instead of
+/// hanging it (and every change queued behind it).
+async fn on_broker(queue: &str, change: impl Future<Output = Result<(), lapin::Error>>) -> Result<(), ControlError> {
+    let failed = |reason: String| ControlError::Broker { queue: queue.to_string(), reason };
+    match tokio::time::timeout(BROKER_TIMEOUT, change).await {
+        Ok(result) => result.map_err(|e| failed(e.to_string())),
+        Err(_) => Err(failed(format!("the broker did not answer within {} s", BROKER_TIMEOUT.as_secs()))),
     }
 }
 

@@ -318,13 +318,15 @@ impl Drop for Rabbit {
 
 /// A TCP proxy on loopback in front of a server, whose connections a test can cut, and keep
 /// refusing for a while, to simulate a broker outage without touching the shared server; or
-/// freeze, to simulate a link that silently stops carrying bytes.
+/// freeze, to simulate a link that silently stops carrying bytes; or stall, to simulate a
+/// server that accepts connections and never answers on them.
 pub struct Proxy {
     pub port: u16,
     upstream: String,
     cut: tokio::sync::watch::Sender<u64>,
     freeze: tokio::sync::watch::Sender<u64>,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -336,11 +338,23 @@ impl Proxy {
         let (freeze, freezes) = tokio::sync::watch::channel(0u64);
         let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let refusing = down.clone();
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stalling = stalled.clone();
         let target = upstream.to_string();
         let accept = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if refusing.load(std::sync::atomic::Ordering::SeqCst) {
                     // The broker is "down": the connection closes at once.
+                    continue;
+                }
+                if stalling.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Accepted, and held open carrying nothing until a cut.
+                    let mut cuts = cuts.clone();
+                    cuts.mark_unchanged();
+                    tokio::spawn(async move {
+                        let _held = client;
+                        drop(cuts.changed().await);
+                    });
                     continue;
                 }
                 let upstream = target.clone();
@@ -359,7 +373,7 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, upstream: upstream.to_string(), cut, freeze, down, accept }
+        Proxy { port, upstream: upstream.to_string(), cut, freeze, down, stalled, accept }
     }
 
     /// `text` (a config, a URL) with the upstream's address replaced by the proxy's.
@@ -376,6 +390,12 @@ impl Proxy {
     /// is sent on them is never answered. New connections are forwarded as usual.
     pub fn freeze(&self) {
         self.freeze.send_modify(|n| *n += 1);
+    }
+
+    /// Accept new connections and never forward them: what is sent on them is never answered.
+    /// The connections open already carry on as usual.
+    pub fn stall(&self) {
+        self.stalled.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// An outage: close every connection and refuse new ones until [`up`](Self::up).
