@@ -619,7 +619,18 @@ impl Lane {
         let count = |outcome| self.slot.counters.record(&self.name, outcome);
         let retry = plugin.settings.retry;
         let last = attempt >= retry.max_attempts || matches!(failure, InvokeError::Reject(_));
-        tracing::warn!(plugin = %plugin.name, attempt, error = %failure, will_retry = !last, "invocation failed");
+        // The event is named on the line itself: the event's span is at `info`, and a router
+        // logging at `warn` (or a collector that drops span fields) would show the failure
+        // without saying which event failed.
+        tracing::warn!(
+            plugin = %plugin.name,
+            event_id = %inbound.event.id,
+            name = %inbound.event.name,
+            attempt,
+            error = %failure,
+            will_retry = !last,
+            "invocation failed"
+        );
         if matches!(failure, InvokeError::Reject(_)) {
             count(Counted::Rejected);
         }

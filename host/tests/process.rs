@@ -61,6 +61,14 @@ impl Deployment {
         Deployment { dir, config }
     }
 
+    /// The same deployment logging at `level` instead of `info`.
+    fn logging(self, level: &str) -> Deployment {
+        let text = std::fs::read_to_string(&self.config).expect("read router.toml");
+        let text = text.replacen("log = \"info\"", &format!("log = \"{level}\""), 1);
+        std::fs::write(&self.config, text).expect("write router.toml");
+        self
+    }
+
     /// Start `switchyard run` with extra arguments; its output goes to `router-<n>.log`.
     fn start(&self, run: usize, extra: &[&str]) -> Child {
         let log = std::fs::File::create(self.dir.path().join(format!("router-{run}.log"))).expect("log file");
@@ -303,4 +311,20 @@ async fn sigterm_lets_the_invocations_under_way_finish_and_leaves_the_rest_queue
     let mut restarted = deployment.start(2, &["--exit-when-idle"]);
     assert!(exit_of(&mut restarted, SETTLE).await.success(), "{}", deployment.log(2));
     assert_eq!(deployment.processed(total), total);
+}
+
+#[tokio::test]
+async fn logging_at_warn_a_failed_invocation_still_names_its_event() {
+    let rabbit = Rabbit::new();
+    let deployment = Deployment::new(&rabbit.section(), "").logging("warn");
+    let mut router = deployment.start(1, &[]);
+    until("the router's queue", SETTLE, || deployment.log(1), async || rabbit.depth().await.is_some()).await;
+    rabbit.publish([("chaos.reject".to_string(), "{}".to_string(), "e-rejected".to_string())]).await;
+    let failed = || deployment.log(1).lines().find(|l| l.contains("invocation failed")).map(str::to_string);
+    until("the failure's log line", SETTLE, || deployment.log(1), async || failed().is_some()).await;
+    let line = failed().unwrap_or_default();
+    assert!(line.contains("event_id=e-rejected") && line.contains("name=chaos.reject"), "{line}");
+    assert!(!deployment.log(1).contains(" INFO "), "the filter is warn: {}", deployment.log(1));
+    terminate(&router);
+    assert!(exit_of(&mut router, SETTLE).await.success(), "{}", deployment.log(1));
 }

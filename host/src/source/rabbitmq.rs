@@ -538,8 +538,9 @@ impl Forwarder {
 }
 
 /// How long a depth read waits for each answer of the broker (the connection, each passive
-/// declare; the close waits [`CLOSE_TIMEOUT`]): depths are best effort, and a broker that stops answering must not
-/// hold up whoever asked (a `/metrics` scrape, a `--exit-when-idle` run).
+/// declare; the close waits [`CLOSE_TIMEOUT`]): depths are best effort, and a broker that
+/// stops answering must not hold up whoever asked (a `/metrics` scrape, a `--exit-when-idle`
+/// run).
 const DEPTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Ready-message counts of queues, each through a passive declare on one connection; `None`
