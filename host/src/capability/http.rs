@@ -20,6 +20,8 @@ pub(crate) struct Egress {
     pub(crate) allowed: Arc<[AllowedHost]>,
     /// When the invocation under way must have finished; copied from the store's state.
     pub(crate) deadline: Instant,
+    /// The event of the invocation under way, for the log; copied with the deadline.
+    pub(crate) event_id: String,
 }
 
 impl Egress {
@@ -56,6 +58,7 @@ impl WasiHttpHooks for Egress {
             // The host and port only: an authority may carry credentials.
             tracing::warn!(
                 plugin = %self.plugin,
+                event_id = %self.event_id,
                 host = request.uri().host().unwrap_or(""),
                 port = request.uri().port_u16(),
                 "outbound HTTP refused: the host is not in the plugin's allowed_hosts"
@@ -79,7 +82,39 @@ mod tests {
             plugin: Arc::from("p"),
             allowed: hosts.iter().map(|h| AllowedHost::parse(h).unwrap()).collect(),
             deadline: Instant::now() + Duration::from_secs(2),
+            event_id: "e-1".into(),
         }
+    }
+
+    /// A log writer into a shared buffer.
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_is_logged_with_its_event_and_host_and_no_credentials() {
+        let logged = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = logged.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || Capture(sink.clone())).with_ansi(false).finish();
+        let body = http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync();
+        let request = http::Request::get("http://user:hunter2@denied.test:8080/x").body(body).unwrap();
+        let mut e = egress(&["allowed.test"]);
+        let sent =
+            tracing::subscriber::with_default(subscriber, || e.send_request(request, None, Box::new(async { Ok(()) })));
+        assert!(Box::into_pin(sent).await.is_err(), "the request is refused");
+        let log = String::from_utf8(logged.lock().unwrap().clone()).unwrap();
+        assert!(log.contains("outbound HTTP refused"), "{log}");
+        assert!(log.contains("event_id=e-1") && log.contains("denied.test") && log.contains("8080"), "{log}");
+        assert!(!log.contains("hunter2") && !log.contains("user:"), "{log}");
     }
 
     #[test]

@@ -97,8 +97,12 @@ impl HostState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        let egress =
-            Egress { plugin: plugin.name.clone(), allowed: plugin.allowed_hosts.clone(), deadline: Instant::now() };
+        let egress = Egress {
+            plugin: plugin.name.clone(),
+            allowed: plugin.allowed_hosts.clone(),
+            deadline: Instant::now(),
+            event_id: String::new(),
+        };
         HostState {
             wasi,
             http: WasiHttpCtx::new(),
@@ -140,6 +144,7 @@ impl WasiHttpView for HostState {
         // Any wasi:http call, not only a request sent: the invocation is not pure.
         if let Some(invocation) = self.invocation.as_mut() {
             invocation.reached_out = true;
+            self.egress.event_id.clone_from(&invocation.event_id);
         }
         self.egress.deadline = self.deadline;
         WasiHttpCtxView { hooks: &mut self.egress, table: &mut self.table, ctx: &mut self.http }
