@@ -35,19 +35,20 @@ use crate::source::{Ack, AckBatch, Backoff, InFlight, Received};
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Ingress messages forwarded per confirm round.
 const INGRESS_BATCH: usize = 256;
-/// How long a close waits for the broker's answer. A link that silently stops carrying bytes
-/// never answers, and a close that waited for it would hold up whoever closes: the session's
-/// reconnection, a plugin's removal, an admin request.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the router waits for one answer of the broker where nothing else bounds the wait:
+/// a close, and each step of a depth read. A link that silently stops carrying bytes never
+/// answers, and a wait for it would hold up whoever asked: the session's reconnection, a
+/// plugin's removal, an admin request, a `/metrics` scrape, a `--exit-when-idle` run.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Wait for `closing` (a connection's or a channel's close) at most [`CLOSE_TIMEOUT`]. What
+/// Wait for `closing` (a connection's or a channel's close) at most [`ANSWER_TIMEOUT`]. What
 /// was closed is given up either way: a failed or unanswered close only leaves the broker to
 /// notice the connection is gone.
 async fn close_within(what: &str, closing: impl Future<Output = Result<(), lapin::Error>>) {
-    match tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
+    match tokio::time::timeout(ANSWER_TIMEOUT, closing).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(what, error = %e, "closing failed"),
-        Err(_) => tracing::warn!(what, timeout = ?CLOSE_TIMEOUT, "the broker did not answer the close; giving it up"),
+        Err(_) => tracing::warn!(what, timeout = ?ANSWER_TIMEOUT, "the broker did not answer the close; giving it up"),
     }
 }
 
@@ -537,28 +538,22 @@ impl Forwarder {
     }
 }
 
-/// How long a depth read waits for each answer of the broker (the connection, each passive
-/// declare; the close waits [`CLOSE_TIMEOUT`]): depths are best effort, and a broker that
-/// stops answering must not hold up whoever asked (a `/metrics` scrape, a `--exit-when-idle`
-/// run).
-const DEPTH_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Ready-message counts of queues, each through a passive declare on one connection; `None`
 /// for a queue that cannot be read, or whose count the broker did not give within
-/// [`DEPTH_TIMEOUT`].
+/// [`ANSWER_TIMEOUT`] (depths are best effort).
 pub async fn queue_depths(url: &str, queues: &[String]) -> Vec<Option<u32>> {
     let connect = Connection::connect(url, ConnectionProperties::default());
-    let Ok(Ok(conn)) = tokio::time::timeout(DEPTH_TIMEOUT, connect).await else {
+    let Ok(Ok(conn)) = tokio::time::timeout(ANSWER_TIMEOUT, connect).await else {
         return vec![None; queues.len()];
     };
     let mut depths = Vec::with_capacity(queues.len());
     for queue in queues {
         // A failed passive declare closes the channel: one channel per queue.
-        let depth = match tokio::time::timeout(DEPTH_TIMEOUT, conn.create_channel()).await {
+        let depth = match tokio::time::timeout(ANSWER_TIMEOUT, conn.create_channel()).await {
             Ok(Ok(channel)) => {
                 let options = QueueDeclareOptions { passive: true, ..Default::default() };
                 let declared = channel.queue_declare(queue.as_str().into(), options, FieldTable::default());
-                match tokio::time::timeout(DEPTH_TIMEOUT, declared).await {
+                match tokio::time::timeout(ANSWER_TIMEOUT, declared).await {
                     Ok(Ok(q)) => Some(q.message_count()),
                     _ => None,
                 }
@@ -652,16 +647,16 @@ mod tests {
             }
         });
         let queues = ["a".to_string(), "b".to_string()];
-        let depths = tokio::time::timeout(DEPTH_TIMEOUT * 3, queue_depths(&url, &queues)).await;
+        let depths = tokio::time::timeout(ANSWER_TIMEOUT * 3, queue_depths(&url, &queues)).await;
         assert_eq!(depths.expect("queue_depths gave up on its own"), vec![None, None]);
         held.abort();
     }
 
-    /// The loopback broker's address, as the integration tests take it.
+    /// The loopback broker's address, from `AMQP_URL` as the integration tests take it.
     fn broker_address() -> String {
         let url = std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-        let authority = url.split('@').nth(1).unwrap_or("127.0.0.1:5672");
-        authority.split('/').next().unwrap_or(authority).to_string()
+        let uri: lapin::uri::AMQPUri = url.parse().expect("AMQP_URL is an AMQP URL");
+        format!("{}:{}", uri.authority.host, uri.authority.port)
     }
 
     #[tokio::test]
@@ -683,7 +678,7 @@ mod tests {
         let conn = Connection::connect(&url, ConnectionProperties::default()).await.expect("connect through the relay");
         frozen.cancel();
         let closing = close_within("a frozen connection", conn.close(200, "test".into()));
-        let closed = tokio::time::timeout(CLOSE_TIMEOUT * 3, closing).await;
+        let closed = tokio::time::timeout(ANSWER_TIMEOUT * 3, closing).await;
         assert!(closed.is_ok(), "closing waited for an answer that never comes");
         relayed.abort();
     }
