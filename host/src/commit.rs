@@ -98,16 +98,76 @@ pub struct DeadLetter {
 /// Work for the writer thread.
 #[derive(Debug)]
 enum Job {
-    Commit { plugin: Arc<str>, event_id: String, effects: Effects, reply: oneshot::Sender<Outcome> },
-    DeadLetter { letter: DeadLetter, reply: oneshot::Sender<Result<(), String>> },
-    OutboxSent { seqs: Vec<i64>, reply: oneshot::Sender<Result<(), String>> },
-    Journal { op: JournalOp, reply: oneshot::Sender<Result<(), String>> },
-    Execute { sql: String, reply: oneshot::Sender<Result<(), String>> },
-    Prune { before: Millis, reply: oneshot::Sender<Result<u64, String>> },
-    Park { row: ParkedRow, reply: oneshot::Sender<Result<(), String>> },
-    Unpark { seq: i64, reply: oneshot::Sender<Result<u64, String>> },
-    Replay { letters: Vec<Replayed>, reply: oneshot::Sender<Result<Vec<i64>, String>> },
-    Discard { plugin: String, seqs: Option<Vec<i64>>, reply: oneshot::Sender<Result<u64, String>> },
+    Commit { plugin: Arc<str>, event_id: String, effects: Effects, reply: Reply<Outcome> },
+    DeadLetter { letter: DeadLetter, reply: Reply<Result<(), String>> },
+    OutboxSent { seqs: Vec<i64>, reply: Reply<Result<(), String>> },
+    Journal { op: JournalOp, reply: Reply<Result<(), String>> },
+    Execute { sql: String, reply: Reply<Result<(), String>> },
+    Prune { before: Millis, reply: Reply<Result<u64, String>> },
+    Park { row: ParkedRow, reply: Reply<Result<(), String>> },
+    Unpark { seq: i64, reply: Reply<Result<u64, String>> },
+    Replay { letters: Vec<Replayed>, reply: Reply<Result<Vec<i64>, String>> },
+    Discard { plugin: String, seqs: Option<Vec<i64>>, reply: Reply<Result<u64, String>> },
+}
+
+impl Job {
+    /// Send the job's answer, or `failure` if its transaction did not commit.
+    fn settle(self, failure: Option<&str>) {
+        match self {
+            Job::Commit { reply, .. } => reply.send(failure),
+            Job::DeadLetter { reply, .. }
+            | Job::OutboxSent { reply, .. }
+            | Job::Journal { reply, .. }
+            | Job::Execute { reply, .. }
+            | Job::Park { reply, .. } => reply.send(failure),
+            Job::Prune { reply, .. } | Job::Unpark { reply, .. } | Job::Discard { reply, .. } => reply.send(failure),
+            Job::Replay { reply, .. } => reply.send(failure),
+        }
+    }
+}
+
+/// A job's reply channel, and its answer once the job is applied; the answer is sent only
+/// when the job's transaction has committed.
+#[derive(Debug)]
+struct Reply<T> {
+    to: oneshot::Sender<T>,
+    answer: Option<T>,
+}
+
+/// The answer a job's sender gets when its transaction failed.
+trait Failure {
+    fn failure(reason: &str) -> Self;
+}
+
+impl Failure for Outcome {
+    fn failure(reason: &str) -> Self {
+        Outcome::Failed(reason.into())
+    }
+}
+
+impl<T> Failure for Result<T, String> {
+    fn failure(reason: &str) -> Self {
+        Err(reason.into())
+    }
+}
+
+impl<T: Failure> Reply<T> {
+    fn new(to: oneshot::Sender<T>) -> Self {
+        Reply { to, answer: None }
+    }
+
+    fn answer(&mut self, answer: T) {
+        self.answer = Some(answer);
+    }
+
+    fn send(self, failure: Option<&str>) {
+        let answer = match failure {
+            Some(reason) => T::failure(reason),
+            None => self.answer.unwrap_or_else(|| T::failure("the writer did not apply this job")),
+        };
+        // The sender may have stopped waiting; nothing is owed to it then.
+        let _ = self.to.send(answer);
+    }
 }
 
 /// A dead letter to replay: it is deleted, its processed-marker too, and `row` parked in its
@@ -155,9 +215,9 @@ pub struct Writer {
 
 impl Writer {
     /// Send the job `make` builds around its reply channel, and wait for the reply.
-    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Job) -> Result<T, WriterGone> {
+    async fn request<T: Failure>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, WriterGone> {
         let (reply, rx) = oneshot::channel();
-        self.jobs.send(make(reply)).await.map_err(|_| WriterGone)?;
+        self.jobs.send(make(Reply::new(reply))).await.map_err(|_| WriterGone)?;
         rx.await.map_err(|_| WriterGone)
     }
 
@@ -217,6 +277,7 @@ impl Writer {
         effects: Effects,
     ) -> Result<PendingCommit, WriterGone> {
         let (reply, rx) = oneshot::channel();
+        let reply = Reply::new(reply);
         self.jobs.send(Job::Commit { plugin, event_id, effects, reply }).await.map_err(|_| WriterGone)?;
         Ok(PendingCommit(rx))
     }
@@ -293,14 +354,6 @@ impl PendingCommit {
     }
 }
 
-/// A job's reply, sent once its transaction's fate is known.
-enum Reply {
-    Commit(oneshot::Sender<Outcome>, Outcome),
-    Done(oneshot::Sender<Result<(), String>>, Result<(), String>),
-    Count(oneshot::Sender<Result<u64, String>>, Result<u64, String>),
-    Seqs(oneshot::Sender<Result<Vec<i64>, String>>, Result<Vec<i64>, String>),
-}
-
 fn run(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Job>,
@@ -318,24 +371,19 @@ fn run(
             }
         }
         let mut outbox_added = false;
-        let replies = match apply_batch(&mut conn, &mut batch, &mut outbox_added) {
-            Ok(replies) => {
+        let failure = match apply_batch(&mut conn, &mut batch, &mut outbox_added) {
+            Ok(()) => {
                 snapshot.committed();
-                replies
+                None
             }
             Err(e) => {
                 tracing::error!(error = %e, jobs = batch.len(), "store transaction failed; the batch is retried by its senders");
                 outbox_added = false;
-                batch.drain(..).map(|job| failed_reply(job, &e.to_string())).collect()
+                Some(e.to_string())
             }
         };
-        for reply in replies {
-            match reply {
-                Reply::Commit(tx, outcome) => drop(tx.send(outcome)),
-                Reply::Done(tx, result) => drop(tx.send(result)),
-                Reply::Count(tx, result) => drop(tx.send(result)),
-                Reply::Seqs(tx, result) => drop(tx.send(result)),
-            }
+        for job in batch.drain(..) {
+            job.settle(failure.as_deref());
         }
         if outbox_added {
             outbox_ready.notify_one();
@@ -343,43 +391,29 @@ fn run(
     }
 }
 
-fn failed_reply(job: Job, error: &str) -> Reply {
-    match job {
-        Job::Commit { reply, .. } => Reply::Commit(reply, Outcome::Failed(error.into())),
-        Job::DeadLetter { reply, .. }
-        | Job::Journal { reply, .. }
-        | Job::Execute { reply, .. }
-        | Job::Park { reply, .. }
-        | Job::OutboxSent { reply, .. } => Reply::Done(reply, Err(error.into())),
-        Job::Unpark { reply, .. } | Job::Discard { reply, .. } | Job::Prune { reply, .. } => {
-            Reply::Count(reply, Err(error.into()))
-        }
-        Job::Replay { reply, .. } => Reply::Seqs(reply, Err(error.into())),
-    }
-}
-
-fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut bool) -> rusqlite::Result<Vec<Reply>> {
+/// Apply a batch in one transaction. Each job's answer is kept in it and sent only once the
+/// transaction has committed; when any statement fails, the whole batch is rolled back and
+/// every job gets the error.
+fn apply_batch(conn: &mut Connection, batch: &mut [Job], outbox_added: &mut bool) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let now = Millis::now();
-    let mut replies = Vec::with_capacity(batch.len());
-    for job in batch.drain(..) {
+    for job in batch.iter_mut() {
         match job {
             Job::Commit { plugin, event_id, effects, reply } => {
-                let adds_outbox = !effects.outbox.is_empty();
-                let outcome = commit_one(&tx, &plugin, &event_id, &effects, now)?;
-                *outbox_added |= adds_outbox && outcome == Outcome::Committed;
-                replies.push(Reply::Commit(reply, outcome));
+                let outcome = commit_one(&tx, plugin, event_id, effects, now)?;
+                *outbox_added |= !effects.outbox.is_empty() && outcome == Outcome::Committed;
+                reply.answer(outcome);
             }
             Job::DeadLetter { letter, reply } => {
-                insert_dead_letter(&tx, &letter, now)?;
-                replies.push(Reply::Done(reply, Ok(())));
+                insert_dead_letter(&tx, letter, now)?;
+                reply.answer(Ok(()));
             }
             Job::OutboxSent { seqs, reply } => {
                 let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-                for seq in seqs {
+                for seq in seqs.iter() {
                     stmt.execute([seq])?;
                 }
-                replies.push(Reply::Done(reply, Ok(())));
+                reply.answer(Ok(()));
             }
             Job::Journal { op, reply } => {
                 match op {
@@ -387,18 +421,18 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut b
                         let mut stmt = tx.prepare_cached(
                             "INSERT OR REPLACE INTO ingress_journal (id, queue, digest, received_at) VALUES (?1, ?2, ?3, ?4)",
                         )?;
-                        for e in entries {
+                        for e in entries.iter() {
                             stmt.execute(params![e.id, e.queue, e.digest, e.received_at.0 as i64])?;
                         }
                     }
                     JournalOp::Delete(ids) => {
                         let mut stmt = tx.prepare_cached("DELETE FROM ingress_journal WHERE id = ?1")?;
-                        for id in ids {
+                        for id in ids.iter() {
                             stmt.execute([id])?;
                         }
                     }
                 }
-                replies.push(Reply::Done(reply, Ok(())));
+                reply.answer(Ok(()));
             }
             Job::Prune { before, reply } => {
                 let at = before.0 as i64;
@@ -409,23 +443,20 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut b
                     )?
                     .execute(params![at, PRUNE_BATCH])?;
                 tx.prepare_cached("DELETE FROM ingress_journal WHERE received_at < ?1")?.execute([at])?;
-                replies.push(Reply::Count(reply, Ok(deleted as u64)));
+                reply.answer(Ok(deleted as u64));
             }
-            Job::Execute { sql, reply } => {
-                let result = tx.execute_batch(&sql).map_err(|e| e.to_string());
-                replies.push(Reply::Done(reply, result));
-            }
+            Job::Execute { sql, reply } => reply.answer(tx.execute_batch(sql).map_err(|e| e.to_string())),
             Job::Park { row, reply } => {
-                park(&tx, &row)?;
-                replies.push(Reply::Done(reply, Ok(())));
+                park(&tx, row)?;
+                reply.answer(Ok(()));
             }
             Job::Unpark { seq, reply } => {
-                let deleted = tx.prepare_cached("DELETE FROM parked WHERE seq = ?1")?.execute([seq])?;
-                replies.push(Reply::Count(reply, Ok(deleted as u64)));
+                let deleted = tx.prepare_cached("DELETE FROM parked WHERE seq = ?1")?.execute([*seq])?;
+                reply.answer(Ok(deleted as u64));
             }
             Job::Replay { letters, reply } => {
                 let mut replayed = Vec::new();
-                for Replayed { dead_letter, row } in &letters {
+                for Replayed { dead_letter, row } in letters.iter() {
                     let deleted =
                         tx.prepare_cached("DELETE FROM dead_letters WHERE seq = ?1")?.execute([dead_letter])?;
                     if deleted == 0 {
@@ -436,26 +467,25 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Job>, outbox_added: &mut b
                     park(&tx, row)?;
                     replayed.push(*dead_letter);
                 }
-                replies.push(Reply::Seqs(reply, Ok(replayed)));
+                reply.answer(Ok(replayed));
             }
             Job::Discard { plugin, seqs, reply } => {
                 let deleted = match seqs {
-                    None => tx.prepare_cached("DELETE FROM dead_letters WHERE plugin = ?1")?.execute([&plugin])?,
+                    None => tx.prepare_cached("DELETE FROM dead_letters WHERE plugin = ?1")?.execute([&*plugin])?,
                     Some(seqs) => {
                         let mut stmt = tx.prepare_cached("DELETE FROM dead_letters WHERE plugin = ?1 AND seq = ?2")?;
                         let mut n = 0;
-                        for seq in seqs {
-                            n += stmt.execute(params![plugin, seq])?;
+                        for seq in seqs.iter() {
+                            n += stmt.execute(params![&*plugin, seq])?;
                         }
                         n
                     }
                 };
-                replies.push(Reply::Count(reply, Ok(deleted as u64)));
+                reply.answer(Ok(deleted as u64));
             }
         }
     }
-    tx.commit()?;
-    Ok(replies)
+    tx.commit()
 }
 
 /// Apply one invocation's effects, or nothing: a duplicate is known before anything is
@@ -606,6 +636,33 @@ mod tests {
         let again = Effects { writes: vec![put("k", r#"{"n":2}"#)], ..Default::default() };
         assert_eq!(w.commit(p, "e1".into(), again).await.unwrap(), Outcome::Duplicate);
         assert_eq!(r.get("p", "c", "k").unwrap().unwrap().body.as_deref(), Some(r#"{"n":1}"#));
+    }
+
+    #[tokio::test]
+    async fn a_failed_transaction_answers_with_its_reason_and_the_writer_goes_on() {
+        let (_d, w, r) = writer();
+        let refuse =
+            "CREATE TRIGGER refuse BEFORE INSERT ON dead_letters BEGIN SELECT RAISE(ABORT, 'the disk said no'); END;";
+        w.execute(refuse.into()).await.unwrap().unwrap();
+        let letter = DeadLetter {
+            plugin: "p".into(),
+            event_id: Some("e1".into()),
+            name: Some("n".into()),
+            reason: "rejected".into(),
+            attempts: 1,
+            first_failed_at: Millis(0),
+            transport: "{}".into(),
+            body: b"{}".to_vec(),
+            mark_processed: true,
+        };
+        let refused = w.dead_letter(letter.clone()).await.expect("the writer answers, it has not stopped");
+        assert!(refused.as_ref().is_err_and(|e| e.contains("the disk said no")), "{refused:?}");
+        assert!(!r.processed("p", "e1").unwrap(), "the failed transaction left no marker");
+        let p: Arc<str> = "p".into();
+        assert_eq!(w.commit(p, "e2".into(), Effects::default()).await.unwrap(), Outcome::Committed);
+        w.execute("DROP TRIGGER refuse;".into()).await.unwrap().unwrap();
+        assert_eq!(w.dead_letter(letter).await.unwrap(), Ok(()));
+        assert!(r.processed("p", "e1").unwrap());
     }
 
     #[tokio::test]
