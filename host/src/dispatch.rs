@@ -313,7 +313,19 @@ enum Settled {
     /// Parked in the store for a later attempt (or behind an earlier event of its key).
     Parked,
     /// Left unacknowledged: the broker redelivers it.
-    Abandoned,
+    Abandoned(Abandon),
+}
+
+/// Why a lane could not settle an event and left it to the broker. Logged once, with the
+/// event, when the event is handed back.
+#[derive(Debug, thiserror::Error)]
+enum Abandon {
+    #[error(transparent)]
+    WriterStopped(#[from] WriterGone),
+    #[error("could not park the event: {0}")]
+    Park(String),
+    #[error("could not keep the dead letter: {0}")]
+    DeadLetter(String),
 }
 
 /// An event whose effects are with the writer, not committed yet.
@@ -418,8 +430,13 @@ impl Pipeline {
     }
 }
 
+/// The span an event runs in, at `debug`. At `info` and above no span is made per event: it
+/// cost about 1 µs of CPU per event in a no-op drain (BENCHMARKS.md), as much as a fifth of
+/// the router's own work, so the lines logged at `info` and above while an event runs name the
+/// event themselves. At `debug` every line logged meanwhile gets the event's id, name and
+/// correlation id from it.
 fn event_span(event: &Event) -> tracing::Span {
-    tracing::info_span!(
+    tracing::debug_span!(
         "event",
         event_id = %event.id,
         name = %event.name,
@@ -518,7 +535,17 @@ impl Lane {
                 }
             }
             Settled::Parked => inbound.ack.parked().await,
-            Settled::Abandoned => inbound.ack.requeue().await,
+            Settled::Abandoned(why) => {
+                // Named on the line itself, like the failure warn (see `event_span`).
+                tracing::error!(
+                    plugin = %self.name,
+                    event_id = %inbound.event.id,
+                    name = %inbound.event.name,
+                    error = %why,
+                    "leaving the message to the broker"
+                );
+                inbound.ack.requeue().await
+            }
         }
     }
 
@@ -549,7 +576,12 @@ impl Lane {
                 return Step::Settled(queued, Settled::Duplicate);
             }
             Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot check the processed-marker; the commit will"),
+            Err(e) => tracing::warn!(
+                event_id = %inbound.event.id,
+                name = %inbound.event.name,
+                error = %e,
+                "cannot check the processed-marker; the commit will"
+            ),
         }
         let attempt = inbound.attempt.max(1);
         self.invoke(Committing { queued, plugin, attempt, conflicts: 0, took: Duration::ZERO, span }).await
@@ -567,10 +599,7 @@ impl Lane {
         match result {
             Ok(Some(effects)) => match self.writer.send_commit(self.name.clone(), event.id.0.clone(), effects).await {
                 Ok(pending) => Step::Committing(c, pending),
-                Err(e) => {
-                    tracing::error!(error = %e, "store writer stopped; leaving the message to the broker");
-                    Step::Settled(c.queued, Settled::Abandoned)
-                }
+                Err(e) => Step::Settled(c.queued, Settled::Abandoned(e.into())),
             },
             // Nothing to commit and no marker to write: running it again would do nothing
             // either. It is settled as committed.
@@ -602,10 +631,7 @@ impl Lane {
             }
             Ok(Outcome::Conflict) => self.fail(c, InvokeError::Retry("too many concurrent conflicts".into())).await,
             Ok(Outcome::Failed(e)) => self.fail(c, InvokeError::Retry(format!("commit failed: {e}"))).await,
-            Err(e) => {
-                tracing::error!(error = %e, "store writer stopped; leaving the message to the broker");
-                Step::Settled(c.queued, Settled::Abandoned)
-            }
+            Err(e) => Step::Settled(c.queued, Settled::Abandoned(e.into())),
         }
     }
 
@@ -619,9 +645,8 @@ impl Lane {
         let count = |outcome| self.slot.counters.record(&self.name, outcome);
         let retry = plugin.settings.retry;
         let last = attempt >= retry.max_attempts || matches!(failure, InvokeError::Reject(_));
-        // The event is named on the line itself: the event's span is at `info`, and a router
-        // logging at `warn` (or a collector that drops span fields) would show the failure
-        // without saying which event failed.
+        // The event is named on the line itself: the event's span is at `debug` (see
+        // `event_span`), and a collector may drop span fields.
         tracing::warn!(
             plugin = %plugin.name,
             event_id = %inbound.event.id,
@@ -667,14 +692,8 @@ impl Lane {
                 }
                 Settled::Parked
             }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "could not park the event; leaving the message to the broker");
-                Settled::Abandoned
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "store writer stopped; leaving the message to the broker");
-                Settled::Abandoned
-            }
+            Ok(Err(e)) => Settled::Abandoned(Abandon::Park(e)),
+            Err(e) => Settled::Abandoned(e.into()),
         }
     }
 
@@ -715,14 +734,8 @@ impl Lane {
         };
         match writer.dead_letter(letter).await {
             Ok(Ok(())) => Settled::DeadLettered,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "could not keep the dead letter; leaving the message to the broker");
-                Settled::Abandoned
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "store writer stopped; leaving the message to the broker");
-                Settled::Abandoned
-            }
+            Ok(Err(e)) => Settled::Abandoned(Abandon::DeadLetter(e)),
+            Err(e) => Settled::Abandoned(e.into()),
         }
     }
 }

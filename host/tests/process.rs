@@ -328,3 +328,39 @@ async fn logging_at_warn_a_failed_invocation_still_names_its_event() {
     terminate(&router);
     assert!(exit_of(&mut router, SETTLE).await.success(), "{}", deployment.log(1));
 }
+
+#[tokio::test]
+async fn a_store_that_refuses_a_dead_letter_leaves_the_event_to_the_broker_and_names_it() {
+    let rabbit = Rabbit::new();
+    let deployment = Deployment::new(&rabbit.section(), "").logging("warn");
+    let mut router = deployment.start(1, &[]);
+    until("the router's queue", SETTLE, || deployment.log(1), async || rabbit.depth().await.is_some()).await;
+    let store = rusqlite::Connection::open(deployment.dir.path().join("data").join(switchyard::db::FILE_NAME))
+        .expect("open the router's store");
+    store.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+    store
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON dead_letters BEGIN SELECT RAISE(ABORT, 'the disk said no'); END;",
+        )
+        .expect("add the trigger");
+    rabbit.publish([("chaos.reject".to_string(), "{}".to_string(), "e-refused".to_string())]).await;
+    let left =
+        || deployment.log(1).lines().find(|l| l.contains("leaving the message to the broker")).map(str::to_string);
+    until("the event handed back", SETTLE, || deployment.log(1), async || left().is_some()).await;
+    let line = left().unwrap_or_default();
+    assert!(
+        line.contains("ERROR") && line.contains("event_id=e-refused") && line.contains("name=chaos.reject"),
+        "{line}"
+    );
+    assert!(line.contains("the disk said no"), "the store's reason is on the line: {line}");
+    // Handed back, not lost: once the store takes dead letters again, the redelivered event is kept.
+    store.execute_batch("DROP TRIGGER refuse;").expect("drop the trigger");
+    let kept = || -> bool {
+        store
+            .query_row("SELECT count(*) FROM dead_letters WHERE event_id = 'e-refused'", [], |r| r.get::<_, i64>(0))
+            .is_ok_and(|n| n == 1)
+    };
+    until("the dead letter kept", SETTLE, || deployment.log(1), async || kept()).await;
+    terminate(&router);
+    assert!(exit_of(&mut router, SETTLE).await.success(), "{}", deployment.log(1));
+}

@@ -76,6 +76,7 @@ impl WasiHttpHooks for Egress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::capture::logged;
 
     fn egress(hosts: &[&str]) -> Egress {
         Egress {
@@ -86,32 +87,13 @@ mod tests {
         }
     }
 
-    /// A log writer into a shared buffer.
-    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn a_refused_request_is_logged_with_its_event_and_host_and_no_credentials() {
-        let logged = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = logged.clone();
-        let subscriber = tracing_subscriber::fmt().with_writer(move || Capture(sink.clone())).with_ansi(false).finish();
         let body = http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync();
         let request = http::Request::get("http://user:hunter2@denied.test:8080/x").body(body).unwrap();
         let mut e = egress(&["allowed.test"]);
-        let sent =
-            tracing::subscriber::with_default(subscriber, || e.send_request(request, None, Box::new(async { Ok(()) })));
+        let (sent, log) = logged(|| e.send_request(request, None, Box::new(async { Ok(()) })));
         assert!(Box::into_pin(sent).await.is_err(), "the request is refused");
-        let log = String::from_utf8(logged.lock().unwrap().clone()).unwrap();
         assert!(log.contains("outbound HTTP refused"), "{log}");
         assert!(log.contains("event_id=e-1") && log.contains("denied.test") && log.contains("8080"), "{log}");
         assert!(!log.contains("hunter2") && !log.contains("user:"), "{log}");

@@ -33,6 +33,8 @@ pub struct PluginContext {
 /// The capability state of one invocation: what the handler read, wrote and published.
 pub struct Invocation {
     pub event_id: String,
+    /// The event's name, for the plugin's log lines.
+    pub event_name: String,
     /// The correlation id events published by this invocation carry.
     pub correlation_id: String,
     pub store: store::Session,
@@ -50,6 +52,7 @@ impl Invocation {
     pub fn new(plugin: &PluginContext, event: &Event) -> Self {
         Invocation {
             event_id: event.id.0.clone(),
+            event_name: event.name.clone(),
             // A flow's first event starts the correlation with its own id.
             correlation_id: event.correlation_id.clone().unwrap_or_else(|| event.id.0.clone()),
             store: store::Session::new(plugin.name.clone(), plugin.readers.clone()),
