@@ -33,6 +33,10 @@ const MAX_CONFLICT_RERUNS: u32 = 20;
 const LANE_DEPTH: usize = 64;
 /// Commits one lane may have pending with the writer while it runs the next events.
 const PIPELINE_DEPTH: usize = 32;
+/// How long a lane waits after handing an event back because the store failed: a store that
+/// fails for one event (a full disk) fails for the next, and without a pause the event would
+/// go round between the broker and the router as fast as they can pass it.
+const STORE_FAILURE_PAUSE: Duration = Duration::from_secs(1);
 
 /// A decoded event on its way to one plugin.
 pub struct Inbound {
@@ -544,7 +548,12 @@ impl Lane {
                     error = %why,
                     "leaving the message to the broker"
                 );
-                inbound.ack.requeue().await
+                inbound.ack.requeue().await;
+                let closing = self.pending.closing.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(STORE_FAILURE_PAUSE) => {}
+                    _ = closing.cancelled() => {}
+                }
             }
         }
     }

@@ -138,6 +138,13 @@ async fn exit_of(child: &mut Child, timeout: Duration) -> ExitStatus {
     }
 }
 
+/// The time of day of a log line, from its timestamp (`2026-12-06T00:58:23.874877Z ...`).
+fn seconds_of_day(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = time.split(':').map(|p| p.parse::<f64>().ok());
+    Some(parts.next()?? * 3600.0 + parts.next()?? * 60.0 + parts.next()??)
+}
+
 fn terminate(child: &Child) {
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("run kill");
     assert!(status.success(), "kill -TERM failed");
@@ -353,6 +360,15 @@ async fn a_store_that_refuses_a_dead_letter_leaves_the_event_to_the_broker_and_n
         "{line}"
     );
     assert!(line.contains("the disk said no"), "the store's reason is on the line: {line}");
+    // Handed back again after the lane's pause, not at once: the two lines are a second apart.
+    let handed_back = || -> Vec<f64> {
+        let log = deployment.log(1);
+        log.lines().filter(|l| l.contains("leaving the message to the broker")).filter_map(seconds_of_day).collect()
+    };
+    until("the event handed back twice", SETTLE, || deployment.log(1), async || handed_back().len() >= 2).await;
+    let times = handed_back();
+    let gap = (times[1] - times[0]).rem_euclid(86_400.0);
+    assert!(gap >= 0.9, "handed back again {gap:.3} s later; the lane pauses 1 s after a store failure");
     // Handed back, not lost: once the store takes dead letters again, the redelivered event is kept.
     store.execute_batch("DROP TRIGGER refuse;").expect("drop the trigger");
     let kept = || -> bool {
