@@ -87,6 +87,13 @@ impl Deployment {
         std::fs::read_to_string(self.dir.path().join(format!("router-{run}.log"))).unwrap_or_default()
     }
 
+    /// The first line of run `run`'s log that contains `text`, once there is one.
+    async fn line_with(&self, run: usize, text: &str) -> String {
+        let find = || self.log(run).lines().find(|l| l.contains(text)).map(str::to_string);
+        until(&format!("a log line with {text:?}"), SETTLE, || self.log(run), async || find().is_some()).await;
+        find().unwrap_or_default()
+    }
+
     fn readers(&self) -> Readers {
         Readers::new(&self.dir.path().join("data"))
     }
@@ -148,6 +155,15 @@ fn seconds_of_day(line: &str) -> Option<f64> {
 fn terminate(child: &Child) {
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("run kill");
     assert!(status.success(), "kill -TERM failed");
+}
+
+/// A router logging at `warn` with the misbehave plugin, started, its queue declared.
+async fn running_at_warn() -> (Rabbit, Deployment, Child) {
+    let rabbit = Rabbit::new();
+    let deployment = Deployment::new(&rabbit.section(), "").logging("warn");
+    let router = deployment.start(1, &[]);
+    until("the router's queue", SETTLE, || deployment.log(1), async || rabbit.depth().await.is_some()).await;
+    (rabbit, deployment, router)
 }
 
 /// A test's exchange and plugin queue on the shared RabbitMQ, deleted when it ends.
@@ -322,14 +338,9 @@ async fn sigterm_lets_the_invocations_under_way_finish_and_leaves_the_rest_queue
 
 #[tokio::test]
 async fn logging_at_warn_a_failed_invocation_still_names_its_event() {
-    let rabbit = Rabbit::new();
-    let deployment = Deployment::new(&rabbit.section(), "").logging("warn");
-    let mut router = deployment.start(1, &[]);
-    until("the router's queue", SETTLE, || deployment.log(1), async || rabbit.depth().await.is_some()).await;
+    let (rabbit, deployment, mut router) = running_at_warn().await;
     rabbit.publish([("chaos.reject".to_string(), "{}".to_string(), "e-rejected".to_string())]).await;
-    let failed = || deployment.log(1).lines().find(|l| l.contains("invocation failed")).map(str::to_string);
-    until("the failure's log line", SETTLE, || deployment.log(1), async || failed().is_some()).await;
-    let line = failed().unwrap_or_default();
+    let line = deployment.line_with(1, "invocation failed").await;
     assert!(line.contains("event_id=e-rejected") && line.contains("name=chaos.reject"), "{line}");
     assert!(!deployment.log(1).contains(" INFO "), "the filter is warn: {}", deployment.log(1));
     terminate(&router);
@@ -338,10 +349,7 @@ async fn logging_at_warn_a_failed_invocation_still_names_its_event() {
 
 #[tokio::test]
 async fn a_store_that_refuses_a_dead_letter_leaves_the_event_to_the_broker_and_names_it() {
-    let rabbit = Rabbit::new();
-    let deployment = Deployment::new(&rabbit.section(), "").logging("warn");
-    let mut router = deployment.start(1, &[]);
-    until("the router's queue", SETTLE, || deployment.log(1), async || rabbit.depth().await.is_some()).await;
+    let (rabbit, deployment, mut router) = running_at_warn().await;
     let store = rusqlite::Connection::open(deployment.dir.path().join("data").join(switchyard::db::FILE_NAME))
         .expect("open the router's store");
     store.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
@@ -351,10 +359,7 @@ async fn a_store_that_refuses_a_dead_letter_leaves_the_event_to_the_broker_and_n
         )
         .expect("add the trigger");
     rabbit.publish([("chaos.reject".to_string(), "{}".to_string(), "e-refused".to_string())]).await;
-    let left =
-        || deployment.log(1).lines().find(|l| l.contains("leaving the message to the broker")).map(str::to_string);
-    until("the event handed back", SETTLE, || deployment.log(1), async || left().is_some()).await;
-    let line = left().unwrap_or_default();
+    let line = deployment.line_with(1, "leaving the message to the broker").await;
     assert!(
         line.contains("ERROR") && line.contains("event_id=e-refused") && line.contains("name=chaos.reject"),
         "{line}"
