@@ -18,7 +18,7 @@ use rusqlite::Connection as Sqlite;
 use switchyard::event::Millis;
 
 use crate::cpu::{CpuClock, Drained};
-use crate::routed::{Latencies, Paced};
+use crate::routed::{self, Latencies, Paced, Split};
 use crate::{Args, unique};
 
 /// A message: routing key (the event name) and body.
@@ -163,7 +163,7 @@ async fn publish_paced(amqp: &str, exchange: &str, messages: &[Message], rate: f
         tokio::time::sleep_until(due.into()).await;
         behind.push(due.elapsed().as_millis() as u64);
         sent_at.push(Millis::now());
-        if confirms.send(send(&channel, exchange, &format!("paced-{i}"), message).await?).is_err() {
+        if confirms.send(send(&channel, exchange, &routed::message_id(i), message).await?).is_err() {
             // The confirms' task stopped on an error, which it returns below.
             break;
         }
@@ -230,13 +230,13 @@ impl Bare {
 /// `args.paced_secs`: what the broker adds by itself.
 pub async fn latency_bare(args: &Args, rate: f64, body: &Body) -> anyhow::Result<Paced> {
     paced_to_bare(args, rate, body, |mut consumer, n| async move {
-        let mut at = HashMap::with_capacity(n);
-        while at.len() < n {
+        let mut received = HashMap::with_capacity(n);
+        while received.len() < n {
             let delivery = consumer.next().await.context("the consumer ended")??;
-            at.insert(paced_id(&delivery)?, Millis::now());
-            Bare::took(&delivery, at.len(), n).await?;
+            received.insert(paced_id(&delivery)?, Millis::now());
+            Bare::took(&delivery, received.len(), n).await?;
         }
-        Ok(at)
+        Ok(Taken { received, committed: None })
     })
     .await
 }
@@ -252,32 +252,43 @@ pub async fn latency_durable(args: &Args, rate: f64, body: &Body) -> anyhow::Res
     let dir = tempfile::tempdir()?;
     let mut db = durable_store(&dir.path().join("baseline.db"))?;
     paced_to_bare(args, rate, body, |mut consumer, n| async move {
-        let mut at = HashMap::with_capacity(n);
-        while at.len() < n {
+        let (mut received, mut committed) = (HashMap::with_capacity(n), HashMap::with_capacity(n));
+        while committed.len() < n {
             let mut batch = vec![consumer.next().await.context("the consumer ended")??];
+            received.insert(paced_id(&batch[0])?, Millis::now());
             while let Some(next) = consumer.next().now_or_never() {
-                batch.push(next.context("the consumer ended")??);
+                let delivery = next.context("the consumer ended")??;
+                received.insert(paced_id(&delivery)?, Millis::now());
+                batch.push(delivery);
             }
             let rows =
                 batch.iter().map(|d| Ok((paced_id(d)?, d.data.as_slice()))).collect::<anyhow::Result<Vec<_>>>()?;
             tokio::task::block_in_place(|| commit_rows(&mut db, &rows))?;
             let now = Millis::now();
-            at.extend(rows.into_iter().map(|(id, _)| (id, now)));
+            committed.extend(rows.into_iter().map(|(id, _)| (id, now)));
             let last = batch.last().context("a batch has a delivery")?;
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
-        Ok(at)
+        Ok(Taken { received, committed: Some(committed) })
     })
     .await
 }
 
+/// When a baseline consumer took each paced message, by message id.
+struct Taken {
+    /// When the consumer received it from the client library.
+    received: HashMap<String, Millis>,
+    /// When its commit was done, for a consumer that commits.
+    committed: Option<HashMap<String, Millis>>,
+}
+
 /// Offer `args.paced_secs` of `rate` to a bare consumer of its own, which `consume` runs on
-/// the consumer and the number of messages and which returns when it took each, by message
-/// id; with the CPU per event from the first publish to the last message taken.
+/// the consumer and the number of messages and which returns when it took each; with the CPU
+/// per event from the first publish to the last message taken.
 async fn paced_to_bare<C, F>(args: &Args, rate: f64, body: &Body, consume: C) -> anyhow::Result<Paced>
 where
     C: FnOnce(lapin::Consumer, usize) -> F,
-    F: Future<Output = anyhow::Result<HashMap<String, Millis>>> + Send + 'static,
+    F: Future<Output = anyhow::Result<Taken>> + Send + 'static,
 {
     let bare = Bare::new(args, "#").await?;
     let n = (rate * args.paced_secs as f64) as usize;
@@ -287,7 +298,14 @@ where
     let taken = taken.await??;
     let cost = Drained::of(n, started, &cpu);
     bare.delete().await?;
-    Ok(Paced { latencies: Latencies::of(&offered.sent_at, &taken)?, behind: offered.behind, cost })
+    let (latencies, split) = match &taken.committed {
+        Some(committed) => (
+            Latencies::of(&offered.sent_at, committed)?,
+            Some(Split::of(&offered.sent_at, &taken.received, committed)?),
+        ),
+        None => (Latencies::of(&offered.sent_at, &taken.received)?, None),
+    };
+    Ok(Paced { latencies, split, behind: offered.behind, cost })
 }
 
 /// The id of a paced message (`paced-<i>`).

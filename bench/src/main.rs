@@ -27,7 +27,7 @@ use switchyard::runtime::{Instance, Overrides, Runtime};
 
 use broker::Body;
 use cpu::{CpuClock, Drained};
-use routed::{Entry, Latencies, Paced, Routed};
+use routed::{Entry, Latencies, Paced, Routed, Split};
 
 switchyard::global_allocator!();
 
@@ -117,6 +117,10 @@ struct LatencyRounds {
     p50: Samples,
     p99: Samples,
     p999: Samples,
+    /// The p99s of the latency's parts (publish → received, received → committed), for a
+    /// consumer that commits.
+    received_p99: Samples,
+    committed_p99: Samples,
     /// How far the publisher fell behind its schedule: p99 and worst.
     behind_p99: Samples,
     behind_max: Samples,
@@ -128,6 +132,10 @@ impl LatencyRounds {
         self.p50.0.push(paced.latencies.quantile(0.5) as f64);
         self.p99.0.push(paced.latencies.quantile(0.99) as f64);
         self.p999.0.push(paced.latencies.quantile(0.999) as f64);
+        if let Some(split) = paced.split {
+            self.received_p99.0.push(split.received.quantile(0.99) as f64);
+            self.committed_p99.0.push(split.committed.quantile(0.99) as f64);
+        }
         self.behind_p99.0.push(paced.behind.quantile(0.99) as f64);
         self.behind_max.0.push(paced.behind.quantile(1.0) as f64);
         self.cpu.push(paced.cost);
@@ -142,6 +150,11 @@ impl LatencyRounds {
             self.p999.median(),
             self.p99.spread(0)
         )
+    }
+
+    /// The p99s of the latency's parts, medians of the rounds.
+    fn split_cell(&self) -> String {
+        format!("{:.0} / {:.0}", self.received_p99.median(), self.committed_p99.median())
     }
 
     /// How far the publisher fell behind: medians of the rounds' p99 and worst.
@@ -357,6 +370,11 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
             routed.cell(),
             routed.p99_ratio(&durable)
         );
+        println!(
+            "| … its parts: publish → received by the consumer (the broker's part) / received → committed (the consumer's): p99s, medians of the rounds (ms) | {} | {} | – |",
+            durable.split_cell(),
+            routed.split_cell()
+        );
         cpu_row(cpu, &durable.cpu, &routed.cpu);
         behind_row(&durable, &routed);
     }
@@ -537,9 +555,11 @@ async fn latency(args: &Args, rate: f64) -> anyhow::Result<Paced> {
     let offered = broker::paced(&args.amqp, &r.exchange, n, rate, &stamp_body).await?;
     r.settled(STAMP.name, n as u64, Instant::now()).await?;
     let cost = Drained::of(n, started, &cpu);
-    let latencies = Latencies::of(&offered.sent_at, &watch.finish()?)?;
+    let committed = watch.finish()?;
+    let latencies = Latencies::of(&offered.sent_at, &committed)?;
+    let split = Split::of(&offered.sent_at, &r.stamped_received()?, &committed)?;
     r.finish().await?;
-    Ok(Paced { latencies, behind: offered.behind, cost })
+    Ok(Paced { latencies, split: Some(split), behind: offered.behind, cost })
 }
 
 /// What a steady load sees while the plugin is swapped twice.
@@ -569,7 +589,7 @@ async fn hot_swap(args: &Args, rate: f64) -> anyhow::Result<Swapped> {
     let settle = r.settled(STAMP.name, n as u64, Instant::now());
     tokio::time::timeout(Duration::from_secs(120), settle).await.context("events lost: the run did not settle")??;
     let committed = watch.finish()?;
-    let lost = (0..n).filter(|i| !committed.contains_key(&format!("paced-{i}"))).count() as u64;
+    let lost = (0..n).filter(|i| !committed.contains_key(&routed::message_id(*i))).count() as u64;
     ensure!(lost == 0, "{lost} events lost across the swaps");
     let first = sent.first().map_or(0, |m| m.0);
     let last = committed.values().map(|m| m.0).max().unwrap_or(first);

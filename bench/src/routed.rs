@@ -116,6 +116,23 @@ impl Routed {
         }
     }
 
+    /// When the router received each event the `stamp` plugin stored, by event id: the
+    /// `occurred-at` it stored, which for a message carrying no time is its receipt.
+    pub fn stamped_received(&self) -> anyhow::Result<HashMap<String, Millis>> {
+        let db = rusqlite::Connection::open(switchyard::db::path(self.dir.path()))?;
+        let mut stamped =
+            db.prepare("SELECT key, body FROM documents WHERE plugin = 'stamp' AND collection = 'stamped'")?;
+        let rows = stamped.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?;
+        let mut received = HashMap::new();
+        for row in rows {
+            let (id, body) = row?;
+            let body: serde_json::Value = serde_json::from_str(&body)?;
+            let at = body["occurred_at"].as_u64().with_context(|| format!("{id}'s stamp has no occurred_at"))?;
+            received.insert(id, Millis(at));
+        }
+        Ok(received)
+    }
+
     /// Start noting when each event of plugin `name` commits (the router runs).
     pub fn watch_commits(&self, name: &str) -> anyhow::Result<CommitWatch> {
         CommitWatch::start(switchyard::db::path(self.dir.path()), name.to_string())
@@ -222,8 +239,39 @@ impl CommitWatch {
 /// its first publish to its last commit.
 pub struct Paced {
     pub latencies: Latencies,
+    /// The latencies' two parts, for a consumer that commits.
+    pub split: Option<Split>,
     pub behind: Latencies,
     pub cost: Drained,
+}
+
+/// Where a committed event's latency went: publish → received by the consumer (the broker's
+/// part, with the client library's), and received → committed (the consumer's).
+pub struct Split {
+    pub received: Latencies,
+    pub committed: Latencies,
+}
+
+impl Split {
+    /// From when each paced event was published (by index), and when it was received and
+    /// committed (by message id).
+    pub fn of(
+        sent_at: &[Millis],
+        received: &HashMap<String, Millis>,
+        committed: &HashMap<String, Millis>,
+    ) -> anyhow::Result<Split> {
+        let mut received_at = Vec::with_capacity(sent_at.len());
+        for i in 0..sent_at.len() {
+            let id = message_id(i);
+            received_at.push(*received.get(&id).with_context(|| format!("{id} was not received"))?);
+        }
+        Ok(Split { received: Latencies::of(sent_at, received)?, committed: Latencies::of(&received_at, committed)? })
+    }
+}
+
+/// The message id of the `i`th paced event.
+pub fn message_id(i: usize) -> String {
+    format!("paced-{i}")
 }
 
 /// Latency percentiles, in milliseconds: of publish → commit, or of a publisher's lag.
@@ -235,11 +283,12 @@ impl Latencies {
         Latencies(ms)
     }
 
-    /// Each paced event's commit (or delivery) time minus its publish time.
+    /// Each paced event's commit (or delivery) time minus its publish (or receipt) time.
     pub fn of(sent_at: &[Millis], committed: &HashMap<String, Millis>) -> anyhow::Result<Latencies> {
         let mut ms = Vec::with_capacity(sent_at.len());
         for (i, sent) in sent_at.iter().enumerate() {
-            let at = committed.get(&format!("paced-{i}")).with_context(|| format!("paced-{i} was not committed"))?;
+            let id = message_id(i);
+            let at = committed.get(&id).with_context(|| format!("{id} was not committed"))?;
             ms.push(at.0.saturating_sub(sent.0));
         }
         Ok(Latencies::sorted(ms))
@@ -249,5 +298,29 @@ impl Latencies {
     pub fn quantile(&self, q: f64) -> u64 {
         let at = ((self.0.len() as f64 - 1.0) * q).round() as usize;
         self.0.get(at).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(times: &[(usize, u64)]) -> HashMap<String, Millis> {
+        times.iter().map(|(i, ms)| (message_id(*i), Millis(*ms))).collect()
+    }
+
+    #[test]
+    fn a_split_measures_each_part_from_the_end_of_the_one_before() {
+        let sent = [Millis(1_000), Millis(2_000)];
+        let split = Split::of(&sent, &at(&[(0, 1_010), (1, 2_060)]), &at(&[(0, 1_015), (1, 2_100)])).unwrap();
+        assert_eq!((split.received.quantile(0.0), split.received.quantile(1.0)), (10, 60));
+        assert_eq!((split.committed.quantile(0.0), split.committed.quantile(1.0)), (5, 40));
+    }
+
+    #[test]
+    fn a_split_names_the_event_it_has_no_receipt_for() {
+        let sent = [Millis(1_000), Millis(2_000)];
+        let missing = Split::of(&sent, &at(&[(0, 1_010)]), &at(&[(0, 1_015), (1, 2_100)])).err().unwrap();
+        assert_eq!(missing.to_string(), "paced-1 was not received");
     }
 }
