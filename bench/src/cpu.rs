@@ -111,3 +111,66 @@ fn broker_pid() -> Option<String> {
         (comm.trim() == "beam.smp").then_some(pid)
     })
 }
+
+/// Whether the broker's schedulers are bound to cores (RabbitMQ's default binds each to one),
+/// from the threads of `beam.smp` named `<n>_scheduler`. A bound scheduler preempted by the
+/// router's threads waits for its own core, which lengthens the broker's stalls: a run's
+/// figures depend on it (BENCHMARKS.md, "The broker's schedulers bound to cores").
+pub fn broker_schedulers() -> String {
+    let Some(pid) = broker_pid() else { return "no RabbitMQ on this machine".into() };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return binding(&[]) };
+    let mut allowed = Vec::new();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else { continue };
+        if !name.trim().ends_with("_scheduler") {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(dir.join("status")) else { continue };
+        if let Some(cpus) = allowed_cpus(&status) {
+            allowed.push(cpus.to_string());
+        }
+    }
+    allowed.sort();
+    binding(&allowed)
+}
+
+/// The `Cpus_allowed_list` of a thread's `/proc` status: `0`, `0-1`, `0,2`…
+fn allowed_cpus(status: &str) -> Option<&str> {
+    status.lines().find_map(|line| line.strip_prefix("Cpus_allowed_list:")).map(str::trim)
+}
+
+/// What the schedulers' allowed CPU lists say about their binding.
+fn binding(allowed: &[String]) -> String {
+    let single = |cpus: &String| !cpus.contains(['-', ',']);
+    if allowed.is_empty() {
+        "unknown (no scheduler thread could be read)".into()
+    } else if allowed.iter().all(single) {
+        format!("each bound to one core ({})", allowed.join(", "))
+    } else if allowed.iter().any(single) {
+        format!("some bound to one core ({})", allowed.join("; "))
+    } else {
+        "not bound to cores".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scheduler_s_allowed_cpus_are_read_from_its_status() {
+        let status = "Name:\t1_scheduler\nCpus_allowed:\t1\nCpus_allowed_list:\t0\nMems_allowed:\t1\n";
+        assert_eq!(allowed_cpus(status), Some("0"));
+        assert_eq!(allowed_cpus("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn schedulers_bound_to_one_core_each_are_told_apart_from_unbound_ones() {
+        let lists = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(binding(&lists(&["0", "1"])), "each bound to one core (0, 1)");
+        assert_eq!(binding(&lists(&["0-1", "0-1"])), "not bound to cores");
+        assert_eq!(binding(&lists(&["0", "0-1"])), "some bound to one core (0; 0-1)");
+        assert_eq!(binding(&[]), "unknown (no scheduler thread could be read)");
+    }
+}

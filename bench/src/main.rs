@@ -268,6 +268,7 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
         "switchyard-bench: {} events per drain round, {} rounds, prefetch {}, concurrency {}, {worker_threads} worker thread(s)",
         args.events, args.rounds, args.prefetch, args.concurrency
     );
+    println!("the broker's schedulers: {}", cpu::broker_schedulers());
     println!("| scenario | baseline (median, spread) | switchyard (median, spread) | ratio |");
     println!("| --- | --- | --- | --- |");
 
