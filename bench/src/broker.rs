@@ -255,14 +255,14 @@ pub async fn latency_durable(args: &Args, rate: f64, body: &Body) -> anyhow::Res
         let (mut received, mut committed) = (HashMap::with_capacity(n), HashMap::with_capacity(n));
         while committed.len() < n {
             let mut batch = vec![consumer.next().await.context("the consumer ended")??];
-            received.insert(paced_id(&batch[0])?, Millis::now());
             while let Some(next) = consumer.next().now_or_never() {
-                let delivery = next.context("the consumer ended")??;
-                received.insert(paced_id(&delivery)?, Millis::now());
-                batch.push(delivery);
+                batch.push(next.context("the consumer ended")??);
             }
+            // All but the first were already waiting: the batch was received at once.
+            let taken_at = Millis::now();
             let rows =
                 batch.iter().map(|d| Ok((paced_id(d)?, d.data.as_slice()))).collect::<anyhow::Result<Vec<_>>>()?;
+            received.extend(rows.iter().map(|(id, _)| (id.clone(), taken_at)));
             tokio::task::block_in_place(|| commit_rows(&mut db, &rows))?;
             let now = Millis::now();
             committed.extend(rows.into_iter().map(|(id, _)| (id, now)));
