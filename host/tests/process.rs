@@ -87,11 +87,16 @@ impl Deployment {
         std::fs::read_to_string(self.dir.path().join(format!("router-{run}.log"))).unwrap_or_default()
     }
 
+    /// Every line of run `run`'s log that contains `text`.
+    fn lines_with(&self, run: usize, text: &str) -> Vec<String> {
+        self.log(run).lines().filter(|l| l.contains(text)).map(str::to_string).collect()
+    }
+
     /// The first line of run `run`'s log that contains `text`, once there is one.
     async fn line_with(&self, run: usize, text: &str) -> String {
-        let find = || self.log(run).lines().find(|l| l.contains(text)).map(str::to_string);
-        until(&format!("a log line with {text:?}"), SETTLE, || self.log(run), async || find().is_some()).await;
-        find().unwrap_or_default()
+        let found = async || !self.lines_with(run, text).is_empty();
+        until(&format!("a log line with {text:?}"), SETTLE, || self.log(run), found).await;
+        self.lines_with(run, text).into_iter().next().unwrap_or_default()
     }
 
     fn readers(&self) -> Readers {
@@ -367,8 +372,7 @@ async fn a_store_that_refuses_a_dead_letter_leaves_the_event_to_the_broker_and_n
     assert!(line.contains("the disk said no"), "the store's reason is on the line: {line}");
     // Handed back again after the lane's pause, not at once: the two lines are a second apart.
     let handed_back = || -> Vec<f64> {
-        let log = deployment.log(1);
-        log.lines().filter(|l| l.contains("leaving the message to the broker")).filter_map(seconds_of_day).collect()
+        deployment.lines_with(1, "leaving the message to the broker").iter().filter_map(|l| seconds_of_day(l)).collect()
     };
     until("the event handed back twice", SETTLE, || deployment.log(1), async || handed_back().len() >= 2).await;
     let times = handed_back();
