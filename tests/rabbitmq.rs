@@ -557,3 +557,88 @@ async fn a_batch_the_broker_never_confirms_is_sent_again_on_a_new_connection() {
     outbox_empty().await;
     drop(t.stop().await);
 }
+
+/// `router.toml` for the test's broker with `queue_type = "quorum"`.
+fn quorum_config(rabbit: &Rabbit, ingress: bool, plugins: &[(&str, &str, &str)]) -> String {
+    config(rabbit, ingress, plugins).replacen("[rabbitmq]\n", "[rabbitmq]\nqueue_type = \"quorum\"\n", 1)
+}
+
+/// Declare a durable queue with `arguments` on a connection of its own (a refusal closes the
+/// channel), as another client of the broker would.
+async fn declare_durable(queue: &str, arguments: FieldTable) -> Result<(), lapin::Error> {
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    let declared = channel
+        .queue_declare(queue.into(), lapin::options::QueueDeclareOptions::durable(), arguments)
+        .await
+        .map(|_| ());
+    let _ = conn.close(200, "declared".into()).await;
+    declared
+}
+
+fn quorum() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    arguments
+}
+
+#[tokio::test]
+async fn plugin_queues_are_quorum_queues_when_asked_for_and_carry_events_as_classic_ones_do() {
+    let rabbit = Rabbit::new().await;
+    let t = TestRouter::start(&quorum_config(&rabbit, false, &[("user-replica", "user_replica.wasm", "")])).await;
+    connected(&t).await;
+    let queue = format!("{}user-replica", rabbit.prefix);
+    let refused = declare_durable(&queue, FieldTable::default()).await.expect_err("a quorum queue is no classic one");
+    assert!(refused.to_string().contains("inequivalent arg 'x-queue-type'"), "{refused}");
+    declare_durable(&queue, quorum()).await.expect("the router declared a quorum queue");
+
+    let login = json!({ "user": user("q1", "quinn"), "token": "tok-q" }).to_string();
+    rabbit.publish_event("auth.tokenGenerated", login.as_bytes(), BasicProperties::default()).await;
+    let stored = eventually("the replica row", SETTLE, || t.doc("user-replica", "user_refs", "q1")).await;
+    assert_eq!(stored["token"], "tok-q");
+    settle(&t, std::slice::from_ref(&queue)).await;
+    stop_and_assert_acked(t, &[queue]).await;
+}
+
+#[tokio::test]
+async fn a_plugin_queue_of_another_type_is_refused_with_the_reason_and_its_events_stay() {
+    let rabbit = Rabbit::new().await;
+    let t = TestRouter::start(&quorum_config(&rabbit, false, &[("user-replica", "user_replica.wasm", "")])).await;
+    connected(&t).await;
+    // `stamp`'s queue is left from a router that declared classic queues, with an event in it.
+    rabbit.track_plugin("stamp");
+    let queue = format!("{}stamp", rabbit.prefix);
+    declare_durable(&queue, FieldTable::default()).await.expect("a classic queue");
+    rabbit.publish("", &queue, br#"{"pattern": "stamp.it", "data": {}}"#, BasicProperties::default()).await;
+
+    let component = std::fs::read(switchyard_tests::plugin("stamp_v1.wasm")).unwrap();
+    let (status, body) = t.admin("PUT", "/v1/plugins/stamp", "application/wasm", component).await;
+    assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let reason = body.to_string();
+    assert!(reason.contains(&format!("queue {queue} exists with other arguments")), "{reason}");
+    assert!(reason.contains("rabbitmq.queue_type = \\\"quorum\\\""), "{reason}");
+    assert!(reason.contains("inequivalent arg 'x-queue-type'"), "the broker's reason: {reason}");
+    let (status, _) = t.admin("GET", "/v1/plugins/stamp", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::NOT_FOUND, "a plugin whose queue was refused is not added");
+    assert_eq!(router::queue_depth(&amqp_url(), &queue).await, Some(1), "the waiting event stays in its queue");
+    assert!(t.router.is_connected(), "the other plugins' consumers go on");
+    drop(t.stop().await);
+}
+
+#[tokio::test]
+async fn an_ingress_queue_is_used_as_its_producers_declared_it() {
+    let rabbit = Rabbit::new().await;
+    // A NestJS service with `queueOptions: { arguments: { 'x-queue-type': 'quorum' } }`
+    // declared it; the router's plugin queues stay classic.
+    declare_durable(&rabbit.ingress, quorum()).await.expect("a quorum ingress queue");
+    let t = TestRouter::start(&config(&rabbit, true, &[("user-replica", "user_replica.wasm", "")])).await;
+    connected(&t).await;
+    rabbit.emit_nestjs("auth.tokenGenerated", json!({ "user": user("n1", "nora"), "token": "tok-n" })).await;
+    let stored = eventually("the replica row", SETTLE, || t.doc("user-replica", "user_refs", "n1")).await;
+    assert_eq!(stored["token"], "tok-n");
+    let plugin_queue = format!("{}user-replica", rabbit.prefix);
+    declare_durable(&plugin_queue, FieldTable::default()).await.expect("the plugin's queue is a classic one");
+    let queues = [rabbit.ingress.clone(), plugin_queue];
+    settle(&t, &queues).await;
+    stop_and_assert_acked(t, &queues).await;
+}

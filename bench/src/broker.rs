@@ -12,7 +12,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm};
 use rusqlite::Connection as Sqlite;
 use switchyard::event::Millis;
@@ -41,10 +41,43 @@ pub async fn exchange(channel: &Channel, exchange: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Declare `queue` bound to `exchange` for each pattern.
-pub async fn queue(channel: &Channel, exchange: &str, queue: &str, patterns: &[&str]) -> anyhow::Result<()> {
+/// The type of every queue a run declares: the baselines' here, the routers' through
+/// `[rabbitmq] queue_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueKind {
+    Classic,
+    Quorum,
+}
+
+impl QueueKind {
+    /// Its `[rabbitmq] queue_type` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            QueueKind::Classic => "classic",
+            QueueKind::Quorum => "quorum",
+        }
+    }
+
+    /// The declaration's arguments, as the router gives them for this type.
+    fn arguments(self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if self == QueueKind::Quorum {
+            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        arguments
+    }
+}
+
+/// Declare a durable `queue` of type `kind`, bound to `exchange` for each pattern.
+pub async fn queue(
+    channel: &Channel,
+    exchange: &str,
+    queue: &str,
+    patterns: &[&str],
+    kind: QueueKind,
+) -> anyhow::Result<()> {
     self::exchange(channel, exchange).await?;
-    channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
+    channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), kind.arguments()).await?;
     for pattern in patterns {
         channel
             .queue_bind(
@@ -198,7 +231,7 @@ impl Bare {
     async fn new(args: &Args, pattern: &str) -> anyhow::Result<Bare> {
         let (conn, channel) = connect(&args.amqp).await?;
         let (exchange, queue) = (unique("bench"), unique("bench-bare"));
-        self::queue(&channel, &exchange, &queue, &[pattern]).await?;
+        self::queue(&channel, &exchange, &queue, &[pattern], args.queue_type).await?;
         Ok(Bare { conn, channel, exchange, queue })
     }
 

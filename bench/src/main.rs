@@ -25,7 +25,7 @@ use switchyard::db::Readers;
 use switchyard::event::{Event, EventId, Millis};
 use switchyard::runtime::{Instance, Overrides, Runtime};
 
-use broker::Body;
+use broker::{Body, QueueKind};
 use cpu::{CpuClock, Drained};
 use routed::{Entry, Latencies, Paced, Routed, Split};
 
@@ -76,6 +76,10 @@ pub struct Args {
     /// default, one per core.
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// The type of every queue the run declares, the baselines' and the routers'
+    /// (`[rabbitmq] queue_type`).
+    #[arg(long, value_enum, default_value_t = QueueKind::Classic)]
+    queue_type: QueueKind,
 }
 
 /// One measured figure per round; the table shows the median and the spread.
@@ -265,8 +269,12 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
         args.paced_secs = 2;
     }
     println!(
-        "switchyard-bench: {} events per drain round, {} rounds, prefetch {}, concurrency {}, {worker_threads} worker thread(s)",
-        args.events, args.rounds, args.prefetch, args.concurrency
+        "switchyard-bench: {} events per drain round, {} rounds, prefetch {}, concurrency {}, {worker_threads} worker thread(s), {} queues",
+        args.events,
+        args.rounds,
+        args.prefetch,
+        args.concurrency,
+        args.queue_type.name()
     );
     println!("the broker's schedulers: {}", cpu::broker_schedulers());
     println!("| scenario | baseline (median, spread) | switchyard (median, spread) | ratio |");

@@ -15,7 +15,7 @@ use switchyard::event::Millis;
 use switchyard::router::Router;
 use switchyard::telemetry::CountersSnapshot;
 
-use crate::broker::{self, Body};
+use crate::broker::{self, Body, QueueKind};
 use crate::cpu::Drained;
 use crate::{Args, plugin, unique};
 
@@ -38,6 +38,7 @@ pub struct Routed {
     dir: tempfile::TempDir,
     router: Option<Router>,
     queues: Vec<String>,
+    queue_type: QueueKind,
 }
 
 impl Routed {
@@ -53,25 +54,27 @@ impl Routed {
             dir: tempfile::tempdir()?,
             router: None,
             queues: Vec::new(),
+            queue_type: args.queue_type,
         })
     }
 
     /// Fill plugin `name`'s queue, bound like its subscriptions, before the router starts.
     pub async fn prefill(&mut self, name: &str, patterns: &[&str], n: usize, body: &Body) -> anyhow::Result<()> {
         let queue = format!("{}{name}", self.prefix);
-        broker::queue(&self.channel, &self.exchange, &queue, patterns).await?;
+        broker::queue(&self.channel, &self.exchange, &queue, patterns, self.queue_type).await?;
         broker::publish(&self.channel, &self.exchange, "m", 0..n, body).await
     }
 
     /// Start the router with these plugins, `args.concurrency` lanes each.
     pub async fn start(&mut self, args: &Args, plugins: &[Entry<'_>]) -> anyhow::Result<&Router> {
         let mut text = format!(
-            "[router]\ndata_dir = \"{}\"\n[rabbitmq]\nurl = \"{}\"\nexchange = \"{}\"\nqueue_prefix = \"{}\"\nprefetch = {}\n",
+            "[router]\ndata_dir = \"{}\"\n[rabbitmq]\nurl = \"{}\"\nexchange = \"{}\"\nqueue_prefix = \"{}\"\nprefetch = {}\nqueue_type = \"{}\"\n",
             self.dir.path().display(),
             args.amqp,
             self.exchange,
             self.prefix,
             args.prefetch,
+            args.queue_type.name(),
         );
         for p in plugins {
             text.push_str(&format!(

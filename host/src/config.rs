@@ -157,18 +157,44 @@ pub struct RabbitMqConfig {
     /// Each plugin consumes its own durable queue, named this prefix + the plugin name.
     #[serde(default = "default_queue_prefix")]
     pub queue_prefix: String,
+    /// The type the plugins' queues are declared with. A queue keeps the type it was first
+    /// declared with: the router does not convert one, and stops consuming from a queue whose
+    /// type differs, with the broker's reason.
+    #[serde(default)]
+    pub queue_type: QueueType,
     /// Unacknowledged messages per consumer. Higher keeps the lanes busy while commits are
     /// pending and acks go back in batches; lower bounds redelivery after a crash.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
-    /// Plain durable queues that NestJS services `emit` to (e.g. `riff_queue`). The router
-    /// forwards each message to the exchange under its event name, so every subscribed plugin
-    /// gets it. They are declared without arguments, as NestJS declares them.
+    /// Queues that NestJS services `emit` to (e.g. `riff_queue`). The router forwards each
+    /// message to the exchange under its event name, so every subscribed plugin gets it. One
+    /// that exists is used as its producers declared it; a missing one is declared as a plain
+    /// durable queue, as NestJS declares it by default.
     #[serde(default)]
     pub ingress_queues: Vec<String>,
     /// Envelope of the events plugins publish: `nestjs` (`{pattern, data}`) or `cloudevents`.
     #[serde(default)]
     pub sink_format: SinkFormat,
+}
+
+/// The RabbitMQ queue type of the plugins' queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// A classic queue, declared without arguments: on one node.
+    #[default]
+    Classic,
+    /// A quorum queue (`x-queue-type: quorum`): replicated over the cluster's nodes (Raft).
+    Quorum,
+}
+
+impl fmt::Display for QueueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        })
+    }
 }
 
 fn default_exchange() -> String {
@@ -684,6 +710,7 @@ impl Config {
                         url: Secret(url),
                         exchange: default_exchange(),
                         queue_prefix: default_queue_prefix(),
+                        queue_type: QueueType::default(),
                         prefetch: default_prefetch(),
                         ingress_queues: vec![],
                         sink_format: SinkFormat::default(),
@@ -862,6 +889,17 @@ mod tests {
     fn wrong_types_are_named_with_their_path() {
         let e = error("[rabbitmq]\nurl = \"amqp://x\"\nprefetch = \"lots\"\n");
         assert!(e.starts_with("/etc/switchyard/router.toml: rabbitmq.prefetch: invalid type: string \"lots\""), "{e}");
+    }
+
+    #[test]
+    fn the_queue_type_is_classic_unless_quorum_is_asked_for() {
+        let classic = parse("[rabbitmq]\nurl = \"amqp://x\"\n").unwrap();
+        assert_eq!(classic.rabbitmq.unwrap().queue_type, QueueType::Classic);
+        let quorum = parse("[rabbitmq]\nurl = \"amqp://x\"\nqueue_type = \"quorum\"\n").unwrap();
+        assert_eq!(quorum.rabbitmq.unwrap().queue_type, QueueType::Quorum);
+        let e = error("[rabbitmq]\nurl = \"amqp://x\"\nqueue_type = \"stream\"\n");
+        assert!(e.starts_with("/etc/switchyard/router.toml: rabbitmq.queue_type: unknown variant `stream`"), "{e}");
+        assert!(e.contains("`classic`") && e.contains("`quorum`"), "{e}");
     }
 
     #[test]

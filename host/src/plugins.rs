@@ -448,7 +448,10 @@ impl Control {
 /// Run a change of `queue` on the broker, given up after [`BROKER_TIMEOUT`]: a broker that
 /// accepts connections and stops answering fails the admin request that asked, instead of
 /// hanging it (and every change queued behind it).
-async fn on_broker(queue: &str, change: impl Future<Output = Result<(), lapin::Error>>) -> Result<(), ControlError> {
+async fn on_broker<E: std::fmt::Display>(
+    queue: &str,
+    change: impl Future<Output = Result<(), E>>,
+) -> Result<(), ControlError> {
     let failed = |reason: String| ControlError::Broker { queue: queue.to_string(), reason };
     match tokio::time::timeout(BROKER_TIMEOUT, change).await {
         Ok(result) => result.map_err(|e| failed(e.to_string())),

@@ -113,7 +113,6 @@ impl TestRouter {
             .collect()
     }
 
-    /// Stop the router and keep its data dir for a restart.
     /// Send a request to this router's admin API (configured with [`ADMIN_TOKEN`]); returns the
     /// status and the JSON body (or the text as a JSON string).
     pub async fn admin_request(&self, request: Request<Body>) -> (StatusCode, serde_json::Value) {
@@ -146,6 +145,7 @@ impl TestRouter {
         self.admin_request(request).await
     }
 
+    /// Stop the router and keep its data dir for a restart.
     pub async fn stop(self) -> tempfile::TempDir {
         // The drain timeout (30 s by default) and the tasks' grace, with room to spare.
         bounded("the router's stop", SETTLE * 3, self.router.stop()).await;

@@ -1,5 +1,5 @@
-//! RabbitMQ: a durable topic exchange, one durable queue per plugin bound to its
-//! subscriptions, and ingress queues that NestJS services `emit` to.
+//! RabbitMQ: a durable topic exchange, one durable queue per plugin (classic or quorum) bound to
+//! its subscriptions, and ingress queues that NestJS services `emit` to.
 //!
 //! An ingress message is forwarded to the exchange under its event name, with publisher
 //! confirms, and acked only after the broker confirmed the copy. A message that carries no id
@@ -17,13 +17,14 @@ use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::{JournalEntry, JournalOp, Writer};
-use crate::config::RabbitMqConfig;
+use crate::config::{QueueType, RabbitMqConfig};
 use crate::db::Readers;
 use crate::dispatch::{Dispatch, Inbound, dead_letter_undecodable};
 use crate::envelope::{self, HeaderValue, OCCURRED_AT_HEADER, Transport};
@@ -59,6 +60,8 @@ pub enum SessionEnd {
     Connect(lapin::Error),
     #[error("declaring {what} failed: {error}")]
     Topology { what: String, error: lapin::Error },
+    #[error(transparent)]
+    PluginQueue(#[from] QueueError),
     #[error("consumer of {queue} ended: {reason}")]
     ConsumerEnded { queue: String, reason: String },
     #[error("forwarding from ingress queue {queue} failed: {reason}")]
@@ -128,8 +131,7 @@ impl RabbitMqSource {
         self.follow(&conn, &current.plugins, &mut consumers, &mut tasks).await?;
         following.followed(current.generation);
         for queue in &self.config.ingress_queues {
-            let channel = conn.create_channel().await.map_err(SessionEnd::Connect)?;
-            declare_queue(&channel, queue).await?;
+            let channel = open_ingress(&conn, queue).await?;
             channel
                 .basic_qos(self.config.prefetch, BasicQosOptions::default())
                 .await
@@ -197,7 +199,7 @@ impl RabbitMqSource {
             let prefetch = plugin.settings.prefetch.unwrap_or(self.config.prefetch);
             let queue = Self::queue_name(&self.config, dispatch.name());
             let channel = conn.create_channel().await.map_err(SessionEnd::Connect)?;
-            declare_queue(&channel, &queue).await?;
+            declare_plugin_queue(&channel, &queue, self.config.queue_type).await?;
             for pattern in &plugin.settings.subscriptions.0 {
                 channel
                     .queue_bind(
@@ -239,14 +241,61 @@ async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), Sessi
         .map_err(|error| SessionEnd::Topology { what: format!("exchange {exchange}"), error })
 }
 
-/// A plain durable queue without arguments: NestJS producers declare the same and fail with
-/// 406 PRECONDITION_FAILED on any difference.
-async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), SessionEnd> {
-    channel
-        .queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default())
-        .await
-        .map(|_| ())
-        .map_err(|error| SessionEnd::Topology { what: format!("queue {queue}"), error })
+/// A plugin's queue the broker would not declare.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The queue exists with another type or other arguments (406 PRECONDITION_FAILED). The
+    /// broker's reason names the argument that differs.
+    #[error(
+        "queue {queue} exists with other arguments than rabbitmq.queue_type = \"{queue_type}\" declares, \
+         and a queue keeps the type it was first declared with: {error}"
+    )]
+    Mismatch { queue: String, queue_type: QueueType, error: lapin::Error },
+    #[error("declaring queue {queue} failed: {error}")]
+    Failed { queue: String, error: lapin::Error },
+}
+
+/// Declare a plugin's durable queue with the configured type: a classic one without
+/// arguments (as every router before `queue_type` declared it), a quorum one with
+/// `x-queue-type`.
+async fn declare_plugin_queue(channel: &Channel, queue: &str, queue_type: QueueType) -> Result<(), QueueError> {
+    let mut arguments = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    }
+    match channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), arguments).await {
+        Ok(_) => Ok(()),
+        Err(error) if refused_with(&error, AMQPSoftError::PRECONDITIONFAILED) => {
+            Err(QueueError::Mismatch { queue: queue.into(), queue_type, error })
+        }
+        Err(error) => Err(QueueError::Failed { queue: queue.into(), error }),
+    }
+}
+
+/// Whether the broker refused the request with this channel error.
+fn refused_with(error: &lapin::Error, code: AMQPSoftError) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if *e.kind() == AMQPErrorKind::Soft(code))
+}
+
+/// A channel on an ingress queue. The queue belongs to the services that emit to it: one that
+/// exists is used as they declared it, whatever its arguments (a quorum type, a dead-letter
+/// exchange); a missing one is declared as a plain durable queue, as NestJS declares it by
+/// default.
+async fn open_ingress(conn: &Connection, queue: &str) -> Result<Channel, SessionEnd> {
+    let topology = |error| SessionEnd::Topology { what: format!("queue {queue}"), error };
+    let channel = conn.create_channel().await.map_err(SessionEnd::Connect)?;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    match channel.queue_declare(queue.into(), passive, FieldTable::default()).await {
+        Ok(_) => Ok(channel),
+        Err(error) if refused_with(&error, AMQPSoftError::NOTFOUND) => {
+            // The refusal closed that channel.
+            let channel = conn.create_channel().await.map_err(SessionEnd::Connect)?;
+            let declared = channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default());
+            declared.await.map_err(topology)?;
+            Ok(channel)
+        }
+        Err(error) => Err(topology(error)),
+    }
 }
 
 /// The transport metadata of a delivery.
@@ -567,26 +616,42 @@ pub async fn queue_depths(url: &str, queues: &[String]) -> Vec<Option<u32>> {
 }
 
 /// Declare a plugin's queue and bind it to new patterns, or unbind old ones, on a short
-/// connection of its own (bindings belong to the queue, not to a channel).
+/// connection of its own (bindings belong to the queue, not to a channel), closed whether the
+/// change succeeded or not.
 pub async fn rebind(
     config: &RabbitMqConfig,
     queue: &str,
     bind: &[String],
     unbind: &[String],
-) -> Result<(), lapin::Error> {
+) -> Result<(), RebindError> {
     let conn = Connection::connect(config.url.expose(), ConnectionProperties::default()).await?;
-    let channel = conn.create_channel().await?;
-    channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
-    for pattern in bind {
-        let (q, x) = (queue.into(), config.exchange.as_str().into());
-        channel.queue_bind(q, x, pattern.as_str().into(), QueueBindOptions::default(), FieldTable::default()).await?;
+    let changed = async {
+        let channel = conn.create_channel().await?;
+        declare_plugin_queue(&channel, queue, config.queue_type).await?;
+        for pattern in bind {
+            let (q, x) = (queue.into(), config.exchange.as_str().into());
+            channel
+                .queue_bind(q, x, pattern.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+                .await?;
+        }
+        for pattern in unbind {
+            let (q, x) = (queue.into(), config.exchange.as_str().into());
+            channel.queue_unbind(q, x, pattern.as_str().into(), FieldTable::default()).await?;
+        }
+        Ok::<_, RebindError>(())
     }
-    for pattern in unbind {
-        let (q, x) = (queue.into(), config.exchange.as_str().into());
-        channel.queue_unbind(q, x, pattern.as_str().into(), FieldTable::default()).await?;
-    }
+    .await;
     close_within("a rebind's connection", conn.close(200, "rebound".into())).await;
-    Ok(())
+    changed
+}
+
+/// Why a plugin's queue could not be declared or (un)bound.
+#[derive(Debug, thiserror::Error)]
+pub enum RebindError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
 }
 
 /// Delete a queue with the messages in it.
