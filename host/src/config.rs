@@ -158,8 +158,8 @@ pub struct RabbitMqConfig {
     #[serde(default = "default_queue_prefix")]
     pub queue_prefix: String,
     /// The type the plugins' queues are declared with. A queue keeps the type it was first
-    /// declared with: the router does not convert one, and stops consuming from a queue whose
-    /// type differs, with the broker's reason.
+    /// declared with: the router does not convert one. A plugin queue of another type keeps the
+    /// RabbitMQ session from starting, and the log gives the broker's reason.
     #[serde(default)]
     pub queue_type: QueueType,
     /// Unacknowledged messages per consumer. Higher keeps the lanes busy while commits are

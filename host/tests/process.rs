@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use redis::AsyncCommands;
 use switchyard::db::Readers;
@@ -225,6 +225,23 @@ impl Rabbit {
         }
         let _ = conn.close(200, "published".into()).await;
     }
+
+    /// Declare the plugin's queue as a classic one, as a router before `queue_type` did, with
+    /// one event waiting in it.
+    async fn classic_queue_with_an_event(&self) {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("connect");
+        let channel = conn.create_channel().await.expect("channel");
+        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+        let queue = self.queue();
+        let durable = QueueDeclareOptions::durable();
+        channel.queue_declare(queue.as_str().into(), durable, Default::default()).await.expect("declare");
+        let props = BasicProperties::default().with_message_id("e-waiting".into()).with_delivery_mode(2);
+        let body = br#"{"pattern": "chaos.tally", "data": {"bucket": "b0"}}"#;
+        let publish =
+            channel.basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), body, props);
+        assert!(publish.await.expect("publish").await.expect("confirm").is_ack(), "the broker refused the event");
+        let _ = conn.close(200, "declared".into()).await;
+    }
 }
 
 impl Drop for Rabbit {
@@ -386,6 +403,22 @@ async fn a_store_that_refuses_a_dead_letter_leaves_the_event_to_the_broker_and_n
             .is_ok_and(|n| n == 1)
     };
     until("the dead letter kept", SETTLE, || deployment.log(1), async || kept()).await;
+    terminate(&router);
+    assert!(exit_of(&mut router, SETTLE).await.success(), "{}", deployment.log(1));
+}
+
+#[tokio::test]
+async fn a_plugin_queue_of_another_type_keeps_the_session_down_and_the_log_says_why() {
+    let rabbit = Rabbit::new();
+    rabbit.classic_queue_with_an_event().await;
+    let deployment = Deployment::new(&(rabbit.section() + "queue_type = \"quorum\"\n"), "").logging("warn");
+    let mut router = deployment.start(1, &[]);
+    let line = deployment.line_with(1, "exists with other arguments").await;
+    assert!(line.contains("RabbitMQ session ended; reconnecting"), "{line}");
+    assert!(line.contains(&format!("queue {}", rabbit.queue())), "names the queue: {line}");
+    assert!(line.contains("rabbitmq.queue_type = \"quorum\""), "names the setting: {line}");
+    assert!(line.contains("inequivalent arg 'x-queue-type'"), "gives the broker's reason: {line}");
+    assert_eq!(rabbit.depth().await, Some(1), "the waiting event stays in its queue");
     terminate(&router);
     assert!(exit_of(&mut router, SETTLE).await.success(), "{}", deployment.log(1));
 }
