@@ -12,10 +12,12 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm};
 use rusqlite::Connection as Sqlite;
+use switchyard::config::QueueType;
 use switchyard::event::Millis;
+use switchyard::source::rabbitmq::queue_arguments;
 
 use crate::cpu::{CpuClock, Drained};
 use crate::routed::{self, Latencies, Paced, Split};
@@ -41,43 +43,17 @@ pub async fn exchange(channel: &Channel, exchange: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The type of every queue a run declares: the baselines' here, the routers' through
-/// `[rabbitmq] queue_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum QueueKind {
-    Classic,
-    Quorum,
-}
-
-impl QueueKind {
-    /// Its `[rabbitmq] queue_type` value.
-    pub fn name(self) -> &'static str {
-        match self {
-            QueueKind::Classic => "classic",
-            QueueKind::Quorum => "quorum",
-        }
-    }
-
-    /// The declaration's arguments, as the router gives them for this type.
-    fn arguments(self) -> FieldTable {
-        let mut arguments = FieldTable::default();
-        if self == QueueKind::Quorum {
-            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-        }
-        arguments
-    }
-}
-
-/// Declare a durable `queue` of type `kind`, bound to `exchange` for each pattern.
+/// Declare a durable `queue` of `queue_type`, with the router's arguments for it, bound to
+/// `exchange` for each pattern.
 pub async fn queue(
     channel: &Channel,
     exchange: &str,
     queue: &str,
     patterns: &[&str],
-    kind: QueueKind,
+    queue_type: QueueType,
 ) -> anyhow::Result<()> {
     self::exchange(channel, exchange).await?;
-    channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), kind.arguments()).await?;
+    channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), queue_arguments(queue_type)).await?;
     for pattern in patterns {
         channel
             .queue_bind(

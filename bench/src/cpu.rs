@@ -83,16 +83,23 @@ struct Thread {
 
 /// This process's threads, by thread id.
 fn threads() -> BTreeMap<String, Thread> {
-    let mut by_tid = BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return by_tid };
-    for task in tasks.flatten() {
-        let Ok(tid) = task.file_name().into_string() else { continue };
-        let Ok(name) = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")) else { continue };
-        if let Some(used) = cpu_of(&format!("self/task/{tid}")) {
-            by_tid.insert(tid, Thread { name: name.trim().to_string(), used });
-        }
-    }
-    by_tid
+    tasks("self")
+        .into_iter()
+        .filter_map(|(tid, name)| cpu_of(&format!("self/task/{tid}")).map(|used| (tid, Thread { name, used })))
+        .collect()
+}
+
+/// The threads of process `pid` (`self` for this one) that can be read: id and name.
+fn tasks(pid: &str) -> Vec<(String, String)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().into_string().ok()?;
+            let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            Some((tid, name.trim().to_string()))
+        })
+        .collect()
 }
 
 /// User plus system time of process `pid` (`self` for this one).
@@ -118,19 +125,12 @@ fn broker_pid() -> Option<String> {
 /// figures depend on it (BENCHMARKS.md, "The broker's schedulers bound to cores").
 pub fn broker_schedulers() -> String {
     let Some(pid) = broker_pid() else { return "no RabbitMQ on this machine".into() };
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return binding(&[]) };
-    let mut allowed = Vec::new();
-    for task in tasks.flatten() {
-        let dir = task.path();
-        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else { continue };
-        if !name.trim().ends_with("_scheduler") {
-            continue;
-        }
-        let Ok(status) = std::fs::read_to_string(dir.join("status")) else { continue };
-        if let Some(cpus) = allowed_cpus(&status) {
-            allowed.push(cpus.to_string());
-        }
-    }
+    let mut allowed: Vec<String> = tasks(&pid)
+        .into_iter()
+        .filter(|(_, name)| name.ends_with("_scheduler"))
+        .filter_map(|(tid, _)| std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok())
+        .filter_map(|status| allowed_cpus(&status).map(str::to_string))
+        .collect();
     allowed.sort();
     binding(&allowed)
 }

@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use clap::Parser;
-use switchyard::config::PluginName;
+use switchyard::config::{PluginName, QueueType};
 use switchyard::db::Readers;
 use switchyard::event::{Event, EventId, Millis};
 use switchyard::runtime::{Instance, Overrides, Runtime};
 
-use broker::{Body, QueueKind};
+use broker::Body;
 use cpu::{CpuClock, Drained};
 use routed::{Entry, Latencies, Paced, Routed, Split};
 
@@ -78,8 +78,8 @@ pub struct Args {
     worker_threads: Option<usize>,
     /// The type of every queue the run declares, the baselines' and the routers'
     /// (`[rabbitmq] queue_type`).
-    #[arg(long, value_enum, default_value_t = QueueKind::Classic)]
-    queue_type: QueueKind,
+    #[arg(long, value_enum, default_value_t = QueueType::Classic)]
+    queue_type: QueueType,
 }
 
 /// One measured figure per round; the table shows the median and the spread.
@@ -270,11 +270,7 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
     }
     println!(
         "switchyard-bench: {} events per drain round, {} rounds, prefetch {}, concurrency {}, {worker_threads} worker thread(s), {} queues",
-        args.events,
-        args.rounds,
-        args.prefetch,
-        args.concurrency,
-        args.queue_type.name()
+        args.events, args.rounds, args.prefetch, args.concurrency, args.queue_type
     );
     println!("the broker's schedulers: {}", cpu::broker_schedulers());
     println!("| scenario | baseline (median, spread) | switchyard (median, spread) | ratio |");

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 use lapin::options::QueueDeleteOptions;
 use lapin::{Channel, Connection};
-use switchyard::config::{Config, Secret};
+use switchyard::config::{Config, QueueType, Secret};
 use switchyard::event::Millis;
 use switchyard::router::Router;
 use switchyard::telemetry::CountersSnapshot;
 
-use crate::broker::{self, Body, QueueKind};
+use crate::broker::{self, Body};
 use crate::cpu::Drained;
 use crate::{Args, plugin, unique};
 
@@ -38,7 +38,7 @@ pub struct Routed {
     dir: tempfile::TempDir,
     router: Option<Router>,
     queues: Vec<String>,
-    queue_type: QueueKind,
+    queue_type: QueueType,
 }
 
 impl Routed {
@@ -74,7 +74,7 @@ impl Routed {
             self.exchange,
             self.prefix,
             args.prefetch,
-            args.queue_type.name(),
+            args.queue_type,
         );
         for p in plugins {
             text.push_str(&format!(

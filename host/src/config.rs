@@ -177,8 +177,9 @@ pub struct RabbitMqConfig {
     pub sink_format: SinkFormat,
 }
 
-/// The RabbitMQ queue type of the plugins' queues.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+/// The RabbitMQ queue type of the plugins' queues (also a command-line value of the
+/// benchmark harness, which declares its baselines' queues alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
     /// A classic queue, declared without arguments: on one node.

@@ -202,6 +202,11 @@ impl Rabbit {
 
     /// Publish `(name, body, id)` messages to the exchange with confirms.
     async fn publish(&self, messages: impl IntoIterator<Item = (String, String, String)>) {
+        self.publish_on(&self.exchange, messages).await;
+    }
+
+    /// Publish `(routing key, body, id)` messages to `exchange` with confirms.
+    async fn publish_on(&self, exchange: &str, messages: impl IntoIterator<Item = (String, String, String)>) {
         let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("connect");
         let channel = conn.create_channel().await.expect("channel");
         channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
@@ -210,7 +215,7 @@ impl Rabbit {
             let props = BasicProperties::default().with_message_id(id.as_str().into()).with_delivery_mode(2);
             let confirm = channel
                 .basic_publish(
-                    self.exchange.as_str().into(),
+                    exchange.into(),
                     name.as_str().into(),
                     BasicPublishOptions::default(),
                     body.as_bytes(),
@@ -227,20 +232,15 @@ impl Rabbit {
     }
 
     /// Declare the plugin's queue as a classic one, as a router before `queue_type` did, with
-    /// one event waiting in it.
+    /// one event waiting in it (sent through the default exchange, straight to the queue).
     async fn classic_queue_with_an_event(&self) {
         let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("connect");
         let channel = conn.create_channel().await.expect("channel");
-        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
-        let queue = self.queue();
         let durable = QueueDeclareOptions::durable();
-        channel.queue_declare(queue.as_str().into(), durable, Default::default()).await.expect("declare");
-        let props = BasicProperties::default().with_message_id("e-waiting".into()).with_delivery_mode(2);
-        let body = br#"{"pattern": "chaos.tally", "data": {"bucket": "b0"}}"#;
-        let publish =
-            channel.basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), body, props);
-        assert!(publish.await.expect("publish").await.expect("confirm").is_ack(), "the broker refused the event");
+        channel.queue_declare(self.queue().as_str().into(), durable, Default::default()).await.expect("declare");
         let _ = conn.close(200, "declared".into()).await;
+        let event = r#"{"pattern": "chaos.tally", "data": {"bucket": "b0"}}"#;
+        self.publish_on("", [(self.queue(), event.to_string(), "e-waiting".to_string())]).await;
     }
 }
 

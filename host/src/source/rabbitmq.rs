@@ -255,21 +255,25 @@ pub enum QueueError {
     Failed { queue: String, error: lapin::Error },
 }
 
-/// Declare a plugin's durable queue with the configured type: a classic one without
-/// arguments (as every router before `queue_type` declared it), a quorum one with
-/// `x-queue-type`.
+/// Declare a plugin's durable queue with the configured type.
 async fn declare_plugin_queue(channel: &Channel, queue: &str, queue_type: QueueType) -> Result<(), QueueError> {
-    let mut arguments = FieldTable::default();
-    if queue_type == QueueType::Quorum {
-        arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    }
-    match channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), arguments).await {
+    match channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), queue_arguments(queue_type)).await {
         Ok(_) => Ok(()),
         Err(error) if refused_with(&error, AMQPSoftError::PRECONDITIONFAILED) => {
             Err(QueueError::Mismatch { queue: queue.into(), queue_type, error })
         }
         Err(error) => Err(QueueError::Failed { queue: queue.into(), error }),
     }
+}
+
+/// The arguments a queue of `queue_type` is declared with: none for a classic one, as every
+/// router before `queue_type` declared it.
+pub fn queue_arguments(queue_type: QueueType) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    }
+    arguments
 }
 
 /// Whether the broker refused the request with this channel error.
