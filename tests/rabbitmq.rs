@@ -9,7 +9,8 @@ use switchyard::commit::{Effects, OutboxRow, Writer};
 use switchyard::config::StoreConfig;
 use switchyard::router;
 use switchyard_tests::{
-    Rabbit, SETTLE, TestRouter, amqp_url, config, connected, eventually, settle, stop_and_assert_acked,
+    Rabbit, SETTLE, TestRouter, amqp_url, config, connected, eventually, not_ready_reason, settle,
+    stop_and_assert_acked,
 };
 
 /// A message for `publish_many`: event name, id and body.
@@ -497,7 +498,9 @@ async fn a_broker_outage_mid_stream_reports_not_ready_holds_the_outbox_and_loses
     eventually("the router to report the outage", SETTLE, || (!t.router.is_connected()).then_some(())).await;
     let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
     assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["error"]["message"], "not connected: rabbitmq");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("not connected: rabbitmq ("), "{body}");
+    assert_ne!(message, "not connected: rabbitmq (connecting)", "the outage's reason, not the first connection's");
     // Handled during the outage (through the HTTP source): its published event waits in the outbox.
     let cause = json!({ "pattern": "chaos.publish", "data": {}, "id": "during-outage" }).to_string();
     let (status, body) = t.admin("POST", "/v1/events", "application/json", cause).await;
@@ -576,6 +579,13 @@ async fn declare_durable(queue: &str, arguments: FieldTable) -> Result<(), lapin
     declared
 }
 
+async fn delete_queue(queue: &str) {
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel.queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default()).await.expect("deleting");
+    let _ = conn.close(200, "deleted".into()).await;
+}
+
 fn quorum() -> FieldTable {
     let mut arguments = FieldTable::default();
     arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
@@ -622,6 +632,45 @@ async fn a_plugin_queue_of_another_type_is_refused_with_the_reason_and_its_event
     assert_eq!(status, axum::http::StatusCode::NOT_FOUND, "a plugin whose queue was refused is not added");
     assert_eq!(router::queue_depth(&amqp_url(), &queue).await, Some(1), "the waiting event stays in its queue");
     assert!(t.router.is_connected(), "the other plugins' consumers go on");
+    drop(t.stop().await);
+}
+
+#[tokio::test]
+async fn a_session_that_cannot_start_says_why_in_the_readiness_answer_until_it_starts() {
+    let rabbit = Rabbit::new().await;
+    // `user-replica`'s queue is left from a router that declared classic queues.
+    rabbit.track_plugin("user-replica");
+    let queue = format!("{}user-replica", rabbit.prefix);
+    declare_durable(&queue, FieldTable::default()).await.expect("a classic queue");
+    let t = TestRouter::start(&quorum_config(&rabbit, false, &[("user-replica", "user_replica.wasm", "")])).await;
+    let not_ready = not_ready_reason(&t, "rabbitmq").await;
+    let expected = format!("not connected: rabbitmq (queue {queue} exists with other arguments");
+    assert!(not_ready.starts_with(&expected), "names the source and the queue: {not_ready}");
+    assert!(not_ready.contains("rabbitmq.queue_type = \"quorum\""), "names the setting: {not_ready}");
+    assert!(not_ready.contains("inequivalent arg 'x-queue-type'"), "gives the broker's reason: {not_ready}");
+
+    // The operator moves the old queue away: the next attempt starts the session.
+    delete_queue(&queue).await;
+    connected(&t).await;
+    let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    drop(t.stop().await);
+}
+
+#[tokio::test]
+async fn a_refused_login_says_why_in_the_readiness_answer_and_never_shows_the_password() {
+    let rabbit = Rabbit::new().await;
+    let password = "not-the-password-7f3a";
+    let url = amqp_url();
+    let (user, host) = url.split_once('@').expect("a broker URL with credentials");
+    let (user, _) = user.rsplit_once(':').expect("a broker URL with a password");
+    let text = config(&rabbit, false, &[("user-replica", "user_replica.wasm", "")])
+        .replace(&url, &format!("{user}:{password}@{host}"));
+    assert!(text.contains(password), "{text}");
+    let t = TestRouter::start(&text).await;
+    let not_ready = not_ready_reason(&t, "rabbitmq").await;
+    assert!(not_ready.contains("ACCESS_REFUSED"), "gives the broker's reason: {not_ready}");
+    assert!(!not_ready.contains(password), "{not_ready}");
     drop(t.stop().await);
 }
 

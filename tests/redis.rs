@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde_json::json;
-use switchyard_tests::{TestRouter, eventually, eventually_async, plugin_table, unique};
+use switchyard_tests::{TestRouter, eventually, eventually_async, not_ready_reason, plugin_table, unique};
 
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -397,7 +397,8 @@ async fn a_redis_outage_mid_stream_reports_not_ready_and_loses_nothing() {
     eventually("the router to report the outage", SETTLE, || (!t.router.is_connected()).then_some(())).await;
     let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
     assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["error"]["message"], "not connected: redis");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with(&format!("not connected: redis (stream {stream} (group ")), "{body}");
 
     proxy.up();
     connected(&t).await;
@@ -414,6 +415,28 @@ async fn a_redis_outage_mid_stream_reports_not_ready_and_loses_nothing() {
     assert!(acked, "every entry acknowledged after the outage");
     assert_eq!(tally(), events, "every entry applied once across the outage");
     assert!(stream_restarts(&metrics_text(&t).await, &stream) >= 1, "the outage restarted the stream consumer");
+}
+
+#[tokio::test]
+async fn a_stream_consumer_that_cannot_start_says_why_in_the_readiness_answer_until_it_starts() {
+    let stream = unique("wrongtype");
+    let _keys = Keys(vec![stream.clone()]);
+    let mut conn = redis().await;
+    // A key of another type under the stream's name: the consumer group cannot be created.
+    let () = conn.set(&stream, "not a stream").await.unwrap();
+    let text = header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\n"))
+        + &plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n");
+    let t = TestRouter::start(&text).await;
+    let not_ready = not_ready_reason(&t, "redis").await;
+    let expected = format!("not connected: redis (stream {stream} (group switchyard.misbehave): \"WRONGTYPE\"");
+    assert!(not_ready.starts_with(&expected), "names the stream, the group and Redis's reason: {not_ready}");
+
+    let () = conn.del(&stream).await.unwrap();
+    connected(&t).await;
+    let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    add_ok(&mut conn, &stream, "after").await;
+    eventually("an entry once the stream exists", SETTLE, || t.doc("misbehave", "seen", "after")).await;
 }
 
 #[tokio::test]

@@ -159,7 +159,7 @@ pub struct RabbitMqConfig {
     pub queue_prefix: String,
     /// The type the plugins' queues are declared with. A queue keeps the type it was first
     /// declared with: the router does not convert one. A plugin queue of another type keeps the
-    /// RabbitMQ session from starting, and the log gives the broker's reason.
+    /// RabbitMQ session from starting, and the log and `/v1/ready` give the broker's reason.
     #[serde(default)]
     pub queue_type: QueueType,
     /// Unacknowledged messages per consumer. Higher keeps the lanes busy while commits are

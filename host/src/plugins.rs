@@ -4,7 +4,6 @@
 //! re-subscribes when subscriptions change.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,9 +17,9 @@ use crate::dispatch::{Dispatch, PluginSlot};
 use crate::retry::Retrier;
 use crate::runtime::registry::{Registry, Which};
 use crate::runtime::{LoadError, LoadedPlugin, Overrides, Runtime};
-use crate::source::InFlight;
 use crate::source::rabbitmq::{RabbitMqSource, delete_queue, rebind};
 use crate::source::redis::destroy_groups;
+use crate::source::{Health, InFlight};
 
 /// Every running plugin, in the order they were added. Cheap to clone; clones share the set.
 #[derive(Clone)]
@@ -38,8 +37,8 @@ pub struct Members {
 /// A source that follows the set, as [`PluginSet::settled`] sees it.
 struct Follower {
     followed: watch::Receiver<u64>,
-    /// A disconnected source is not waited for: it starts from the newest set when it is back.
-    connected: Arc<AtomicBool>,
+    /// A source that is down is not waited for: it starts from the newest set when it is back.
+    health: Arc<Health>,
 }
 
 /// A source's handle to say which generation of the set it has applied.
@@ -126,11 +125,11 @@ impl PluginSet {
         self.current.subscribe()
     }
 
-    /// Register a source that follows the set; `connected` is its connection flag.
-    pub fn follower(&self, connected: Arc<AtomicBool>) -> Following {
+    /// Register a source that follows the set, as up or down as `health` says.
+    pub fn follower(&self, health: Arc<Health>) -> Following {
         let (tx, rx) = watch::channel(0);
         if let Ok(mut followers) = self.followers.lock() {
-            followers.push(Follower { followed: rx, connected });
+            followers.push(Follower { followed: rx, health });
         }
         Following(tx)
     }
@@ -142,9 +141,7 @@ impl PluginSet {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let behind = match self.followers.lock() {
-                Ok(followers) => {
-                    followers.iter().any(|f| f.connected.load(Ordering::SeqCst) && *f.followed.borrow() < target)
-                }
+                Ok(followers) => followers.iter().any(|f| f.health.is_up() && *f.followed.borrow() < target),
                 Err(_) => false,
             };
             if !behind {

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -19,10 +18,10 @@ use crate::outbox::{self, RabbitSink, RedisSink, Sink};
 use crate::plugins::{Control, PluginSet};
 use crate::runtime::registry::{Registry, Which};
 use crate::runtime::{LoadedPlugin, Overrides, Runtime};
-use crate::source::InFlight;
 use crate::source::bus::Bus;
 use crate::source::rabbitmq::RabbitMqSource;
 use crate::source::redis::RedisSource;
+use crate::source::{Health, InFlight, SourceHealth};
 use crate::telemetry;
 
 /// How long the tasks (sources and outbox relay) get to end after the shutdown signal before
@@ -35,7 +34,7 @@ pub struct Router {
     /// The in-process bus, when no broker is configured.
     pub bus: Option<Arc<Bus>>,
     /// Each source's name and a flag that is true while it is connected.
-    sources: Arc<Vec<(&'static str, Arc<AtomicBool>)>>,
+    sources: Arc<Vec<SourceHealth>>,
     control: Control,
     /// Where the admin API listens, when configured.
     pub admin_address: Option<std::net::SocketAddr>,
@@ -92,22 +91,22 @@ impl Router {
 
         let mut sources = Vec::new();
         if let Some(rabbit) = &config.rabbitmq {
-            let connected = Arc::new(AtomicBool::new(false));
-            sources.push(("rabbitmq", connected.clone()));
+            let health = Arc::new(Health::default());
+            sources.push(SourceHealth { source: "rabbitmq", health: health.clone() });
             let source = RabbitMqSource {
                 config: rabbit.clone(),
                 writer: writer.clone(),
                 readers: readers.clone(),
                 in_flight: in_flight.clone(),
-                connected,
+                health,
             };
             tasks.spawn(source.run(plugins.clone(), shutdown.clone()));
         }
         if let Some(redis) = config.redis.as_ref().filter(|r| r.pubsub.is_some() || r.streams.is_some()) {
-            let connected = Arc::new(AtomicBool::new(false));
-            sources.push(("redis", connected.clone()));
+            let health = Arc::new(Health::default());
+            sources.push(SourceHealth { source: "redis", health: health.clone() });
             let source =
-                RedisSource { config: redis.clone(), writer: writer.clone(), in_flight: in_flight.clone(), connected };
+                RedisSource { config: redis.clone(), writer: writer.clone(), in_flight: in_flight.clone(), health };
             tasks.spawn(source.run(plugins.clone(), shutdown.clone()));
         }
         let use_redis_sink =
@@ -163,7 +162,7 @@ impl Router {
 
     /// Whether every source is connected (always, on the bus).
     pub fn is_connected(&self) -> bool {
-        self.sources.iter().all(|(_, s)| s.load(Ordering::SeqCst))
+        self.sources.iter().all(|s| s.health.is_up())
     }
 
     /// Messages taken from sources and not settled yet.

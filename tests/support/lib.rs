@@ -430,6 +430,19 @@ pub fn config(rabbit: &Rabbit, ingress: bool, plugins: &[(&str, &str, &str)]) ->
     text
 }
 
+/// Why `/v1/ready` says `source` is not connected, once it says more than that the first
+/// connection is under way. Every answer meanwhile must be a 503.
+pub async fn not_ready_reason(t: &TestRouter, source: &str) -> String {
+    let connecting = format!("not connected: {source} (connecting)");
+    eventually_async("the reason the source is not connected", SETTLE, async || {
+        let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        let message = body["error"]["message"].as_str()?.to_string();
+        (message != connecting).then_some(message)
+    })
+    .await
+}
+
 /// Wait until the router has settled everything and the given queues are drained.
 pub async fn settle(t: &TestRouter, queues: &[String]) {
     let deadline = Instant::now() + SETTLE;

@@ -39,7 +39,7 @@ use crate::event::Millis;
 use crate::plugins::{Change, Control, ControlError};
 use crate::runtime::LoadError;
 use crate::source::rabbitmq::RabbitMqSource;
-use crate::source::{Ack, InFlight, Received};
+use crate::source::{Ack, InFlight, Received, SourceHealth};
 use crate::telemetry::{self, CountersSnapshot};
 
 /// How long `POST /v1/events` waits for the plugins to settle the event.
@@ -56,8 +56,8 @@ const MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
 pub struct AdminState {
     pub token: Option<Secret>,
     pub readers: Readers,
-    /// Each source's name and whether it is connected.
-    pub sources: Arc<Vec<(&'static str, Arc<std::sync::atomic::AtomicBool>)>>,
+    /// Each source, and whether it is up.
+    pub sources: Arc<Vec<SourceHealth>>,
     pub in_flight: Arc<InFlight>,
     pub control: Control,
 }
@@ -208,16 +208,18 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Readiness: every source connected.
+/// Readiness: every source connected. A source that is not says why: the error that ended its
+/// last session or kept the next from starting, or `connecting` while its first is under way.
 #[utoipa::path(get, path = "/v1/ready", tag = "admin", security(("bearer" = [])), responses(
     (status = 200, description = "ready"),
-    (status = 503, description = "a source is not connected", body = ErrorBody),
+    (status = 503, description = "a source is not connected: `not connected: <source> (<why>)`, \
+        sources separated by `; `", body = ErrorBody),
 ))]
 async fn ready(State(state): State<AdminState>) -> Result<Json<serde_json::Value>, AdminError> {
-    let down: Vec<&str> =
-        state.sources.iter().filter(|(_, c)| !c.load(std::sync::atomic::Ordering::SeqCst)).map(|(n, _)| *n).collect();
+    let down: Vec<String> =
+        state.sources.iter().filter_map(|s| s.health.why_down().map(|why| format!("{} ({why})", s.source))).collect();
     if !down.is_empty() {
-        return Err(AdminError::NotReady(format!("not connected: {}", down.join(", "))));
+        return Err(AdminError::NotReady(format!("not connected: {}", down.join("; "))));
     }
     Ok(Json(serde_json::json!({ "status": "ready", "plugins": state.control.plugins.snapshot().plugins.len() })))
 }
@@ -600,9 +602,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             metrics::gauge!(gauge, "plugin" => plugin).set(count as f64);
         }
     }
-    for (name, connected) in state.sources.iter() {
-        let up = if connected.load(std::sync::atomic::Ordering::SeqCst) { 1.0 } else { 0.0 };
-        metrics::gauge!("switchyard_source_connected", "source" => *name).set(up);
+    for s in state.sources.iter() {
+        let up = if s.health.is_up() { 1.0 } else { 0.0 };
+        metrics::gauge!("switchyard_source_connected", "source" => s.source).set(up);
     }
     metrics::gauge!("switchyard_in_flight").set(state.in_flight.get() as f64);
     // Consumer lag, where the broker tells it.

@@ -3,6 +3,7 @@
 
 mod amqp_acks;
 pub mod bus;
+pub mod health;
 pub mod rabbitmq;
 pub mod redis;
 mod stream_acks;
@@ -19,6 +20,7 @@ use crate::event::{Event, Millis};
 use crate::plugins::PluginSet;
 use crate::retry::Parking;
 pub(crate) use amqp_acks::AckBatch;
+pub use health::{Health, SourceHealth};
 pub(crate) use stream_acks::StreamAcks;
 
 /// A message as received, before or after decoding.

@@ -9,7 +9,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
@@ -30,7 +29,7 @@ use crate::dispatch::{Dispatch, Inbound, dead_letter_undecodable};
 use crate::envelope::{self, HeaderValue, OCCURRED_AT_HEADER, Transport};
 use crate::event::{EventId, Millis};
 use crate::plugins::{Consumers, Following, PluginSet};
-use crate::source::{Ack, AckBatch, Backoff, InFlight, Received};
+use crate::source::{Ack, AckBatch, Backoff, Health, InFlight, Received};
 
 /// A session that lasted this long was healthy: the next reconnect starts from the minimum.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
@@ -74,8 +73,8 @@ pub struct RabbitMqSource {
     pub writer: Writer,
     pub readers: Readers,
     pub in_flight: Arc<InFlight>,
-    /// True while connected with every consumer running.
-    pub connected: Arc<AtomicBool>,
+    /// Up while connected with every consumer running; down with the reason otherwise.
+    pub health: Arc<Health>,
 }
 
 impl RabbitMqSource {
@@ -87,7 +86,7 @@ impl RabbitMqSource {
     /// Consume until `shutdown`, reconnecting with backoff whenever the connection ends.
     pub async fn run(self, plugins: PluginSet, shutdown: CancellationToken) {
         let mut backoff = Backoff::new();
-        let following = plugins.follower(self.connected.clone());
+        let following = plugins.follower(self.health.clone());
         loop {
             let started = std::time::Instant::now();
             let session = self.session(&plugins, &following, &shutdown);
@@ -95,14 +94,17 @@ impl RabbitMqSource {
                 _ = shutdown.cancelled() => return,
                 ended = session => ended,
             };
-            self.connected.store(false, Ordering::SeqCst);
             if started.elapsed() >= HEALTHY_SESSION {
                 backoff.reset();
             }
             match ended {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.health.down("stopped");
+                    return;
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff.delay(), "RabbitMQ session ended; reconnecting")
+                    tracing::warn!(error = %e, retry_in = ?backoff.delay(), "RabbitMQ session ended; reconnecting");
+                    self.health.down(e);
                 }
             }
             if !backoff.wait(&shutdown).await {
@@ -151,7 +153,7 @@ impl RabbitMqSource {
             };
             tasks.spawn(async move { Some(forwarder.run(channel).await) });
         }
-        self.connected.store(true, Ordering::SeqCst);
+        self.health.up();
         tracing::info!(
             plugins = consumers.len(),
             ingress = self.config.ingress_queues.len(),

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -26,7 +26,7 @@ use crate::envelope::{self, HeaderValue, Transport};
 use crate::event::Millis;
 use crate::plugins::{Consumers, PluginSet};
 use crate::route::Pattern;
-use crate::source::{Ack, Backoff, InFlight, Received, StreamAcks, hand_to_subscribers};
+use crate::source::{Ack, Backoff, Health, InFlight, Received, StreamAcks, hand_to_subscribers};
 
 /// How long one `XREADGROUP` waits for entries.
 const BLOCK_MS: usize = 1000;
@@ -46,8 +46,8 @@ pub struct RedisSource {
     pub config: RedisConfig,
     pub writer: Writer,
     pub in_flight: Arc<InFlight>,
-    /// True while every Redis consumer is connected.
-    pub connected: Arc<AtomicBool>,
+    /// Up while every Redis consumer is connected; down with the first one's reason otherwise.
+    pub health: Arc<Health>,
 }
 
 impl RedisSource {
@@ -61,26 +61,27 @@ impl RedisSource {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "invalid Redis URL; the Redis source is not running");
+                self.health.down(format!("invalid Redis URL: {e}"));
                 return;
             }
         };
         let mut tasks = JoinSet::new();
-        let mut pubsub_connected = None;
+        let mut pubsub_health = None;
         if let Some(pubsub) = &self.config.pubsub {
-            let flag = Arc::new(AtomicBool::new(false));
-            pubsub_connected = Some(flag.clone());
+            let health = Arc::new(Health::default());
+            pubsub_health = Some(health.clone());
             let consumer = PubSubConsumer {
                 client: push_client,
                 config: pubsub.clone(),
                 plugins: plugins.clone(),
                 writer: self.writer.clone(),
                 in_flight: self.in_flight.clone(),
-                connected: flag,
+                health,
                 dropped: Arc::default(),
             };
             tasks.spawn(consumer.run(shutdown.clone()));
         }
-        let mut consumers: Consumers<Vec<Arc<AtomicBool>>> = Consumers::default();
+        let mut consumers: Consumers<Vec<Arc<Health>>> = Consumers::default();
         let mut changes = plugins.subscribe();
         loop {
             if let Some(streams) = &self.config.streams {
@@ -88,9 +89,7 @@ impl RedisSource {
                 self.follow(&client, streams, &current.plugins, &mut consumers, &mut tasks, &shutdown);
             }
             while tasks.try_join_next().is_some() {}
-            let mut flags = pubsub_connected.iter().chain(consumers.kept().flatten());
-            let all = flags.all(|f| f.load(Ordering::SeqCst));
-            self.connected.store(all, Ordering::SeqCst);
+            self.health.gather(pubsub_health.iter().chain(consumers.kept().flatten()));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = changes.changed() => {}
@@ -107,17 +106,17 @@ impl RedisSource {
         client: &redis::Client,
         streams: &StreamsConfig,
         plugins: &[Dispatch],
-        consumers: &mut Consumers<Vec<Arc<AtomicBool>>>,
+        consumers: &mut Consumers<Vec<Arc<Health>>>,
         tasks: &mut JoinSet<()>,
         shutdown: &CancellationToken,
     ) {
         let consumer_name = streams.consumer.clone().unwrap_or_else(default_consumer_name);
         for dispatch in consumers.follow(plugins) {
             let stop = shutdown.child_token();
-            let mut connected = Vec::new();
+            let mut healths = Vec::new();
             for stream in &streams.streams {
-                let flag = Arc::new(AtomicBool::new(false));
-                connected.push(flag.clone());
+                let health = Arc::new(Health::default());
+                healths.push(health.clone());
                 let plugin = dispatch.name().to_string();
                 let consumer = StreamConsumer {
                     client: client.clone(),
@@ -129,11 +128,11 @@ impl RedisSource {
                     dispatch: dispatch.clone(),
                     writer: self.writer.clone(),
                     in_flight: self.in_flight.clone(),
-                    connected: flag,
+                    health,
                 };
                 tasks.spawn(consumer.run(stop.clone()));
             }
-            consumers.started(dispatch, stop, connected);
+            consumers.started(dispatch, stop, healths);
         }
     }
 }
@@ -257,7 +256,7 @@ struct PubSubConsumer {
     plugins: PluginSet,
     writer: Writer,
     in_flight: Arc<InFlight>,
-    connected: Arc<AtomicBool>,
+    health: Arc<Health>,
     dropped: Arc<Dropped>,
 }
 
@@ -315,17 +314,17 @@ impl PubSubConsumer {
         let mut backoff = Backoff::new();
         let mut connected_before = false;
         let mut changes = self.plugins.subscribe();
-        let following = self.plugins.follower(self.connected.clone());
+        let following = self.plugins.follower(self.health.clone());
         let mut drops_logged = DropsLogged { count: 0, at: None };
         loop {
             let current = changes.borrow_and_update().clone();
             let mut subs = self.subscriptions(&current.plugins);
-            match self.session(&subs).await {
+            let why = match self.session(&subs).await {
                 Ok(Session { mut conn, mut messages }) => {
                     backoff.reset();
                     connected_before = true;
                     following.followed(current.generation);
-                    self.connected.store(true, Ordering::SeqCst);
+                    self.health.up();
                     loop {
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
@@ -339,28 +338,31 @@ impl PubSubConsumer {
                                     }
                                     Err(e) => {
                                         tracing::warn!(error = %e, "changing Redis subscriptions failed");
-                                        break;
+                                        break format!("changing the subscriptions failed: {e}");
                                     }
                                 }
                             }
                             // The connection drops its sender when it closes: the messages
                             // still buffered are handled, then the session ends.
                             push = messages.recv() => match push {
-                                Some(push) if push.kind == PushKind::Disconnection => break,
+                                Some(push) if push.kind == PushKind::Disconnection => break "disconnected".to_string(),
                                 Some(push) => {
                                     if let Some(message) = redis::Msg::from_push_info(push) {
                                         self.handle(&subs, message).await;
                                     }
                                     drops_logged.update(&self.dropped, self.config.buffer);
                                 }
-                                None => break,
+                                None => break "the connection closed".to_string(),
                             },
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff.delay(), "Redis pub/sub connection failed"),
-            }
-            self.connected.store(false, Ordering::SeqCst);
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff.delay(), "Redis pub/sub connection failed");
+                    e.to_string()
+                }
+            };
+            self.health.down(format!("pub/sub: {why}"));
             if connected_before {
                 // Each disconnection is a window whose messages are gone: count it as we log it.
                 metrics::counter!("switchyard_pubsub_gaps_total").increment(1);
@@ -455,7 +457,7 @@ struct StreamConsumer {
     dispatch: Dispatch,
     writer: Writer,
     in_flight: Arc<InFlight>,
-    connected: Arc<AtomicBool>,
+    health: Arc<Health>,
 }
 
 impl StreamConsumer {
@@ -467,11 +469,11 @@ impl StreamConsumer {
                 _ = shutdown.cancelled() => return,
                 ended = self.session() => ended,
             };
-            self.connected.store(false, Ordering::SeqCst);
             let e = match ended {
                 Ok(never) => match never {},
                 Err(e) => e,
             };
+            self.health.down(format!("stream {} (group {}): {e}", self.stream, self.group));
             if started.elapsed() >= Duration::from_secs(30) {
                 backoff.reset();
             }
@@ -496,7 +498,7 @@ impl StreamConsumer {
         {
             return Err(e);
         }
-        self.connected.store(true, Ordering::SeqCst);
+        self.health.up();
         // Entries this consumer read before a restart and never acknowledged.
         let mine = self.read(&mut reads, "0", None).await?;
         self.deliver(&conn, &acks, mine, Delivered::Before).await;
