@@ -636,24 +636,35 @@ async fn a_plugin_queue_of_another_type_is_refused_with_the_reason_and_its_event
 }
 
 #[tokio::test]
-async fn a_session_that_cannot_start_says_why_in_the_readiness_answer_until_it_starts() {
+async fn a_refused_plugin_queue_waits_with_its_events_while_the_other_plugins_consume() {
     let rabbit = Rabbit::new().await;
-    // `user-replica`'s queue is left from a router that declared classic queues.
-    rabbit.track_plugin("user-replica");
-    let queue = format!("{}user-replica", rabbit.prefix);
+    // `stamp`'s queue is left from a router that declared classic queues, with an event in it.
+    rabbit.track_plugin("stamp");
+    let queue = format!("{}stamp", rabbit.prefix);
     declare_durable(&queue, FieldTable::default()).await.expect("a classic queue");
-    let t = TestRouter::start(&quorum_config(&rabbit, false, &[("user-replica", "user_replica.wasm", "")])).await;
+    rabbit.publish("", &queue, br#"{"pattern": "stamp.it", "data": {}}"#, BasicProperties::default()).await;
+    let plugins = [("user-replica", "user_replica.wasm", ""), ("stamp", "stamp_v1.wasm", "")];
+    let t = TestRouter::start(&quorum_config(&rabbit, true, &plugins)).await;
+
     let not_ready = not_ready_reason(&t, "rabbitmq").await;
-    let expected = format!("not connected: rabbitmq (queue {queue} exists with other arguments");
-    assert!(not_ready.starts_with(&expected), "names the source and the queue: {not_ready}");
+    let expected = format!("not connected: rabbitmq (plugin stamp: queue {queue} exists with other arguments");
+    assert!(not_ready.starts_with(&expected), "names the source, the plugin and the queue: {not_ready}");
     assert!(not_ready.contains("rabbitmq.queue_type = \"quorum\""), "names the setting: {not_ready}");
     assert!(not_ready.contains("inequivalent arg 'x-queue-type'"), "gives the broker's reason: {not_ready}");
+    rabbit.emit_nestjs("auth.tokenGenerated", json!({ "user": user("q1", "quinn"), "token": "tok-q" })).await;
+    let stored = eventually("the other plugin's event", SETTLE, || t.doc("user-replica", "user_refs", "q1")).await;
+    assert_eq!(stored["token"], "tok-q");
+    assert_eq!(router::queue_depth(&amqp_url(), &queue).await, Some(1), "the refused queue's event stays");
 
-    // The operator moves the old queue away: the next attempt starts the session.
+    // The operator moves the old queue away: the router's next attempt starts its consumer.
     delete_queue(&queue).await;
     connected(&t).await;
     let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
     assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    rabbit.publish("", &queue, br#"{"pattern": "stamp.it", "data": {}}"#, BasicProperties::default()).await;
+    settle(&t, &[queue]).await;
+    let stamped = t.router.plugins.get("stamp").unwrap().slot().counters.snapshot().succeeded;
+    assert_eq!(stamped, 1, "the plugin consumes its queue once it is declared");
     drop(t.stop().await);
 }
 

@@ -158,8 +158,9 @@ pub struct RabbitMqConfig {
     #[serde(default = "default_queue_prefix")]
     pub queue_prefix: String,
     /// The type the plugins' queues are declared with. A queue keeps the type it was first
-    /// declared with: the router does not convert one. A plugin queue of another type keeps the
-    /// RabbitMQ session from starting, and the log and `/v1/ready` give the broker's reason.
+    /// declared with: the router does not convert one. A plugin whose queue exists with another
+    /// type gets no consumer while the others run; the log and `/v1/ready` give the broker's
+    /// reason, and the queue is tried again with backoff.
     #[serde(default)]
     pub queue_type: QueueType,
     /// Unacknowledged messages per consumer. Higher keeps the lanes busy while commits are

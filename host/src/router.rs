@@ -160,9 +160,9 @@ impl Router {
         }
     }
 
-    /// Whether every source is connected (always, on the bus).
+    /// Whether every source is connected with every consumer running (always, on the bus).
     pub fn is_connected(&self) -> bool {
-        self.sources.iter().all(|s| s.health.is_up())
+        self.sources.iter().all(|s| s.health.why_not_ready().is_none())
     }
 
     /// Messages taken from sources and not settled yet.

@@ -408,13 +408,14 @@ async fn a_store_that_refuses_a_dead_letter_leaves_the_event_to_the_broker_and_n
 }
 
 #[tokio::test]
-async fn a_plugin_queue_of_another_type_keeps_the_session_down_and_the_log_says_why() {
+async fn a_plugin_queue_of_another_type_is_refused_and_the_log_says_why() {
     let rabbit = Rabbit::new();
     rabbit.classic_queue_with_an_event().await;
     let deployment = Deployment::new(&(rabbit.section() + "queue_type = \"quorum\"\n"), "").logging("warn");
     let mut router = deployment.start(1, &[]);
     let line = deployment.line_with(1, "exists with other arguments").await;
-    assert!(line.contains("RabbitMQ session ended; reconnecting"), "{line}");
+    assert!(line.contains("plugin queue refused: its events wait in it"), "{line}");
+    assert!(line.contains("plugin=misbehave"), "names the plugin: {line}");
     assert!(line.contains(&format!("queue {}", rabbit.queue())), "names the queue: {line}");
     assert!(line.contains("rabbitmq.queue_type = \"quorum\""), "names the setting: {line}");
     assert!(line.contains("inequivalent arg 'x-queue-type'"), "gives the broker's reason: {line}");

@@ -216,8 +216,11 @@ async fn health() -> Json<serde_json::Value> {
         sources separated by `; `", body = ErrorBody),
 ))]
 async fn ready(State(state): State<AdminState>) -> Result<Json<serde_json::Value>, AdminError> {
-    let down: Vec<String> =
-        state.sources.iter().filter_map(|s| s.health.why_down().map(|why| format!("{} ({why})", s.source))).collect();
+    let down: Vec<String> = state
+        .sources
+        .iter()
+        .filter_map(|s| s.health.why_not_ready().map(|why| format!("{} ({why})", s.source)))
+        .collect();
     if !down.is_empty() {
         return Err(AdminError::NotReady(format!("not connected: {}", down.join("; "))));
     }
@@ -603,7 +606,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         }
     }
     for s in state.sources.iter() {
-        let up = if s.health.is_up() { 1.0 } else { 0.0 };
+        let up = if s.health.why_not_ready().is_none() { 1.0 } else { 0.0 };
         metrics::gauge!("switchyard_source_connected", "source" => s.source).set(up);
     }
     metrics::gauge!("switchyard_in_flight").set(state.in_flight.get() as f64);

@@ -130,7 +130,7 @@ impl RabbitMqSource {
         let mut changes = plugins.subscribe();
         let mut consumers = Consumers::default();
         let current = changes.borrow_and_update().clone();
-        self.follow(&conn, &current.plugins, &mut consumers, &mut tasks).await?;
+        let mut refused = self.follow(&conn, &current.plugins, &mut consumers, &mut tasks).await?;
         following.followed(current.generation);
         for queue in &self.config.ingress_queues {
             let channel = open_ingress(&conn, queue).await?;
@@ -153,34 +153,41 @@ impl RabbitMqSource {
             };
             tasks.spawn(async move { Some(forwarder.run(channel).await) });
         }
-        self.health.up();
+        refused.report(&self.health);
         tracing::info!(
             plugins = consumers.len(),
+            refused = refused.0.len(),
             ingress = self.config.ingress_queues.len(),
             "consuming from RabbitMQ"
         );
+        let mut retry = Backoff::new();
         let ended = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        break Ok(());
-                    }
-                    let current = changes.borrow_and_update().clone();
-                    if let Err(e) = self.follow(&conn, &current.plugins, &mut consumers, &mut tasks).await {
-                        break Err(e);
-                    }
-                    following.followed(current.generation);
-                }
+                changed = changes.changed() => if changed.is_err() {
+                    break Ok(());
+                },
+                // A refused queue may have been moved away meanwhile: try its plugin again.
+                _ = retry.wait(shutdown), if !refused.0.is_empty() => {}
                 first = tasks.join_next(), if !tasks.is_empty() => match first {
                     Some(Ok(Some(end))) => break Err(end),
                     Some(Err(join)) => {
                         break Err(SessionEnd::ConsumerEnded { queue: "?".into(), reason: join.to_string() });
                     }
                     // A consumer stopped because its plugin was removed.
-                    Some(Ok(None)) | None => {}
+                    Some(Ok(None)) | None => continue,
                 },
             }
+            let current = changes.borrow_and_update().clone();
+            match self.follow(&conn, &current.plugins, &mut consumers, &mut tasks).await {
+                Ok(now) => refused = now,
+                Err(e) => break Err(e),
+            }
+            refused.report(&self.health);
+            if refused.0.is_empty() {
+                retry.reset();
+            }
+            following.followed(current.generation);
         };
         tasks.abort_all();
         close_within("the session's connection", conn.close(200, "switchyard session ends".into())).await;
@@ -189,19 +196,30 @@ impl RabbitMqSource {
 
     /// Start a consumer for each plugin of `plugins` that has none, and stop the consumers of
     /// plugins no longer in it (each drains its plugin's events before closing its channel).
+    /// A plugin whose queue the broker refuses gets no consumer and is returned: its events
+    /// wait in its queue, and the other plugins' consumers run.
     async fn follow(
         &self,
         conn: &Connection,
         plugins: &[Dispatch],
         consumers: &mut Consumers<()>,
         tasks: &mut JoinSet<Option<SessionEnd>>,
-    ) -> Result<(), SessionEnd> {
+    ) -> Result<Refused, SessionEnd> {
+        let mut refused = Refused::default();
         for dispatch in consumers.follow(plugins) {
             let plugin = dispatch.slot().current();
             let prefetch = plugin.settings.prefetch.unwrap_or(self.config.prefetch);
             let queue = Self::queue_name(&self.config, dispatch.name());
             let channel = conn.create_channel().await.map_err(SessionEnd::Connect)?;
-            declare_plugin_queue(&channel, &queue, self.config.queue_type).await?;
+            match declare_plugin_queue(&channel, &queue, self.config.queue_type).await {
+                Ok(()) => {}
+                Err(e @ QueueError::Mismatch { .. }) => {
+                    tracing::warn!(plugin = %dispatch.name(), error = %e, "plugin queue refused: its events wait in it; the other plugins' consumers run");
+                    refused.0.push(format!("plugin {}: {e}", dispatch.name()));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
             for pattern in &plugin.settings.subscriptions.0 {
                 channel
                     .queue_bind(
@@ -231,7 +249,22 @@ impl RabbitMqSource {
             tasks.spawn(consumer.run(channel));
             consumers.started(dispatch, stop, ());
         }
-        Ok(())
+        Ok(refused)
+    }
+}
+
+/// The plugins whose queue the broker refused, each with the reason.
+#[derive(Default)]
+struct Refused(Vec<String>);
+
+impl Refused {
+    /// The session is up, and ready unless a plugin's queue was refused.
+    fn report(&self, health: &Health) {
+        if self.0.is_empty() {
+            health.up();
+        } else {
+            health.partly_up(self.0.join("; "));
+        }
     }
 }
 
