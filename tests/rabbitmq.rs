@@ -635,26 +635,34 @@ async fn a_plugin_queue_of_another_type_is_refused_with_the_reason_and_its_event
     drop(t.stop().await);
 }
 
-#[tokio::test]
-async fn a_refused_plugin_queue_waits_with_its_events_while_the_other_plugins_consume() {
-    let rabbit = Rabbit::new().await;
-    // `stamp`'s queue is left from a router that declared classic queues, with an event in it.
+/// A router whose `stamp` plugin's queue is left from a router that declared classic queues,
+/// with an event in it, while this one declares quorum queues; `user-replica` consumes beside
+/// it. Returns once `/v1/ready` says why `stamp` does not consume, with the queue's name.
+async fn router_with_a_refused_queue(rabbit: &Rabbit) -> (TestRouter, String) {
     rabbit.track_plugin("stamp");
     let queue = format!("{}stamp", rabbit.prefix);
     declare_durable(&queue, FieldTable::default()).await.expect("a classic queue");
     rabbit.publish("", &queue, br#"{"pattern": "stamp.it", "data": {}}"#, BasicProperties::default()).await;
     let plugins = [("user-replica", "user_replica.wasm", ""), ("stamp", "stamp_v1.wasm", "")];
-    let t = TestRouter::start(&quorum_config(&rabbit, true, &plugins)).await;
-
+    let t = TestRouter::start(&quorum_config(rabbit, true, &plugins)).await;
     let not_ready = not_ready_reason(&t, "rabbitmq").await;
     let expected = format!("not connected: rabbitmq (plugin stamp: queue {queue} exists with other arguments");
     assert!(not_ready.starts_with(&expected), "names the source, the plugin and the queue: {not_ready}");
     assert!(not_ready.contains("rabbitmq.queue_type = \"quorum\""), "names the setting: {not_ready}");
     assert!(not_ready.contains("inequivalent arg 'x-queue-type'"), "gives the broker's reason: {not_ready}");
+    (t, queue)
+}
+
+#[tokio::test]
+async fn a_refused_plugin_queue_waits_with_its_events_while_the_other_plugins_consume() {
+    let rabbit = Rabbit::new().await;
+    let (t, queue) = router_with_a_refused_queue(&rabbit).await;
     rabbit.emit_nestjs("auth.tokenGenerated", json!({ "user": user("q1", "quinn"), "token": "tok-q" })).await;
     let stored = eventually("the other plugin's event", SETTLE, || t.doc("user-replica", "user_refs", "q1")).await;
     assert_eq!(stored["token"], "tok-q");
     assert_eq!(router::queue_depth(&amqp_url(), &queue).await, Some(1), "the refused queue's event stays");
+    let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE, "still not ready: {body}");
 
     // The operator moves the old queue away: the router's next attempt starts its consumer.
     delete_queue(&queue).await;
@@ -665,6 +673,19 @@ async fn a_refused_plugin_queue_waits_with_its_events_while_the_other_plugins_co
     settle(&t, &[queue]).await;
     let stamped = t.router.plugins.get("stamp").unwrap().slot().counters.snapshot().succeeded;
     assert_eq!(stamped, 1, "the plugin consumes its queue once it is declared");
+    drop(t.stop().await);
+}
+
+#[tokio::test]
+async fn a_plugin_whose_queue_was_refused_can_be_removed_and_its_queue_keeps_its_events() {
+    let rabbit = Rabbit::new().await;
+    let (t, queue) = router_with_a_refused_queue(&rabbit).await;
+    let (status, body) = t.admin("DELETE", "/v1/plugins/stamp", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    connected(&t).await;
+    let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::OK, "ready without the removed plugin: {body}");
+    assert_eq!(router::queue_depth(&amqp_url(), &queue).await, Some(1), "its queue keeps what is in it");
     drop(t.stop().await);
 }
 

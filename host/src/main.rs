@@ -122,7 +122,10 @@ async fn serve(config: Config, feed: Option<PathBuf>, exit_when_idle: bool) -> a
         // Queues must be declared and bound first, or the broker drops what it cannot route.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while !router.is_connected() {
-            anyhow::ensure!(std::time::Instant::now() < deadline, "the source did not connect within 60 s");
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "a source was not ready within 60 s; the log says why"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let count = match (&router.bus, &rabbit) {

@@ -33,7 +33,7 @@ pub struct Router {
     pub readers: Readers,
     /// The in-process bus, when no broker is configured.
     pub bus: Option<Arc<Bus>>,
-    /// Each source's name and a flag that is true while it is connected.
+    /// Each source's name and health.
     sources: Arc<Vec<SourceHealth>>,
     control: Control,
     /// Where the admin API listens, when configured.

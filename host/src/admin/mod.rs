@@ -208,12 +208,14 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Readiness: every source connected. A source that is not says why: the error that ended its
-/// last session or kept the next from starting, or `connecting` while its first is under way.
+/// Readiness: every source connected with every consumer running. A source that is not says
+/// why: the error that ended its last session or kept the next from starting, the refusal of a
+/// plugin's queue while the other plugins consume, or `connecting` while its first session is
+/// under way.
 #[utoipa::path(get, path = "/v1/ready", tag = "admin", security(("bearer" = [])), responses(
     (status = 200, description = "ready"),
-    (status = 503, description = "a source is not connected: `not connected: <source> (<why>)`, \
-        sources separated by `; `", body = ErrorBody),
+    (status = 503, description = "a source is not connected, or not every consumer of it runs: \
+        `not connected: <source> (<why>)` for each such source", body = ErrorBody),
 ))]
 async fn ready(State(state): State<AdminState>) -> Result<Json<serde_json::Value>, AdminError> {
     let down: Vec<String> = state

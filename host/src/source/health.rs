@@ -5,17 +5,23 @@
 //! do, so that an operator sees a refused declaration or a wrong password without reading the
 //! log.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The state of one source, or of one of its consumers.
 #[derive(Debug, Default)]
-pub struct Health {
-    /// Its session runs: a plugin change waits for it to follow.
-    up: AtomicBool,
-    /// Why it is not ready: why it is down, or, while it is up, why some of its consumers do
-    /// not run. `None` before the first attempt has ended either way.
-    why: Mutex<Option<String>>,
+pub struct Health(Mutex<State>);
+
+#[derive(Debug, Default, Clone)]
+enum State {
+    /// The first attempt is under way.
+    #[default]
+    Connecting,
+    /// Consuming: every consumer of the session running.
+    Up,
+    /// The session runs, but some consumers do not, for this reason.
+    PartlyUp(String),
+    /// Not consuming, for this reason.
+    Down(String),
 }
 
 /// What [`Health::why_not_ready`] says of a source whose first attempt is under way.
@@ -24,44 +30,49 @@ pub const CONNECTING: &str = "connecting";
 impl Health {
     /// Consuming: every consumer of the session running.
     pub fn up(&self) {
-        self.up.store(true, Ordering::SeqCst);
-        *self.reason() = None;
+        *self.state() = State::Up;
     }
 
     /// The session runs, but some consumers do not, because of `why`.
     pub fn partly_up(&self, why: impl ToString) {
-        *self.reason() = Some(why.to_string());
-        self.up.store(true, Ordering::SeqCst);
+        *self.state() = State::PartlyUp(why.to_string());
     }
 
     /// Not consuming, because of `why`.
     pub fn down(&self, why: impl ToString) {
-        *self.reason() = Some(why.to_string());
-        self.up.store(false, Ordering::SeqCst);
+        *self.state() = State::Down(why.to_string());
     }
 
-    /// Whether its session runs, whole or in part.
+    /// Whether its session runs, whole or in part: a plugin change waits for it to follow.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::SeqCst)
+        matches!(*self.state(), State::Up | State::PartlyUp(_))
     }
 
-    /// Why it is not ready (down, or up in part); `None` while every consumer runs.
+    /// Why it is not ready (connecting, down, or up in part); `None` while every consumer runs.
     pub fn why_not_ready(&self) -> Option<String> {
-        let why = self.reason().clone();
-        why.or_else(|| (!self.is_up()).then(|| CONNECTING.to_string()))
-    }
-
-    /// Ready when every part is; down for the first part's reason otherwise.
-    pub fn gather<'a>(&self, mut parts: impl Iterator<Item = &'a Arc<Health>>) {
-        match parts.find_map(|part| part.why_not_ready()) {
-            None => self.up(),
-            Some(why) => self.down(why),
+        match self.state().clone() {
+            State::Connecting => Some(CONNECTING.to_string()),
+            State::Up => None,
+            State::PartlyUp(why) | State::Down(why) => Some(why),
         }
     }
 
-    fn reason(&self) -> MutexGuard<'_, Option<String>> {
-        // The guarded value is a plain string: a panic elsewhere cannot leave it half-written.
-        self.why.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Ready when every part is; down otherwise, with every part's reason (sorted, so that the
+    /// answer does not change with the order the parts are kept in).
+    pub fn gather<'a>(&self, parts: impl Iterator<Item = &'a Arc<Health>>) {
+        let mut reasons: Vec<String> = parts.filter_map(|part| part.why_not_ready()).collect();
+        if reasons.is_empty() {
+            self.up();
+        } else {
+            reasons.sort();
+            reasons.dedup();
+            self.down(reasons.join("; "));
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The guarded value is replaced whole: a panic elsewhere cannot leave it half-written.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -107,10 +118,11 @@ mod tests {
         parts.iter().for_each(|p| p.up());
         whole.gather(parts.iter());
         assert_eq!(whole.why_not_ready(), None);
-        parts[1].down("stream orders: WRONGTYPE");
-        parts[2].down("pub/sub: connection refused");
+        parts[2].down("stream orders: WRONGTYPE");
+        parts[1].down("pub/sub: connection refused");
         whole.gather(parts.iter());
-        assert_eq!(whole.why_not_ready().as_deref(), Some("stream orders: WRONGTYPE"), "the first part down");
+        let why = whole.why_not_ready();
+        assert_eq!(why.as_deref(), Some("pub/sub: connection refused; stream orders: WRONGTYPE"), "every part down");
         whole.gather(std::iter::empty());
         assert!(whole.is_up(), "no parts: nothing to wait for");
     }

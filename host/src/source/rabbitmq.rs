@@ -73,7 +73,8 @@ pub struct RabbitMqSource {
     pub writer: Writer,
     pub readers: Readers,
     pub in_flight: Arc<InFlight>,
-    /// Up while connected with every consumer running; down with the reason otherwise.
+    /// Up while connected with every consumer running; partly up with the reason while a
+    /// plugin's queue is refused; down with the reason while there is no session.
     pub health: Arc<Health>,
 }
 
@@ -168,7 +169,9 @@ impl RabbitMqSource {
                     break Ok(());
                 },
                 // A refused queue may have been moved away meanwhile: try its plugin again.
-                _ = retry.wait(shutdown), if !refused.0.is_empty() => {}
+                retrying = retry.wait(shutdown), if !refused.0.is_empty() => if !retrying {
+                    break Ok(());
+                },
                 first = tasks.join_next(), if !tasks.is_empty() => match first {
                     Some(Ok(Some(end))) => break Err(end),
                     Some(Err(join)) => {
@@ -656,7 +659,8 @@ pub async fn queue_depths(url: &str, queues: &[String]) -> Vec<Option<u32>> {
 
 /// Declare a plugin's queue and bind it to new patterns, or unbind old ones, on a short
 /// connection of its own (bindings belong to the queue, not to a channel), closed whether the
-/// change succeeded or not.
+/// change succeeded or not. Only binding declares the queue: a removal unbinds what there is,
+/// from a queue of whatever type, and from no queue at all nothing.
 pub async fn rebind(
     config: &RabbitMqConfig,
     queue: &str,
@@ -666,7 +670,9 @@ pub async fn rebind(
     let conn = Connection::connect(config.url.expose(), ConnectionProperties::default()).await?;
     let changed = async {
         let channel = conn.create_channel().await?;
-        declare_plugin_queue(&channel, queue, config.queue_type).await?;
+        if !bind.is_empty() {
+            declare_plugin_queue(&channel, queue, config.queue_type).await?;
+        }
         for pattern in bind {
             let (q, x) = (queue.into(), config.exchange.as_str().into());
             channel
@@ -675,7 +681,12 @@ pub async fn rebind(
         }
         for pattern in unbind {
             let (q, x) = (queue.into(), config.exchange.as_str().into());
-            channel.queue_unbind(q, x, pattern.as_str().into(), FieldTable::default()).await?;
+            match channel.queue_unbind(q, x, pattern.as_str().into(), FieldTable::default()).await {
+                Ok(()) => {}
+                // No queue, so nothing bound to it (the refusal closed the channel).
+                Err(e) if refused_with(&e, AMQPSoftError::NOTFOUND) => break,
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok::<_, RebindError>(())
     }
