@@ -690,6 +690,20 @@ async fn a_plugin_whose_queue_was_refused_can_be_removed_and_its_queue_keeps_its
 }
 
 #[tokio::test]
+async fn unbinding_from_a_plugin_queue_that_is_gone_unbinds_nothing_and_declares_nothing() {
+    let rabbit = Rabbit::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&rabbit, false, &[]).replace("{data_dir}", &dir.path().display().to_string());
+    let parsed = switchyard::config::Config::from_toml(&text, &dir.path().join("router.toml"), &|_| None).unwrap();
+    let settings = parsed.rabbitmq.expect("a [rabbitmq] table");
+    rabbit.track_plugin("gone");
+    let queue = format!("{}gone", rabbit.prefix);
+    let removal = switchyard::source::rabbitmq::rebind(&settings, &queue, &[], &["gone.#".to_string()]).await;
+    assert!(removal.is_ok(), "no queue is nothing to unbind: {:?}", removal.err());
+    assert_eq!(router::queue_depth(&amqp_url(), &queue).await, None, "a removal declares no queue");
+}
+
+#[tokio::test]
 async fn a_refused_login_says_why_in_the_readiness_answer_and_never_shows_the_password() {
     let rabbit = Rabbit::new().await;
     let password = "not-the-password-7f3a";

@@ -659,8 +659,8 @@ pub async fn queue_depths(url: &str, queues: &[String]) -> Vec<Option<u32>> {
 
 /// Declare a plugin's queue and bind it to new patterns, or unbind old ones, on a short
 /// connection of its own (bindings belong to the queue, not to a channel), closed whether the
-/// change succeeded or not. Only binding declares the queue: a removal unbinds what there is,
-/// from a queue of whatever type, and from no queue at all nothing.
+/// change succeeded or not. Only binding declares the queue: a removal unbinds from the queue
+/// of whatever type it is (the broker answers an unbind from a missing queue with success).
 pub async fn rebind(
     config: &RabbitMqConfig,
     queue: &str,
@@ -681,12 +681,7 @@ pub async fn rebind(
         }
         for pattern in unbind {
             let (q, x) = (queue.into(), config.exchange.as_str().into());
-            match channel.queue_unbind(q, x, pattern.as_str().into(), FieldTable::default()).await {
-                Ok(()) => {}
-                // No queue, so nothing bound to it (the refusal closed the channel).
-                Err(e) if refused_with(&e, AMQPSoftError::NOTFOUND) => break,
-                Err(e) => return Err(e.into()),
-            }
+            channel.queue_unbind(q, x, pattern.as_str().into(), FieldTable::default()).await?;
         }
         Ok::<_, RebindError>(())
     }
