@@ -615,11 +615,7 @@ async fn a_plugin_queue_of_another_type_is_refused_with_the_reason_and_its_event
     let rabbit = Rabbit::new().await;
     let t = TestRouter::start(&quorum_config(&rabbit, false, &[("user-replica", "user_replica.wasm", "")])).await;
     connected(&t).await;
-    // `stamp`'s queue is left from a router that declared classic queues, with an event in it.
-    rabbit.track_plugin("stamp");
-    let queue = format!("{}stamp", rabbit.prefix);
-    declare_durable(&queue, FieldTable::default()).await.expect("a classic queue");
-    rabbit.publish("", &queue, br#"{"pattern": "stamp.it", "data": {}}"#, BasicProperties::default()).await;
+    let queue = classic_stamp_queue_with_an_event(&rabbit).await;
 
     let component = std::fs::read(switchyard_tests::plugin("stamp_v1.wasm")).unwrap();
     let (status, body) = t.admin("PUT", "/v1/plugins/stamp", "application/wasm", component).await;
@@ -635,14 +631,21 @@ async fn a_plugin_queue_of_another_type_is_refused_with_the_reason_and_its_event
     drop(t.stop().await);
 }
 
-/// A router whose `stamp` plugin's queue is left from a router that declared classic queues,
-/// with an event in it, while this one declares quorum queues; `user-replica` consumes beside
-/// it. Returns once `/v1/ready` says why `stamp` does not consume, with the queue's name.
-async fn router_with_a_refused_queue(rabbit: &Rabbit) -> (TestRouter, String) {
+/// `stamp`'s queue as a router that declared classic queues left it, with an event in it;
+/// returns its name.
+async fn classic_stamp_queue_with_an_event(rabbit: &Rabbit) -> String {
     rabbit.track_plugin("stamp");
     let queue = format!("{}stamp", rabbit.prefix);
     declare_durable(&queue, FieldTable::default()).await.expect("a classic queue");
     rabbit.publish("", &queue, br#"{"pattern": "stamp.it", "data": {}}"#, BasicProperties::default()).await;
+    queue
+}
+
+/// A router declaring quorum queues, with `stamp`'s classic queue left from an earlier one
+/// (above) and `user-replica` consuming beside it. Returns once `/v1/ready` says why `stamp`
+/// does not consume, with the queue's name.
+async fn router_with_a_refused_queue(rabbit: &Rabbit) -> (TestRouter, String) {
+    let queue = classic_stamp_queue_with_an_event(rabbit).await;
     let plugins = [("user-replica", "user_replica.wasm", ""), ("stamp", "stamp_v1.wasm", "")];
     let t = TestRouter::start(&quorum_config(rabbit, true, &plugins)).await;
     let not_ready = not_ready_reason(&t, "rabbitmq").await;

@@ -162,7 +162,7 @@ impl Router {
 
     /// Whether every source is connected with every consumer running (always, on the bus).
     pub fn is_connected(&self) -> bool {
-        self.sources.iter().all(|s| s.health.why_not_ready().is_none())
+        self.sources.iter().all(|s| s.health.is_ready())
     }
 
     /// Messages taken from sources and not settled yet.

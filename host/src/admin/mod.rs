@@ -608,7 +608,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         }
     }
     for s in state.sources.iter() {
-        let up = if s.health.why_not_ready().is_none() { 1.0 } else { 0.0 };
+        let up = if s.health.is_ready() { 1.0 } else { 0.0 };
         metrics::gauge!("switchyard_source_connected", "source" => s.source).set(up);
     }
     metrics::gauge!("switchyard_in_flight").set(state.in_flight.get() as f64);

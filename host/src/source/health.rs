@@ -48,6 +48,11 @@ impl Health {
         matches!(*self.state(), State::Up | State::PartlyUp(_))
     }
 
+    /// Whether every consumer of it runs: what `/v1/ready` and the gauge call ready.
+    pub fn is_ready(&self) -> bool {
+        matches!(*self.state(), State::Up)
+    }
+
     /// Why it is not ready (connecting, down, or up in part); `None` while every consumer runs.
     pub fn why_not_ready(&self) -> Option<String> {
         match self.state().clone() {
@@ -106,8 +111,10 @@ mod tests {
         let health = Health::default();
         health.partly_up("plugin stamp: its queue exists with other arguments");
         assert!(health.is_up(), "its session runs: plugin changes wait for it");
+        assert!(!health.is_ready());
         assert_eq!(health.why_not_ready().as_deref(), Some("plugin stamp: its queue exists with other arguments"));
         health.up();
+        assert!(health.is_ready());
         assert_eq!(health.why_not_ready(), None);
     }
 

@@ -46,7 +46,7 @@ pub struct RedisSource {
     pub config: RedisConfig,
     pub writer: Writer,
     pub in_flight: Arc<InFlight>,
-    /// Up while every Redis consumer is connected; down with the first one's reason otherwise.
+    /// Up while every Redis consumer is connected; down with the reasons of those that are not.
     pub health: Arc<Health>,
 }
 
