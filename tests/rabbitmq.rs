@@ -666,12 +666,20 @@ async fn a_refused_plugin_queue_waits_with_its_events_while_the_other_plugins_co
     assert_eq!(router::queue_depth(&amqp_url(), &queue).await, Some(1), "the refused queue's event stays");
     let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
     assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE, "still not ready: {body}");
+    let sources = body["sources"].as_array().cloned().unwrap_or_default();
+    assert_eq!(sources.len(), 1, "one source, listed for programs: {body}");
+    assert_eq!((&sources[0]["name"], &sources[0]["ready"]), (&json!("rabbitmq"), &json!(false)), "{body}");
+    let reasons = sources[0]["reasons"].as_array().cloned().unwrap_or_default();
+    assert_eq!(reasons.len(), 1, "one refused queue, one reason: {body}");
+    let reason = reasons[0].as_str().unwrap_or_default();
+    assert!(reason.starts_with(&format!("plugin stamp: queue {queue} exists")), "the refusal alone: {body}");
 
     // The operator moves the old queue away: the router's next attempt starts its consumer.
     delete_queue(&queue).await;
     connected(&t).await;
     let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
     assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    assert_eq!(body["sources"], json!([{ "name": "rabbitmq", "ready": true, "reasons": [] }]), "{body}");
     rabbit.publish("", &queue, br#"{"pattern": "stamp.it", "data": {}}"#, BasicProperties::default()).await;
     settle(&t, &[queue]).await;
     let stamped = t.router.plugins.get("stamp").unwrap().slot().counters.snapshot().succeeded;

@@ -430,6 +430,15 @@ async fn a_stream_consumer_that_cannot_start_says_why_in_the_readiness_answer_un
     let not_ready = not_ready_reason(&t, "redis").await;
     let expected = format!("not connected: redis (stream {stream} (group switchyard.misbehave): \"WRONGTYPE\"");
     assert!(not_ready.starts_with(&expected), "names the stream, the group and Redis's reason: {not_ready}");
+    let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["sources"].as_array().map(Vec::len), Some(1), "the router's one source: {body}");
+    let redis_source = &body["sources"][0];
+    assert_eq!((&redis_source["name"], &redis_source["ready"]), (&json!("redis"), &json!(false)), "{body}");
+    let reasons = redis_source["reasons"].as_array().cloned().unwrap_or_default();
+    assert_eq!(reasons.len(), 1, "the one stream consumer that cannot start: {body}");
+    let reason = reasons[0].as_str().unwrap_or_default();
+    assert!(reason.starts_with(&format!("stream {stream} (group switchyard.misbehave)")), "{body}");
 
     let () = conn.del(&stream).await.unwrap();
     connected(&t).await;

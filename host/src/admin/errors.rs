@@ -10,8 +10,6 @@ pub enum AdminError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
-    NotReady(String),
-    #[error("{0}")]
     Unavailable(String),
     /// A component that compiled but does not fit the plugin world.
     #[error("{0}")]

@@ -4,7 +4,8 @@
 //!
 //! Every route but `GET /v1/health` requires `Authorization: Bearer <token>` when a token is
 //! configured; without one the server binds to loopback only. Errors have one shape:
-//! `{"error": {"code", "message"}}`; 4xx messages say why, 5xx are generic and logged.
+//! `{"error": {"code", "message"}}` (`/v1/ready`'s 503 adds the sources' readiness); 4xx
+//! messages say why, 5xx are generic and logged.
 
 mod dead_letters;
 mod errors;
@@ -211,22 +212,61 @@ async fn health() -> Json<serde_json::Value> {
 /// Readiness: every source connected with every consumer running. A source that is not says
 /// why: the error that ended its last session or kept the next from starting, the refusal of a
 /// plugin's queue while the other plugins consume, or `connecting` while its first session is
-/// under way.
+/// under way. The answer lists each source with its reasons apart, for dashboards; the 503's
+/// message joins them for people.
 #[utoipa::path(get, path = "/v1/ready", tag = "admin", security(("bearer" = [])), responses(
-    (status = 200, description = "ready"),
+    (status = 200, description = "every source ready", body = Ready),
     (status = 503, description = "a source is not connected, or not every consumer of it runs: \
-        `not connected: <source> (<why>)` for each such source", body = ErrorBody),
+        the message says `not connected: <source> (<why>)` for each such source, and `sources` \
+        lists every source with its reasons", body = NotReady),
 ))]
-async fn ready(State(state): State<AdminState>) -> Result<Json<serde_json::Value>, AdminError> {
-    let down: Vec<String> = state
+async fn ready(State(state): State<AdminState>) -> Response {
+    let sources: Vec<SourceReadiness> = state
         .sources
         .iter()
-        .filter_map(|s| s.health.why_not_ready().map(|why| format!("{} ({why})", s.source)))
+        .map(|s| {
+            let reasons = s.health.reasons();
+            SourceReadiness { name: s.source.to_string(), ready: reasons.is_empty(), reasons }
+        })
         .collect();
-    if !down.is_empty() {
-        return Err(AdminError::NotReady(format!("not connected: {}", down.join("; "))));
+    let down: Vec<String> =
+        sources.iter().filter(|s| !s.ready).map(|s| format!("{} ({})", s.name, s.reasons.join("; "))).collect();
+    if down.is_empty() {
+        let plugins = state.control.plugins.snapshot().plugins.len();
+        return Json(Ready { status: "ready".to_string(), plugins, sources }).into_response();
     }
-    Ok(Json(serde_json::json!({ "status": "ready", "plugins": state.control.plugins.snapshot().plugins.len() })))
+    let error = ErrorDetail { code: "not_ready".to_string(), message: format!("not connected: {}", down.join("; ")) };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(NotReady { error, sources })).into_response()
+}
+
+/// `GET /v1/ready` when every source is ready.
+#[derive(Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Ready {
+    /// `ready`.
+    pub status: String,
+    /// Plugins loaded.
+    pub plugins: usize,
+    pub sources: Vec<SourceReadiness>,
+}
+
+/// `GET /v1/ready`'s 503: the usual error, and every source's readiness.
+#[derive(Serialize, ToSchema)]
+pub struct NotReady {
+    error: ErrorDetail,
+    sources: Vec<SourceReadiness>,
+}
+
+/// One source's readiness.
+#[derive(Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct SourceReadiness {
+    /// `rabbitmq` or `redis`.
+    pub name: String,
+    /// Connected, with every consumer running.
+    pub ready: bool,
+    /// Why not, one entry per cause: the error that ended its last session or kept the next
+    /// from starting, each refused plugin queue or stream consumer that cannot start, or
+    /// `connecting`. Empty when ready.
+    pub reasons: Vec<String>,
 }
 
 /// A plugin as the API shows it.
@@ -661,7 +701,6 @@ impl AdminError {
             AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             AdminError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AdminError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            AdminError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             AdminError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AdminError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_plugin"),
             AdminError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),

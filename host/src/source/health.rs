@@ -3,7 +3,8 @@
 //! sources that are up. The reason is the error that ended the source's last session or kept
 //! the next from starting, or what keeps some of its consumers from running while the others
 //! do, so that an operator sees a refused declaration or a wrong password without reading the
-//! log.
+//! log. Each reason is kept apart, so that `/v1/ready` can list them for a program as well as
+//! join them for a person.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -18,13 +19,13 @@ enum State {
     Connecting,
     /// Consuming: every consumer of the session running.
     Up,
-    /// The session runs, but some consumers do not, for this reason.
-    PartlyUp(String),
-    /// Not consuming, for this reason.
-    Down(String),
+    /// The session runs, but some consumers do not, for these reasons (one or more).
+    PartlyUp(Vec<String>),
+    /// Not consuming, for these reasons (one or more).
+    Down(Vec<String>),
 }
 
-/// What [`Health::why_not_ready`] says of a source whose first attempt is under way.
+/// What [`Health::reasons`] says of a source whose first attempt is under way.
 pub const CONNECTING: &str = "connecting";
 
 impl Health {
@@ -33,14 +34,15 @@ impl Health {
         *self.state() = State::Up;
     }
 
-    /// The session runs, but some consumers do not, because of `why`.
-    pub fn partly_up(&self, why: impl ToString) {
-        *self.state() = State::PartlyUp(why.to_string());
+    /// The session runs, but some consumers do not, each for one of `reasons`; up when there
+    /// are none.
+    pub fn partly_up(&self, reasons: Vec<String>) {
+        *self.state() = if reasons.is_empty() { State::Up } else { State::PartlyUp(reasons) };
     }
 
     /// Not consuming, because of `why`.
     pub fn down(&self, why: impl ToString) {
-        *self.state() = State::Down(why.to_string());
+        *self.state() = State::Down(vec![why.to_string()]);
     }
 
     /// Whether its session runs, whole or in part: a plugin change waits for it to follow.
@@ -53,26 +55,23 @@ impl Health {
         matches!(*self.state(), State::Up)
     }
 
-    /// Why it is not ready (connecting, down, or up in part); `None` while every consumer runs.
-    pub fn why_not_ready(&self) -> Option<String> {
-        match self.state().clone() {
-            State::Connecting => Some(CONNECTING.to_string()),
-            State::Up => None,
-            State::PartlyUp(why) | State::Down(why) => Some(why),
+    /// Why it is not ready (connecting, down, or up in part), one reason per entry; empty
+    /// while every consumer runs.
+    pub fn reasons(&self) -> Vec<String> {
+        match &*self.state() {
+            State::Connecting => vec![CONNECTING.to_string()],
+            State::Up => Vec::new(),
+            State::PartlyUp(reasons) | State::Down(reasons) => reasons.clone(),
         }
     }
 
-    /// Ready when every part is; down otherwise, with every part's reason (sorted, so that the
+    /// Ready when every part is; down otherwise, with every part's reasons (sorted, so that the
     /// answer does not change with the order the parts are kept in).
     pub fn gather<'a>(&self, parts: impl Iterator<Item = &'a Arc<Health>>) {
-        let mut reasons: Vec<String> = parts.filter_map(|part| part.why_not_ready()).collect();
-        if reasons.is_empty() {
-            self.up();
-        } else {
-            reasons.sort();
-            reasons.dedup();
-            self.down(reasons.join("; "));
-        }
+        let mut reasons: Vec<String> = parts.flat_map(|part| part.reasons()).collect();
+        reasons.sort();
+        reasons.dedup();
+        *self.state() = if reasons.is_empty() { State::Up } else { State::Down(reasons) };
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -95,27 +94,28 @@ mod tests {
     #[test]
     fn down_says_why_until_up_again() {
         let health = Health::default();
-        assert_eq!(health.why_not_ready().as_deref(), Some(CONNECTING), "before the first attempt ends");
+        assert_eq!(health.reasons(), [CONNECTING], "before the first attempt ends");
         health.down("connection refused");
         assert!(!health.is_up());
-        assert_eq!(health.why_not_ready().as_deref(), Some("connection refused"));
+        assert_eq!(health.reasons(), ["connection refused"]);
         health.up();
         assert!(health.is_up());
-        assert_eq!(health.why_not_ready(), None);
+        assert!(health.reasons().is_empty());
         health.down("the broker closed the consumer");
-        assert_eq!(health.why_not_ready().as_deref(), Some("the broker closed the consumer"), "the newest reason");
+        assert_eq!(health.reasons(), ["the broker closed the consumer"], "the newest reason only");
     }
 
     #[test]
     fn partly_up_is_up_for_plugin_changes_and_not_ready() {
         let health = Health::default();
-        health.partly_up("plugin stamp: its queue exists with other arguments");
+        let refused = ["plugin a: its queue exists with other arguments", "plugin b: its queue is exclusive"];
+        health.partly_up(refused.map(String::from).to_vec());
         assert!(health.is_up(), "its session runs: plugin changes wait for it");
         assert!(!health.is_ready());
-        assert_eq!(health.why_not_ready().as_deref(), Some("plugin stamp: its queue exists with other arguments"));
-        health.up();
-        assert!(health.is_ready());
-        assert_eq!(health.why_not_ready(), None);
+        assert_eq!(health.reasons(), refused, "each refusal apart");
+        health.partly_up(Vec::new());
+        assert!(health.is_ready(), "nothing refused: up");
+        assert!(health.reasons().is_empty());
     }
 
     #[test]
@@ -124,12 +124,15 @@ mod tests {
         let whole = Health::default();
         parts.iter().for_each(|p| p.up());
         whole.gather(parts.iter());
-        assert_eq!(whole.why_not_ready(), None);
+        assert!(whole.is_ready());
+        assert!(whole.reasons().is_empty());
         parts[2].down("stream orders: WRONGTYPE");
         parts[1].down("pub/sub: connection refused");
+        parts[0].down("pub/sub: connection refused");
         whole.gather(parts.iter());
-        let why = whole.why_not_ready();
-        assert_eq!(why.as_deref(), Some("pub/sub: connection refused; stream orders: WRONGTYPE"), "every part down");
+        let every_part = ["pub/sub: connection refused", "stream orders: WRONGTYPE"];
+        assert_eq!(whole.reasons(), every_part, "every part's reason, sorted, once each");
+        assert!(!whole.is_up());
         whole.gather(std::iter::empty());
         assert!(whole.is_up(), "no parts: nothing to wait for");
     }

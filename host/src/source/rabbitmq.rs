@@ -263,11 +263,7 @@ struct Refused(Vec<String>);
 impl Refused {
     /// The session is up, and ready unless a plugin's queue was refused.
     fn report(&self, health: &Health) {
-        if self.0.is_empty() {
-            health.up();
-        } else {
-            health.partly_up(self.0.join("; "));
-        }
+        health.partly_up(self.0.clone());
     }
 }
 
