@@ -135,6 +135,31 @@ pub fn broker_schedulers() -> String {
     binding(&allowed)
 }
 
+/// How the kernel weighs the broker against this process when both want the cores. With
+/// autogroups on (`kernel.sched_autogroup_enabled`), the processes of each session share one
+/// weight, set by their autogroup's nice, so that the threads' own nice values only rank them
+/// within it. A broker weighed below its clients lets them publish and consume on time, and
+/// the latency's tail depends on it (BENCHMARKS.md, "The broker's CPU weight").
+pub fn broker_weight() -> String {
+    let Some(pid) = broker_pid() else { return "no RabbitMQ on this machine".into() };
+    let enabled = std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled");
+    if enabled.is_ok_and(|on| on.trim() == "0") {
+        return "autogroups off: each thread weighed by its own nice".into();
+    }
+    let group = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/autogroup")).ok().and_then(|g| autogroup(&g));
+    match (group(&pid), group("self")) {
+        (Some(broker), Some(this)) => format!("{broker}; this process: {this}"),
+        _ => "unknown (no autogroup could be read)".into(),
+    }
+}
+
+/// `/proc/<pid>/autogroup` (`/autogroup-36 nice 0`) as `autogroup-36 at nice 0`.
+fn autogroup(text: &str) -> Option<String> {
+    let (name, nice) = text.trim().split_once(" nice ")?;
+    let nice: i32 = nice.parse().ok()?;
+    Some(format!("{} at nice {nice}", name.trim_start_matches('/')))
+}
+
 /// The `Cpus_allowed_list` of a thread's `/proc` status: `0`, `0-1`, `0,2`…
 fn allowed_cpus(status: &str) -> Option<&str> {
     status.lines().find_map(|line| line.strip_prefix("Cpus_allowed_list:")).map(str::trim)
@@ -163,6 +188,13 @@ mod tests {
         let status = "Name:\t1_scheduler\nCpus_allowed:\t1\nCpus_allowed_list:\t0\nMems_allowed:\t1\n";
         assert_eq!(allowed_cpus(status), Some("0"));
         assert_eq!(allowed_cpus("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn an_autogroup_is_read_with_its_nice() {
+        assert_eq!(autogroup("/autogroup-36 nice 5\n").as_deref(), Some("autogroup-36 at nice 5"));
+        assert_eq!(autogroup("/autogroup-7 nice -10").as_deref(), Some("autogroup-7 at nice -10"));
+        assert_eq!(autogroup("garbage"), None);
     }
 
     #[test]

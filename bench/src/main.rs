@@ -273,6 +273,7 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
         args.events, args.rounds, args.prefetch, args.concurrency, args.queue_type
     );
     println!("the broker's schedulers: {}", cpu::broker_schedulers());
+    println!("the broker's CPU weight: {}", cpu::broker_weight());
     println!("| scenario | baseline (median, spread) | switchyard (median, spread) | ratio |");
     println!("| --- | --- | --- | --- |");
 
