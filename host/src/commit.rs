@@ -16,6 +16,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::config::StoreConfig;
 use crate::db::{self, DbError, ParkedRow, Readers, Snapshot};
 use crate::event::Millis;
+use crate::markers::MarkerFilter;
 
 /// One document write of an invocation, in the order the plugin made it.
 #[derive(Debug, Clone, PartialEq)]
@@ -235,6 +236,7 @@ impl Writer {
             .name("switchyard-writer".into())
             .spawn(move || run(conn, rx, batch_max, &notify, &committed))
             .map_err(|e| DbError(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        snapshot.markers.rebuild_if_due();
         let writer = Writer { jobs, snapshot, outbox_ready };
         // Expired markers are dropped in the background, from now on every PRUNE_EVERY.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -371,7 +373,7 @@ fn run(
             }
         }
         let mut outbox_added = false;
-        let failure = match apply_batch(&mut conn, &mut batch, &mut outbox_added) {
+        let failure = match apply_batch(&mut conn, &mut batch, &mut outbox_added, &snapshot.markers) {
             Ok(()) => {
                 snapshot.committed();
                 None
@@ -382,6 +384,7 @@ fn run(
                 Some(e.to_string())
             }
         };
+        snapshot.markers.rebuild_if_due();
         for job in batch.drain(..) {
             job.settle(failure.as_deref());
         }
@@ -394,17 +397,31 @@ fn run(
 /// Apply a batch in one transaction. Each job's answer is kept in it and sent only once the
 /// transaction has committed; when any statement fails, the whole batch is rolled back and
 /// every job gets the error.
-fn apply_batch(conn: &mut Connection, batch: &mut [Job], outbox_added: &mut bool) -> rusqlite::Result<()> {
+/// Every marker written is added to `markers` first.
+fn apply_batch(
+    conn: &mut Connection,
+    batch: &mut [Job],
+    outbox_added: &mut bool,
+    markers: &MarkerFilter,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let now = Millis::now();
     for job in batch.iter_mut() {
         match job {
             Job::Commit { plugin, event_id, effects, reply } => {
                 let outcome = commit_one(&tx, plugin, event_id, effects, now)?;
+                if outcome == Outcome::Committed {
+                    markers.add(plugin, event_id);
+                }
                 *outbox_added |= !effects.outbox.is_empty() && outcome == Outcome::Committed;
                 reply.answer(outcome);
             }
             Job::DeadLetter { letter, reply } => {
+                if letter.mark_processed
+                    && let Some(id) = &letter.event_id
+                {
+                    markers.add(&letter.plugin, id);
+                }
                 insert_dead_letter(&tx, letter, now)?;
                 reply.answer(Ok(()));
             }
@@ -445,7 +462,10 @@ fn apply_batch(conn: &mut Connection, batch: &mut [Job], outbox_added: &mut bool
                 tx.prepare_cached("DELETE FROM ingress_journal WHERE received_at < ?1")?.execute([at])?;
                 reply.answer(Ok(deleted as u64));
             }
-            Job::Execute { sql, reply } => reply.answer(tx.execute_batch(sql).map_err(|e| e.to_string())),
+            Job::Execute { sql, reply } => {
+                markers.forget();
+                reply.answer(tx.execute_batch(sql).map_err(|e| e.to_string()))
+            }
             Job::Park { row, reply } => {
                 park(&tx, row)?;
                 reply.answer(Ok(()));
@@ -712,10 +732,54 @@ mod tests {
         .await
         .unwrap()
         .unwrap();
+        assert!(r.processed("p", "old-1").unwrap(), "markers written by SQL are found, filter or not");
         w.commit("p".into(), "new".into(), Effects::default()).await.unwrap();
+        built(&w).await;
+        assert!(w.snapshot.markers.may_hold("p", "old-1"), "the filter built again holds them");
         assert_eq!(w.prune(Millis(old + 1)).await.unwrap().unwrap(), expired as u64);
         assert!(!r.processed("p", &format!("old-{expired}")).unwrap(), "the last batch went too");
         assert!(r.processed("p", "new").unwrap(), "younger: kept");
+    }
+
+    /// Wait until the writer's marker filter is built.
+    async fn built(w: &Writer) {
+        for _ in 0..1_000 {
+            if w.snapshot.markers.is_built() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the marker filter was not built within 10 s");
+    }
+
+    #[tokio::test]
+    async fn the_marker_filter_holds_the_markers_of_an_earlier_run_and_every_commit_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let earlier = Writer::start(dir.path(), &StoreConfig::default()).unwrap();
+        earlier.commit("p".into(), "e1".into(), Effects::default()).await.unwrap();
+        drop(earlier);
+        let w = Writer::start(dir.path(), &StoreConfig::default()).unwrap();
+        let r = w.readers();
+        built(&w).await;
+        let markers = &w.snapshot.markers;
+        assert!(markers.may_hold("p", "e1"), "a marker of the earlier run");
+        assert!(!markers.may_hold("p", "e2"), "an absent marker is ruled out without a read");
+        assert!(!r.processed("p", "e2").unwrap());
+        w.commit("p".into(), "e2".into(), Effects::default()).await.unwrap();
+        assert!(markers.may_hold("p", "e2") && r.processed("p", "e2").unwrap(), "a commit since");
+        let letter = DeadLetter {
+            plugin: "p".into(),
+            event_id: Some("e3".into()),
+            name: None,
+            reason: "no".into(),
+            attempts: 1,
+            first_failed_at: Millis::now(),
+            transport: "{}".into(),
+            body: Vec::new(),
+            mark_processed: true,
+        };
+        w.dead_letter(letter).await.unwrap().unwrap();
+        assert!(r.processed("p", "e3").unwrap(), "a dead letter's marker");
     }
 
     #[tokio::test]

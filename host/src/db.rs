@@ -10,6 +10,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::config::Synchronous;
 use crate::event::Millis;
+use crate::markers::MarkerFilter;
 
 /// Database file name under the data dir.
 pub const FILE_NAME: &str = "switchyard.db";
@@ -186,7 +187,7 @@ impl FieldValue {
     }
 }
 
-fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+pub(crate) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     c.busy_timeout(std::time::Duration::from_secs(5))?;
     c.set_prepared_statement_cache_capacity(64);
@@ -203,6 +204,8 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
 /// pool instead, so that they do not hold up the reads of other lanes.
 pub struct Snapshot {
     path: PathBuf,
+    /// Which processed-markers may exist: a look-up it rules out reads nothing.
+    pub(crate) markers: Arc<MarkerFilter>,
     /// Transactions the writer committed.
     commits: AtomicU64,
     reader: Mutex<Option<SnapshotReader>>,
@@ -235,7 +238,9 @@ impl SnapshotReader {
 impl Snapshot {
     /// The snapshot of the database under `data_dir`, for the writer that opened it.
     pub(crate) fn new(data_dir: &Path) -> Self {
-        Snapshot { path: path(data_dir), commits: AtomicU64::new(0), reader: Mutex::new(None) }
+        let path = path(data_dir);
+        let markers = Arc::new(MarkerFilter::new(&path));
+        Snapshot { path, markers, commits: AtomicU64::new(0), reader: Mutex::new(None) }
     }
 
     /// Runs `f` in a read transaction that holds at least every commit the writer had counted
@@ -375,6 +380,11 @@ impl Readers {
 
     /// Whether `plugin` has committed the effects of `event_id`.
     pub fn processed(&self, plugin: &str, event_id: &str) -> Result<bool, DbError> {
+        if let Some(snapshot) = &self.snapshot
+            && !snapshot.markers.may_hold(plugin, event_id)
+        {
+            return Ok(false);
+        }
         self.with_latest(|c| processed_in(c, plugin, event_id))
     }
 
