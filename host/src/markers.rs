@@ -1,7 +1,7 @@
 //! Which processed-markers may exist, known without reading the store. Every event's
 //! `(plugin, event id)` marker is looked up before its handler runs, and nearly every look-up
-//! finds none; reading SQLite for it cost about 1 µs of CPU per event, a tenth of the router's
-//! own work in a no-op drain (BENCHMARKS.md). A Bloom filter over the markers answers
+//! finds none; reading SQLite for it cost about 1 µs of CPU per event, an eighth of what the
+//! router's async workers spend on an event in a no-op drain (BENCHMARKS.md). A Bloom filter over the markers answers
 //! "certainly none" from memory, so that only a "maybe" (a marker, or a false positive in about
 //! 1 % of look-ups) reads the store.
 //!
@@ -28,8 +28,10 @@ const HASHES: u32 = 7;
 const BLOCK_BITS: u64 = 512;
 /// Markers the smallest filter is sized for (1.25 MiB).
 const MIN_CAPACITY: u64 = 1 << 20;
-/// Markers the largest filter is sized for (20 MiB). A table with more markers than this gets
-/// no filter: every look-up reads the store, as without one.
+/// Markers the largest filter is sized for (20 MiB). A table with more than half as many
+/// markers gets no filter: every look-up reads the store, as without one. (A filter is sized for
+/// twice the markers it starts with, so that the scan that builds the next one reads at most
+/// one row for each marker added in between.)
 const MAX_CAPACITY: u64 = 1 << 24;
 /// How long after a build that failed, or found too many markers, the next one starts.
 const RETRY_AFTER: Duration = Duration::from_secs(600);
@@ -38,7 +40,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(600);
 /// that ask it.
 pub struct MarkerFilter {
     path: PathBuf,
-    /// The built filter; `None` until the first build is done, or after an invalidation.
+    /// The built filter; `None` until the first build is done, and after [`forget`](Self::forget).
     current: RwLock<Option<Arc<Bloom>>>,
     build: Mutex<Build>,
 }
@@ -46,7 +48,7 @@ pub struct MarkerFilter {
 /// The state of the background builds.
 #[derive(Default)]
 struct Build {
-    /// Numbers each build, so that one overtaken by an invalidation is not installed.
+    /// Numbers each build, so that one overtaken by [`MarkerFilter::forget`] is not installed.
     generation: u64,
     /// While a build runs: the markers added since it started, for it to take in before it is
     /// installed (its scan may have begun after they were committed).
@@ -137,15 +139,8 @@ impl MarkerFilter {
     }
 
     fn finish_build(&self, generation: u64, scanned: rusqlite::Result<Option<Bloom>>) {
-        let bloom = match scanned {
-            Ok(Some(bloom)) => bloom,
-            Ok(None) => {
-                tracing::info!(
-                    max = MAX_CAPACITY,
-                    "more processed-markers than the filter holds; every event's marker is read from the store"
-                );
-                return self.give_up(generation);
-            }
+        let scanned = match scanned {
+            Ok(scanned) => scanned,
             Err(e) => {
                 tracing::warn!(error = %e, "could not build the processed-marker filter; markers are read from the store");
                 return self.give_up(generation);
@@ -155,10 +150,24 @@ impl MarkerFilter {
         if build.generation != generation {
             return;
         }
-        for h in build.added.take().unwrap_or_default() {
-            bloom.insert(h);
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        match scanned {
+            Some(bloom) => {
+                for h in build.added.take().unwrap_or_default() {
+                    bloom.insert(h);
+                }
+                *current = Some(Arc::new(bloom));
+            }
+            None => {
+                tracing::info!(
+                    max = MAX_CAPACITY / 2,
+                    "more processed-markers than the filter holds; every event's marker is read from the store"
+                );
+                *current = None;
+                build.added = None;
+                build.not_before = Some(Instant::now() + RETRY_AFTER);
+            }
         }
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(bloom));
     }
 
     /// A build that will not be installed: the filter stays as it is, and the next build waits.
@@ -172,12 +181,12 @@ impl MarkerFilter {
 }
 
 /// Every marker of the table, in a filter sized for twice as many; `None` when there are more
-/// than the largest filter holds. Runs in one read transaction.
+/// than half of what the largest filter holds. Runs in one read transaction.
 fn scan(path: &Path) -> rusqlite::Result<Option<Bloom>> {
     let conn = crate::db::open_reader(path)?;
     let tx = conn.unchecked_transaction()?;
     let count: u64 = tx.query_row("SELECT count(*) FROM processed", [], |r| r.get::<_, i64>(0))? as u64;
-    if count > MAX_CAPACITY {
+    if count > MAX_CAPACITY / 2 {
         return Ok(None);
     }
     let bloom = Bloom::with_capacity(count.saturating_mul(2).clamp(MIN_CAPACITY, MAX_CAPACITY));
@@ -227,7 +236,7 @@ impl Bloom {
 
     /// Whether it holds as many markers as it was sized for: past that, false positives grow.
     fn is_full(&self) -> bool {
-        self.capacity < MAX_CAPACITY && self.held.load(Ordering::Relaxed) >= self.capacity
+        self.held.load(Ordering::Relaxed) >= self.capacity
     }
 
     /// The words and bits a hash sets: its block from its high bits (a multiply-shift onto the
