@@ -378,7 +378,8 @@ impl Readers {
         })
     }
 
-    /// Whether `plugin` has committed the effects of `event_id`.
+    /// Whether `plugin` has committed the effects of `event_id`. With the writer in this
+    /// process, its marker filter rules out nearly every absent marker without a read.
     pub fn processed(&self, plugin: &str, event_id: &str) -> Result<bool, DbError> {
         if let Some(snapshot) = &self.snapshot
             && !snapshot.markers.may_hold(plugin, event_id)

@@ -129,16 +129,18 @@ impl MarkerFilter {
             build.generation
         };
         let filter = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("switchyard-markers".into())
-            .spawn(move || filter.finish_build(generation, scan(&filter.path)));
+        let spawned = std::thread::Builder::new().name("switchyard-markers".into()).spawn(move || {
+            let started = Instant::now();
+            let scanned = scan(&filter.path);
+            filter.finish_build(generation, scanned, started);
+        });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "could not start building the processed-marker filter");
             self.give_up(generation);
         }
     }
 
-    fn finish_build(&self, generation: u64, scanned: rusqlite::Result<Option<Bloom>>) {
+    fn finish_build(&self, generation: u64, scanned: rusqlite::Result<Option<Bloom>>, started: Instant) {
         let scanned = match scanned {
             Ok(scanned) => scanned,
             Err(e) => {
@@ -156,6 +158,12 @@ impl MarkerFilter {
                 for h in build.added.take().unwrap_or_default() {
                     bloom.insert(h);
                 }
+                tracing::info!(
+                    markers = bloom.held.load(Ordering::Relaxed),
+                    capacity = bloom.capacity,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "processed-marker filter built"
+                );
                 *current = Some(Arc::new(bloom));
             }
             None => {
@@ -317,7 +325,7 @@ mod tests {
     fn a_build_holds_the_table_and_the_markers_added_while_it_ran() {
         let (_dir, filter) = begun_build();
         filter.add("p", "during");
-        filter.finish_build(1, scan(&filter.path));
+        filter.finish_build(1, scan(&filter.path), Instant::now());
         assert!(filter.is_built());
         assert!(filter.may_hold("p", "before"), "scanned from the table");
         assert!(filter.may_hold("p", "during"), "added while the build ran");
@@ -331,7 +339,7 @@ mod tests {
     fn a_build_overtaken_by_forget_is_not_installed() {
         let (_dir, filter) = begun_build();
         filter.forget();
-        filter.finish_build(1, scan(&filter.path));
+        filter.finish_build(1, scan(&filter.path), Instant::now());
         assert!(!filter.is_built(), "its scan may have missed markers written by the SQL");
         assert!(filter.may_hold("p", "absent"), "without a filter every look-up reads the store");
     }
@@ -339,7 +347,7 @@ mod tests {
     #[test]
     fn a_build_that_fails_leaves_the_store_read_and_waits_before_the_next() {
         let (_dir, filter) = begun_build();
-        filter.finish_build(1, Err(rusqlite::Error::InvalidQuery));
+        filter.finish_build(1, Err(rusqlite::Error::InvalidQuery), Instant::now());
         assert!(!filter.is_built());
         let build = filter.build.lock().unwrap();
         assert!(build.added.is_none());
