@@ -232,11 +232,13 @@ impl Writer {
         let committed = snapshot.clone();
         let batch_max = config.batch_max;
         let retention = std::time::Duration::from_secs(config.processed_retention_hours.saturating_mul(3600));
+        // The first build of the marker filter starts before the writer thread, which starts
+        // the later ones.
+        snapshot.markers.rebuild_if_due();
         thread::Builder::new()
             .name("switchyard-writer".into())
             .spawn(move || run(conn, rx, batch_max, &notify, &committed))
             .map_err(|e| DbError(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        snapshot.markers.rebuild_if_due();
         let writer = Writer { jobs, snapshot, outbox_ready };
         // Expired markers are dropped in the background, from now on every PRUNE_EVERY.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

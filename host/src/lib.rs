@@ -9,10 +9,9 @@
 //! publish, log, config: what a plugin may do) → `commit` (one SQLite transaction per batch of
 //! invocations, then ack) → `outbox` (publishes committed events).
 //! `config` is `router.toml` as types; `db` is the SQLite schema and reads, and `markers` the
-//! filter that spares most processed-marker reads; `admin` is the
-//! HTTP API; `telemetry` logs and counts; `plugins` is the live set of plugins the admin API changes
-//! and the sources follow; `router` wires it all together; `allocator` is the binaries'
-//! memory allocator.
+//! filter that spares most processed-marker reads; `admin` is the HTTP API; `telemetry` logs
+//! and counts; `plugins` is the live set of plugins the admin API changes and the sources
+//! follow; `router` wires it all together; `allocator` is the binaries' memory allocator.
 
 pub mod admin;
 pub mod allocator;
