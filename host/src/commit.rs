@@ -419,12 +419,7 @@ fn apply_batch(
                 reply.answer(outcome);
             }
             Job::DeadLetter { letter, reply } => {
-                if letter.mark_processed
-                    && let Some(id) = &letter.event_id
-                {
-                    markers.add(&letter.plugin, id);
-                }
-                insert_dead_letter(&tx, letter, now)?;
+                insert_dead_letter(&tx, letter, now, markers)?;
                 reply.answer(Ok(()));
             }
             Job::OutboxSent { seqs, reply } => {
@@ -608,7 +603,13 @@ fn park(c: &Connection, row: &ParkedRow) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn insert_dead_letter(c: &Connection, letter: &DeadLetter, now: Millis) -> rusqlite::Result<()> {
+/// Keep a dead letter, with its processed-marker when asked (added to `markers` too).
+fn insert_dead_letter(
+    c: &Connection,
+    letter: &DeadLetter,
+    now: Millis,
+    markers: &MarkerFilter,
+) -> rusqlite::Result<()> {
     c.prepare_cached(
         "INSERT INTO dead_letters (plugin, event_id, name, reason, attempts, first_failed_at, last_failed_at, transport, body)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -627,6 +628,7 @@ fn insert_dead_letter(c: &Connection, letter: &DeadLetter, now: Millis) -> rusql
     if letter.mark_processed
         && let Some(id) = &letter.event_id
     {
+        markers.add(&letter.plugin, id);
         c.prepare_cached("INSERT OR IGNORE INTO processed (plugin, event_id, processed_at) VALUES (?1, ?2, ?3)")?
             .execute(params![letter.plugin, id, now.0 as i64])?;
     }
@@ -666,17 +668,7 @@ mod tests {
         let refuse =
             "CREATE TRIGGER refuse BEFORE INSERT ON dead_letters BEGIN SELECT RAISE(ABORT, 'the disk said no'); END;";
         w.execute(refuse.into()).await.unwrap().unwrap();
-        let letter = DeadLetter {
-            plugin: "p".into(),
-            event_id: Some("e1".into()),
-            name: Some("n".into()),
-            reason: "rejected".into(),
-            attempts: 1,
-            first_failed_at: Millis(0),
-            transport: "{}".into(),
-            body: b"{}".to_vec(),
-            mark_processed: true,
-        };
+        let letter = marking_letter("e1");
         let refused = w.dead_letter(letter.clone()).await.expect("the writer answers, it has not stopped");
         assert!(refused.as_ref().is_err_and(|e| e.contains("the disk said no")), "{refused:?}");
         assert!(!r.processed("p", "e1").unwrap(), "the failed transaction left no marker");
@@ -743,6 +735,21 @@ mod tests {
         assert!(r.processed("p", "new").unwrap(), "younger: kept");
     }
 
+    /// A dead letter of plugin `p` that also marks `event_id` processed.
+    fn marking_letter(event_id: &str) -> DeadLetter {
+        DeadLetter {
+            plugin: "p".into(),
+            event_id: Some(event_id.into()),
+            name: None,
+            reason: "rejected".into(),
+            attempts: 1,
+            first_failed_at: Millis(0),
+            transport: "{}".into(),
+            body: b"{}".to_vec(),
+            mark_processed: true,
+        }
+    }
+
     /// Wait until the writer's marker filter is built.
     async fn built(w: &Writer) {
         for _ in 0..1_000 {
@@ -769,18 +776,7 @@ mod tests {
         assert!(!r.processed("p", "e2").unwrap());
         w.commit("p".into(), "e2".into(), Effects::default()).await.unwrap();
         assert!(markers.may_hold("p", "e2") && r.processed("p", "e2").unwrap(), "a commit since");
-        let letter = DeadLetter {
-            plugin: "p".into(),
-            event_id: Some("e3".into()),
-            name: None,
-            reason: "no".into(),
-            attempts: 1,
-            first_failed_at: Millis::now(),
-            transport: "{}".into(),
-            body: Vec::new(),
-            mark_processed: true,
-        };
-        w.dead_letter(letter).await.unwrap().unwrap();
+        w.dead_letter(marking_letter("e3")).await.unwrap().unwrap();
         assert!(r.processed("p", "e3").unwrap(), "a dead letter's marker");
     }
 
@@ -801,18 +797,7 @@ mod tests {
         let second = r.get("p", "c", "k").unwrap().expect("still there");
         assert_eq!((second.body.as_deref(), second.rev), (Some(r#"{"n":2}"#), first.rev + 1));
         assert!(!r.processed("p", "e2").unwrap());
-        let letter = DeadLetter {
-            plugin: "p".into(),
-            event_id: Some("e2".into()),
-            name: None,
-            reason: "test".into(),
-            attempts: 1,
-            first_failed_at: Millis::now(),
-            transport: "{}".into(),
-            body: Vec::new(),
-            mark_processed: true,
-        };
-        w.dead_letter(letter).await.unwrap().unwrap();
+        w.dead_letter(marking_letter("e2")).await.unwrap().unwrap();
         assert!(r.processed("p", "e2").unwrap(), "a dead letter's marker is seen too");
         assert!(!Readers::new(d.path()).processed("q", "e1").unwrap(), "markers are per plugin");
     }

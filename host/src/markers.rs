@@ -57,6 +57,14 @@ struct Build {
     not_before: Option<Instant>,
 }
 
+impl Build {
+    /// No build runs now, and the next waits [`RETRY_AFTER`].
+    fn wait(&mut self) {
+        self.added = None;
+        self.not_before = Some(Instant::now() + RETRY_AFTER);
+    }
+}
+
 impl MarkerFilter {
     /// A filter of the markers in the database file at `path`, with nothing built yet.
     pub fn new(path: &Path) -> Self {
@@ -72,7 +80,8 @@ impl MarkerFilter {
     }
 
     /// Whether a build is installed, so that look-ups of absent markers are answered here.
-    pub fn is_built(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_built(&self) -> bool {
         self.current.read().unwrap_or_else(PoisonError::into_inner).is_some()
     }
 
@@ -172,8 +181,7 @@ impl MarkerFilter {
                     "more processed-markers than the filter holds; every event's marker is read from the store"
                 );
                 *current = None;
-                build.added = None;
-                build.not_before = Some(Instant::now() + RETRY_AFTER);
+                build.wait();
             }
         }
     }
@@ -182,8 +190,7 @@ impl MarkerFilter {
     fn give_up(&self, generation: u64) {
         let mut build = self.build.lock().unwrap_or_else(PoisonError::into_inner);
         if build.generation == generation {
-            build.added = None;
-            build.not_before = Some(Instant::now() + RETRY_AFTER);
+            build.wait();
         }
     }
 }
