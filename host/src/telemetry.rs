@@ -32,7 +32,14 @@ where
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi).try_init();
 }
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// How often the histogram samples recorded since the last drain are folded into their
+/// summaries. The exporter keeps each sample (about 20 bytes) until then, and only a scrape of
+/// `/metrics` drains them otherwise: a router at 40,000 events/s that nobody scrapes grew by
+/// about 2.5 GiB an hour.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// The process-wide Prometheus recorder, installed on first use with a thread that drains its
+/// histograms every [`METRICS_UPKEEP`].
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -42,6 +49,16 @@ pub fn prometheus() -> &'static PrometheusHandle {
         // `/metrics` shows only what this handle saw, which is nothing; say so once.
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+        }
+        let upkeep = handle.clone();
+        let started = std::thread::Builder::new().name("switchyard-metrics".into()).spawn(move || {
+            loop {
+                std::thread::sleep(METRICS_UPKEEP);
+                upkeep.run_upkeep();
+            }
+        });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "cannot start the metrics upkeep; histograms are drained only by scrapes");
         }
         handle
     })
