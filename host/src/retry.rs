@@ -25,6 +25,8 @@ const MAX_IDLE: Duration = Duration::from_secs(1);
 /// What a plugin's lanes and its retrier share about its parked events.
 #[derive(Debug, Default)]
 pub struct Parking {
+    /// The plugin whose events these are, named on the lines logged about them.
+    plugin: Arc<str>,
     /// Ordering keys with parked events, and how many each has.
     held: Mutex<HashMap<String, u32>>,
     /// Parked events handed to lanes and not settled yet.
@@ -43,7 +45,12 @@ impl Parking {
                 HashMap::new()
             }
         };
-        Parking { held: Mutex::new(held), ..Default::default() }
+        Parking { plugin: Arc::from(plugin), held: Mutex::new(held), ..Default::default() }
+    }
+
+    /// The plugin whose events these are.
+    pub fn plugin(&self) -> &str {
+        &self.plugin
     }
 
     /// Whether `key` has parked events: a later event of it must wait behind them.

@@ -266,17 +266,20 @@ impl Ack {
                 }
             }
             AckKind::RedisStream { acks, id } => acks.ack_and_wait(std::mem::take(id)).await,
-            AckKind::Parked { writer, seq, .. } => match writer.unpark(*seq).await {
-                Ok(Ok(deleted)) => return deleted == 1,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, seq, "could not delete a parked event; it will run again and be deduplicated");
-                    return false;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, seq, "could not delete a parked event; it will run again and be deduplicated");
-                    return false;
-                }
-            },
+            AckKind::Parked { writer, seq, parking } => {
+                let error = match writer.unpark(*seq).await {
+                    Ok(Ok(deleted)) => return deleted == 1,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::warn!(
+                    plugin = parking.plugin(),
+                    error,
+                    seq,
+                    "could not delete a parked event; it will run again and be deduplicated"
+                );
+                return false;
+            }
             AckKind::Local | AckKind::Notify(_) => {}
         }
         true
