@@ -15,7 +15,7 @@
 //! frame covers many messages, and takes whatever gathered while it sent; a message counts as
 //! in flight until the frame that covers it is sent.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use lapin::Acker;
@@ -31,8 +31,10 @@ pub(crate) struct AckBatch {
 
 /// What is known of the channel's deliveries; generic over the acker for unit tests.
 struct State<A> {
-    /// By delivery tag, in the order the broker delivered them.
-    open: BTreeMap<u64, Mark<A>>,
+    /// By delivery tag, oldest first. A channel's tags only grow, so a delivery joins at the
+    /// back, a settlement finds its delivery by binary search, and the settled prefix leaves
+    /// from the front.
+    open: VecDeque<(u64, Mark<A>)>,
     /// How many of `open` are of each kind, so that nothing scans it to learn that.
     counts: Counts,
     /// Acks that may wait behind a delivery still being handled.
@@ -71,26 +73,57 @@ impl Counts {
 impl<A> State<A> {
     fn new(prefetch: u16) -> Self {
         let held_back_limit = (usize::from(prefetch) / 2).max(1);
-        State { open: BTreeMap::new(), counts: Counts::default(), held_back_limit, sending: false }
+        State { open: VecDeque::new(), counts: Counts::default(), held_back_limit, sending: false }
     }
 
     fn set(&mut self, tag: u64, mark: Mark<A>) {
         self.counts.add(&mark);
-        if let Some(old) = self.open.insert(tag, mark) {
-            self.counts.remove(&old);
+        if self.open.back().is_none_or(|(last, _)| *last < tag) {
+            self.open.push_back((tag, mark));
+            return;
+        }
+        match self.open.binary_search_by_key(&tag, |(tag, _)| *tag) {
+            Ok(at) => {
+                let old = std::mem::replace(&mut self.open[at].1, mark);
+                self.counts.remove(&old);
+            }
+            Err(at) => self.open.insert(at, (tag, mark)),
         }
     }
 
-    fn remove(&mut self, tag: u64) -> Option<Mark<A>> {
-        let mark = self.open.remove(&tag)?;
+    /// The oldest delivery's mark, if it is an ack.
+    fn pop_acked_front(&mut self) -> Option<(A, Done)> {
+        if !matches!(self.open.front(), Some((_, Mark::Ack { .. }))) {
+            return None;
+        }
+        let (_, mark) = self.open.pop_front()?;
         self.counts.remove(&mark);
-        Some(mark)
+        match mark {
+            Mark::Ack { acker, done } => Some((acker, done)),
+            _ => None,
+        }
+    }
+
+    /// Take out every mark `of` picks, oldest first, keeping the others in order.
+    fn take_marks(&mut self, of: impl Fn(&Mark<A>) -> bool) -> Vec<Mark<A>> {
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.open.len());
+        for (tag, mark) in self.open.drain(..) {
+            if of(&mark) {
+                self.counts.remove(&mark);
+                taken.push(mark);
+            } else {
+                kept.push_back((tag, mark));
+            }
+        }
+        self.open = kept;
+        taken
     }
 
     /// Whether [`take`](Self::take) would find something to send.
     fn ready(&self) -> bool {
         self.counts.requeues > 0
-            || self.open.first_key_value().is_some_and(|(_, m)| matches!(m, Mark::Ack { .. }))
+            || matches!(self.open.front(), Some((_, Mark::Ack { .. })))
             || self.releases_held_back()
     }
 
@@ -225,22 +258,20 @@ impl<A> State<A> {
     fn take(&mut self) -> Batch<A> {
         let mut batch = Batch { requeue: Vec::new(), ack: None, singles: Vec::new(), done: Vec::new() };
         if self.counts.requeues > 0 {
-            for tag in self.tags(|m| matches!(m, Mark::Requeue { .. })) {
-                if let Some(Mark::Requeue { acker, done }) = self.remove(tag) {
+            for mark in self.take_marks(|m| matches!(m, Mark::Requeue { .. })) {
+                if let Mark::Requeue { acker, done } = mark {
                     batch.requeue.push(acker);
                     batch.done.push(done);
                 }
             }
         }
-        while let Some((&tag, Mark::Ack { .. })) = self.open.first_key_value() {
-            if let Some(Mark::Ack { acker, done }) = self.remove(tag) {
-                batch.ack = Some(acker);
-                batch.done.push(done);
-            }
+        while let Some((acker, done)) = self.pop_acked_front() {
+            batch.ack = Some(acker);
+            batch.done.push(done);
         }
         if self.releases_held_back() {
-            for tag in self.tags(|m| matches!(m, Mark::Ack { .. })) {
-                if let Some(Mark::Ack { acker, done }) = self.remove(tag) {
+            for mark in self.take_marks(|m| matches!(m, Mark::Ack { .. })) {
+                if let Mark::Ack { acker, done } = mark {
                     batch.singles.push(acker);
                     batch.done.push(done);
                 }
@@ -248,15 +279,17 @@ impl<A> State<A> {
         }
         batch
     }
-
-    fn tags(&self, of: impl Fn(&Mark<A>) -> bool) -> Vec<u64> {
-        self.open.iter().filter(|(_, m)| of(m)).map(|(tag, _)| *tag).collect()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl State<u64> {
+        fn tags(&self) -> Vec<u64> {
+            self.open.iter().map(|(tag, _)| *tag).collect()
+        }
+    }
 
     fn state(marks: &[(u64, &str)]) -> State<u64> {
         let mut state = State::new(256);
@@ -277,7 +310,7 @@ mod tests {
         let mut s = state(&[(1, "ack"), (2, "ack"), (3, "open"), (4, "ack")]);
         let batch = s.take();
         assert_eq!((batch.ack, batch.done.len(), batch.requeue.len()), (Some(2), 2, 0));
-        assert_eq!(s.open.keys().copied().collect::<Vec<_>>(), vec![3, 4], "tag 4 waits behind 3");
+        assert_eq!(s.tags(), vec![3, 4], "tag 4 waits behind 3");
         assert!(s.take().is_empty());
     }
 
@@ -286,7 +319,7 @@ mod tests {
         let mut s = state(&[(1, "requeue"), (2, "ack"), (3, "open"), (4, "requeue")]);
         let batch = s.take();
         assert_eq!((batch.requeue, batch.ack, batch.done.len()), (vec![1, 4], Some(2), 3));
-        assert_eq!(s.open.keys().copied().collect::<Vec<_>>(), vec![3]);
+        assert_eq!(s.tags(), vec![3]);
     }
 
     #[test]
@@ -301,7 +334,7 @@ mod tests {
         let batch = s.take();
         assert_eq!(batch.ack, None, "nothing may cover the delivery being handled");
         assert_eq!(batch.singles, (2..130).collect::<Vec<_>>());
-        assert_eq!(s.open.keys().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(s.tags(), vec![1]);
         assert!(!s.ready());
         let mut small = State::new(4);
         small.set(1, Mark::Open);
@@ -337,7 +370,18 @@ mod tests {
         let mut s = state(&[(1, "ack"), (2, "left"), (3, "ack"), (4, "open"), (5, "ack")]);
         let batch = s.take();
         assert_eq!((batch.ack, batch.singles), (Some(1), vec![3, 5]));
-        assert_eq!(s.open.keys().copied().collect::<Vec<_>>(), vec![2, 4]);
+        assert_eq!(s.tags(), vec![2, 4]);
+    }
+
+    #[test]
+    fn deliveries_stay_in_tag_order_whatever_order_they_are_marked_in() {
+        let mut s = state(&[(5, "open"), (2, "open"), (9, "open"), (7, "ack")]);
+        assert_eq!(s.tags(), vec![2, 5, 7, 9]);
+        s.set(2, Mark::Ack { acker: 2, done: Box::new(()) });
+        s.set(5, Mark::Ack { acker: 5, done: Box::new(()) });
+        let batch = s.take();
+        assert_eq!((batch.ack, batch.done.len()), (Some(7), 3), "2, 5 and 7 are covered by one ack");
+        assert_eq!((s.tags(), s.counts.acks), (vec![9], 0));
     }
 
     #[test]
