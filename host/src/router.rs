@@ -44,12 +44,49 @@ pub struct Router {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     drain_timeout: Duration,
+    /// Held until the router is dropped.
+    _data_dir: DataDirLock,
 }
+
+/// The lock a router holds on its data directory (`switchyard.lock` in it). Each router keeps
+/// its own read snapshot and processed-marker filter, which follow its own writer only: a
+/// second router on the same directory, in another process or this one, would miss the first
+/// one's commits, so it is refused at start.
+struct DataDirLock {
+    _held: std::fs::File,
+}
+
+impl DataDirLock {
+    fn take(data_dir: &Path) -> anyhow::Result<DataDirLock> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        let path = data_dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(DataDirLock { _held: file }),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "the data directory {} is in use by another router (it holds {LOCK_FILE}); \
+                 a data directory belongs to one router: give this one its own router.data_dir",
+                data_dir.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+        }
+    }
+}
+
+/// The lock file in a data directory.
+const LOCK_FILE: &str = "switchyard.lock";
 
 impl Router {
     /// Start everything the config describes.
     pub async fn start(config: Config) -> anyhow::Result<Router> {
         let data_dir = &config.router.data_dir;
+        let lock = DataDirLock::take(data_dir)?;
         let writer = Writer::start(data_dir, &config.store)
             .with_context(|| format!("opening the store under {}", data_dir.display()))?;
         let readers = writer.readers();
@@ -138,6 +175,7 @@ impl Router {
             shutdown,
             tasks,
             drain_timeout: Duration::from_millis(config.router.drain_timeout_ms),
+            _data_dir: lock,
         };
         if let Some(address) = &config.router.admin_address {
             let state = router.admin_state(config.router.admin_token.clone());
@@ -298,5 +336,20 @@ mod tests {
         assert_eq!(runtime(&configured).unwrap().metrics().num_workers(), 3);
         let cores = std::thread::available_parallelism().unwrap().get();
         assert_eq!(runtime(&RouterConfig::default()).unwrap().metrics().num_workers(), cores);
+    }
+
+    #[tokio::test]
+    async fn a_second_router_on_a_data_directory_in_use_is_refused_until_the_first_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("[router]\ndata_dir = {:?}\n", dir.path().join("data"));
+        let config = || Config::from_toml(&text, &dir.path().join("router.toml"), &|_| None).unwrap();
+        let first = Router::start(config()).await.unwrap();
+        let refused = Router::start(config()).await.err().expect("a second router on the directory is refused");
+        let message = format!("{refused:#}");
+        assert!(message.contains("is in use by another router"), "{message}");
+        assert!(message.contains("give this one its own router.data_dir"), "{message}");
+        first.stop().await;
+        let again = Router::start(config()).await.expect("the directory is free once the first router stopped");
+        again.stop().await;
     }
 }
