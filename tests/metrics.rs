@@ -5,18 +5,13 @@
 use std::time::{Duration, Instant};
 
 use switchyard::telemetry::{Counters, Outcome};
+use switchyard_bench::memory;
 
 switchyard::global_allocator!();
 
 /// This process's resident memory, in MiB.
 fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
-    let kib = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib / 1024.0
+    memory::mib("VmRSS").expect("VmRSS in /proc/self/status")
 }
 
 #[test]

@@ -10,7 +10,6 @@
 
 mod broker;
 mod cpu;
-mod memory;
 mod redis_load;
 mod routed;
 
@@ -28,6 +27,7 @@ use switchyard::runtime::{Instance, Overrides, Runtime};
 use broker::Body;
 use cpu::{CpuClock, Drained};
 use routed::{Entry, Latencies, Paced, Routed, Split};
+use switchyard_bench::memory;
 
 switchyard::global_allocator!();
 

@@ -1,0 +1,3 @@
+//! What the benchmark harness shares with the integration tests: reading a process's memory.
+
+pub mod memory;
