@@ -421,7 +421,7 @@ pub struct PluginConfig {
     /// Dotted payload paths tried in order for the ordering key; default: the metadata.
     pub ordering_key: Option<Vec<String>>,
     /// Events of this plugin handled at once, each in its own lane; events with the same
-    /// ordering key always go to the same lane, so they are handled in order.
+    /// ordering key are handled one at a time, in order.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// Unacknowledged messages of this plugin's RabbitMQ consumer; default:

@@ -1,12 +1,13 @@
-//! Dispatch: each plugin's events spread over lanes, by ordering key, so that events with the
-//! same key are handled one after another and different keys in parallel. A lane runs an
-//! event through the plugin, hands the effects to the writer and only acks once they are
-//! committed; while a commit is pending it runs the next events of other keys. A failure that
-//! may be retried is parked in the store (see [`crate::retry`]) and the lane goes on.
+//! Dispatch: each plugin's events go to its lanes through one queue (see [`queue`]) that lets
+//! only one event of an ordering key out at a time, so that events with the same key are
+//! handled one after another and different keys in parallel. A lane runs an event through the
+//! plugin, hands the effects to the writer and only acks once they are committed; while a
+//! commit is pending it runs the next events of other keys. A failure that may be retried is
+//! parked in the store (see [`crate::retry`]) and the lane goes on.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+mod queue;
+
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -27,9 +28,11 @@ use crate::runtime::{Instance, InvokeError, LoadedPlugin};
 use crate::source::{Ack, Received};
 use crate::telemetry::{Counters, Outcome as Counted};
 
+use queue::{Claim, Ordered, Queue, Taken};
+
 /// Re-runs of one event after commit conflicts before it counts as a failed attempt.
 const MAX_CONFLICT_RERUNS: u32 = 20;
-/// Events waiting per lane; a full lane holds back the source (and so the broker's prefetch).
+/// Events waiting per lane; a full queue holds back the source (and so the broker's prefetch).
 const LANE_DEPTH: usize = 64;
 /// Commits one lane may have pending with the writer while it runs the next events.
 const PIPELINE_DEPTH: usize = 32;
@@ -50,21 +53,35 @@ pub struct Inbound {
     pub parked: Option<Origin>,
 }
 
-/// An event queued on its lane, with the ordering key that chose the lane (read from the
-/// payload once, here, and handed to the plugin as the event's key).
-struct Queued {
+/// An event in the plugin's queue, with its ordering key (read from the payload once, here,
+/// and handed to the plugin as the event's key).
+struct Waiting {
     /// Boxed: a lane moves its events through several futures, and an event is large.
     inbound: Box<Inbound>,
     key: Option<String>,
     /// Counts the event as pending until it is dropped: settled, or lost with a cancelled
     /// submit or a stopped lane.
-    _pending: Entered,
+    pending: Entered,
 }
 
-impl Queued {
-    /// What orders it in its lane: its key, or its id when it has none.
-    fn lane_key(&self) -> &str {
+/// An event a lane took from the queue. Dropping it (settled, or given back) lets the next
+/// event of its key out of the queue.
+struct Queued {
+    inbound: Box<Inbound>,
+    key: Option<String>,
+    _pending: Entered,
+    _claim: Claim<Waiting>,
+}
+
+impl Ordered for Waiting {
+    fn order(&self) -> &str {
         self.key.as_deref().unwrap_or(&self.inbound.event.id.0)
+    }
+}
+
+impl From<Taken<Waiting>> for Queued {
+    fn from(Taken { item, claim }: Taken<Waiting>) -> Self {
+        Queued { inbound: item.inbound, key: item.key, _pending: item.pending, _claim: claim }
     }
 }
 
@@ -159,9 +176,19 @@ impl Drop for Entered {
 pub struct Dispatch {
     name: Arc<str>,
     slot: Arc<PluginSlot>,
-    lanes: Vec<mpsc::Sender<Queued>>,
+    feeder: Arc<Feeder>,
     pending: Arc<Pending>,
     parking: Arc<Parking>,
+}
+
+/// What feeds the lanes; when the last [`Dispatch`] holding it is dropped, no more events
+/// come and the lanes stop once every event is settled.
+struct Feeder(Arc<Queue<Waiting>>);
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
 }
 
 impl Dispatch {
@@ -171,28 +198,28 @@ impl Dispatch {
         let name: Arc<str> = Arc::from(plugin.name.as_str());
         let pending = Arc::new(Pending::default());
         let parking = Arc::new(Parking::load(&readers, &name));
-        let lanes = (0..plugin.settings.concurrency.max(1))
-            .map(|index| {
-                let (tx, rx) = mpsc::channel(LANE_DEPTH);
-                let lane = Lane {
-                    name: name.clone(),
-                    slot: slot.clone(),
-                    writer: writer.clone(),
-                    readers: readers.clone(),
-                    instance: None,
-                    pending: pending.clone(),
-                    parking: parking.clone(),
-                };
-                // At `debug`, like the event's span (see `event_span`): a span enabled at
-                // `info` is entered and left on every poll of the lane, which cost about 0.3 µs
-                // per event in the no-op drain; the lines a lane logs at `info` and above name
-                // their plugin themselves.
-                let span = tracing::debug_span!("lane", plugin = %name, index);
-                tokio::spawn(lane.run(rx).instrument(span));
-                tx
-            })
-            .collect();
-        Dispatch { name, slot, lanes, pending, parking }
+        let lanes = plugin.settings.concurrency.max(1);
+        let queue = Arc::new(Queue::new(lanes, lanes * LANE_DEPTH));
+        for index in 0..lanes {
+            let lane = Lane {
+                name: name.clone(),
+                index,
+                slot: slot.clone(),
+                queue: queue.clone(),
+                writer: writer.clone(),
+                readers: readers.clone(),
+                instance: None,
+                pending: pending.clone(),
+                parking: parking.clone(),
+            };
+            // At `debug`, like the event's span (see `event_span`): a span enabled at `info`
+            // is entered and left on every poll of the lane, which cost about 0.3 µs per event
+            // in the no-op drain; the lines a lane logs at `info` and above name their plugin
+            // themselves.
+            let span = tracing::debug_span!("lane", plugin = %name, index);
+            tokio::spawn(lane.run().instrument(span));
+        }
+        Dispatch { name, slot, feeder: Arc::new(Feeder(queue)), pending, parking }
     }
 
     /// What its lanes and its retrier share about its parked events.
@@ -213,21 +240,19 @@ impl Dispatch {
         &self.slot
     }
 
-    /// Queue an event on the lane of its ordering key; waits while that lane is full. A closed
-    /// plugin (removed) refuses it: the message is left unsettled, for the broker to keep.
+    /// Queue an event for the lanes, behind the earlier events of its ordering key (of its
+    /// id, when it has no key); waits while the queue is full. A closed plugin (removed)
+    /// refuses it: the message is left unsettled, for the broker to keep.
     pub async fn submit(&self, inbound: Inbound) {
-        let Some(entered) = self.pending.enter() else {
+        let Some(pending) = self.pending.enter() else {
             tracing::debug!(plugin = %self.name, "plugin removed; the message stays with the broker");
             return;
         };
         let plugin = self.slot.current();
         let key = inbound.event.ordering_key(&plugin.settings.ordering_key);
-        let mut hasher = DefaultHasher::new();
-        key.as_ref().unwrap_or(&inbound.event.id.0).hash(&mut hasher);
-        let lane = (hasher.finish() % self.lanes.len() as u64) as usize;
-        if self.lanes[lane].send(Queued { inbound: Box::new(inbound), key, _pending: entered }).await.is_err() {
-            tracing::error!(plugin = %self.name, "lane stopped; the message will be redelivered");
-        }
+        let queue = &self.feeder.0;
+        queue.room().await;
+        queue.push(Waiting { inbound: Box::new(inbound), key, pending });
     }
 
     /// Take no more events, and start none of those queued: invocations under way finish,
@@ -306,7 +331,10 @@ pub async fn dead_letter_undecodable(writer: &Writer, owner: &str, received: Rec
 
 struct Lane {
     name: Arc<str>,
+    /// Its number among the plugin's lanes.
+    index: usize,
     slot: Arc<PluginSlot>,
+    queue: Arc<Queue<Waiting>>,
     writer: Writer,
     readers: Readers,
     instance: Option<Instance>,
@@ -360,32 +388,6 @@ enum Step {
     Settled(Queued, Settled),
 }
 
-/// Ordering keys with an event past its handler in a lane: the next event of such a key
-/// waits, so that it sees its predecessor's effects and is never committed before it. An
-/// event without a key goes by its id, so that a redelivered copy waits for the first copy's
-/// commit and is then recognised as processed, not run again.
-#[derive(Default)]
-struct KeysCommitting(HashMap<String, u32>);
-
-impl KeysCommitting {
-    fn holds(&self, queued: &Queued) -> bool {
-        self.0.contains_key(queued.lane_key())
-    }
-
-    fn add(&mut self, queued: &Queued) {
-        *self.0.entry(queued.lane_key().to_string()).or_default() += 1;
-    }
-
-    fn remove(&mut self, queued: &Queued) {
-        if let Some(n) = self.0.get_mut(queued.lane_key()) {
-            *n -= 1;
-            if *n == 0 {
-                self.0.remove(queued.lane_key());
-            }
-        }
-    }
-}
-
 type CommitWait = BoxFuture<'static, (Committing, Result<Outcome, WriterGone>)>;
 
 /// A lane's events past their handler: commits pending with the writer, and events to run
@@ -395,7 +397,6 @@ type CommitWait = BoxFuture<'static, (Committing, Result<Outcome, WriterGone>)>;
 struct Pipeline {
     committing: FuturesUnordered<CommitWait>,
     reruns: VecDeque<Committing>,
-    keys: KeysCommitting,
 }
 
 impl Pipeline {
@@ -403,7 +404,6 @@ impl Pipeline {
     fn track(&mut self, step: Step) -> Option<(Queued, Settled)> {
         match step {
             Step::Committing(c, pending) => {
-                self.keys.add(&c.queued);
                 self.committing.push(Box::pin(async move {
                     let outcome = pending.outcome().await;
                     (c, outcome)
@@ -411,7 +411,6 @@ impl Pipeline {
                 None
             }
             Step::Rerun(c) => {
-                self.keys.add(&c.queued);
                 self.reruns.push_back(c);
                 None
             }
@@ -424,9 +423,7 @@ impl Pipeline {
         if !self.committing.is_empty() {
             return None;
         }
-        let c = self.reruns.pop_front()?;
-        self.keys.remove(&c.queued);
-        Some(c)
+        self.reruns.pop_front()
     }
 
     /// Whether the lane may start a new event.
@@ -454,14 +451,14 @@ fn event_span(event: &Event) -> tracing::Span {
 }
 
 impl Lane {
-    /// Take events one by one, and while an event's commit is pending go on with the next
-    /// events of other keys (up to [`PIPELINE_DEPTH`] commits): the writer then puts many
-    /// events in each transaction, and the lane does not idle through its fsync.
-    async fn run(mut self, mut rx: mpsc::Receiver<Queued>) {
+    /// Take events from the queue one by one, and while an event's commit is pending go on
+    /// with the next events (up to [`PIPELINE_DEPTH`] commits): the writer then puts many
+    /// events in each transaction, and the lane does not idle through its fsync. The queue
+    /// lets out no event whose key has an event in a lane, so events of a key never overtake
+    /// each other and each sees its predecessor's effects.
+    async fn run(mut self) {
         let closing = self.pending.closing.clone();
         let mut pipeline = Pipeline::default();
-        let mut next: Option<Queued> = None;
-        let mut open = true;
         loop {
             if let Some(c) = pipeline.rerun() {
                 let span = c.span.clone();
@@ -469,47 +466,37 @@ impl Lane {
                 self.track(&mut pipeline, step).await;
                 continue;
             }
-            if pipeline.reruns.is_empty()
-                && let Some(queued) = next.take()
-            {
-                if closing.is_cancelled() {
-                    // Removed or stopping before it started: the event goes back to the broker
-                    // (or stays parked) unhandled; only invocations under way finish.
+            let stopping = closing.is_cancelled();
+            let paused = self.slot.is_paused();
+            // Removed or stopping: what is still queued goes back to the broker (or stays
+            // parked) unhandled; only invocations under way finish.
+            let takes = stopping || (!paused && pipeline.reruns.is_empty() && pipeline.takes_more());
+            if !takes {
+                self.queue.pass(self.index);
+            } else if let Some(taken) = self.queue.take(self.index) {
+                let queued = Queued::from(taken);
+                if stopping {
                     queued.inbound.ack.requeue().await;
-                    continue;
-                }
-                if !pipeline.keys.holds(&queued) && !self.slot.is_paused() {
+                } else {
                     let span = event_span(&queued.inbound.event);
                     let step = self.start(queued, span.clone()).instrument(span).await;
                     self.track(&mut pipeline, step).await;
-                    continue;
                 }
-                next = Some(queued);
-                if pipeline.is_empty() {
-                    // Paused, with every commit settled: wait for a resume or the removal.
-                    tokio::select! {
-                        biased;
-                        _ = self.slot.wait_running() => {}
-                        _ = closing.cancelled() => {}
-                    }
-                    continue;
-                }
+                continue;
             }
-            if !open && next.is_none() && pipeline.is_empty() {
+            if pipeline.is_empty() && self.queue.is_done() {
                 return;
             }
             tokio::select! {
                 biased;
                 Some((c, outcome)) = pipeline.committing.next(), if !pipeline.committing.is_empty() => {
-                    pipeline.keys.remove(&c.queued);
                     let span = c.span.clone();
                     let step = self.finish(c, outcome).instrument(span).await;
                     self.track(&mut pipeline, step).await;
                 }
-                queued = rx.recv(), if open && next.is_none() && pipeline.takes_more() => match queued {
-                    Some(queued) => next = Some(queued),
-                    None => open = false,
-                },
+                _ = self.queue.woken(self.index), if takes => {}
+                _ = self.slot.wait_running(), if paused && !stopping => {}
+                _ = closing.cancelled(), if !stopping => {}
             }
         }
     }
