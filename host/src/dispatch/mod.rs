@@ -80,7 +80,7 @@ impl Ordered for Waiting {
 }
 
 impl From<Taken<Waiting>> for Queued {
-    fn from(Taken { item, claim }: Taken<Waiting>) -> Self {
+    fn from(Taken { item, claim, .. }: Taken<Waiting>) -> Self {
         Queued { inbound: item.inbound, key: item.key, _pending: item.pending, _claim: claim }
     }
 }
@@ -474,6 +474,13 @@ impl Lane {
             if !takes {
                 self.queue.pass(self.index);
             } else if let Some(taken) = self.queue.take(self.index) {
+                if taken.woke_another {
+                    // The lane just woken would wait on this thread until this one yields
+                    // (tokio runs a task woken this way next on the same thread, where no other
+                    // thread may take it): yield, so that one of the two goes to another thread
+                    // and the events left run in parallel with this one.
+                    tokio::task::yield_now().await;
+                }
                 let queued = Queued::from(taken);
                 if stopping {
                     queued.inbound.ack.requeue().await;

@@ -7,10 +7,9 @@
 //!
 //! A lane with nothing to do waits to be woken. A new event wakes an idle lane only when no
 //! lane woken before has come for work yet, and a lane that takes an event and leaves more
-//! behind wakes the next. A trickle of events is then run by one lane after another on the
-//! thread that received them, instead of waking a lane of its own for each (on another thread,
-//! as often as not: about 3 µs per event in the no-op drain, BENCHMARKS.md), while a backlog
-//! still spreads over every lane.
+//! behind wakes the next (and yields, so that the two can run on two threads). A trickle of
+//! events is then run by one lane after another, instead of waking a lane of its own for each,
+//! while a backlog still spreads over every lane.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -37,7 +36,8 @@ struct State<T> {
     /// The keys with an event ready or in a lane, and the events waiting behind it, oldest
     /// first.
     taken: HashMap<Arc<str>, VecDeque<T>>,
-    /// Lanes waiting for work, the latest last.
+    /// Lanes waiting for work, the latest last. While events are ready, a lane is woken for
+    /// them or none is idle: every change below keeps that.
     idle: Vec<usize>,
     /// A lane woken for work that has not come for it yet.
     woken: Option<usize>,
@@ -55,6 +55,8 @@ struct Ready<T> {
 pub(super) struct Taken<T> {
     pub item: T,
     pub claim: Claim<T>,
+    /// It left events ready and woke an idle lane for them.
+    pub woke_another: bool,
 }
 
 /// Holds an event's key while the event is in a lane; dropped when the event is settled (or
@@ -107,13 +109,13 @@ impl<T> Queue<T> {
             state.idle.push(lane);
             return None;
         };
-        self.wake_idle(state);
+        let woke_another = self.wake_idle(state);
         self.room.add_permits(1);
-        Some(Taken { item, claim: Claim { queue: self.clone(), key } })
+        Some(Taken { item, claim: Claim { queue: self.clone(), key }, woke_another })
     }
 
     /// `lane` takes nothing for now (paused, or its commits are many): it stops counting as
-    /// idle, and when it was woken for work, another idle lane is woken in its place.
+    /// idle, and an idle lane is woken for the ready work it leaves, unless one already is.
     pub fn pass(&self, lane: usize) {
         let mut state = self.state();
         if let Some(at) = state.idle.iter().position(|&l| l == lane) {
@@ -121,8 +123,8 @@ impl<T> Queue<T> {
         }
         if state.woken == Some(lane) {
             state.woken = None;
-            self.wake_idle(state);
         }
+        self.wake_idle(state);
     }
 
     /// Wait until `lane` is woken: for work, or to stop.
@@ -142,15 +144,16 @@ impl<T> Queue<T> {
         state.finished && state.taken.is_empty()
     }
 
-    /// Wake an idle lane if there is ready work and no lane woken for it yet.
-    fn wake_idle(&self, mut state: MutexGuard<'_, State<T>>) {
+    /// Wake an idle lane if there is ready work and no lane woken for it yet; whether one was.
+    fn wake_idle(&self, mut state: MutexGuard<'_, State<T>>) -> bool {
         if state.ready.is_empty() || state.woken.is_some() {
-            return;
+            return false;
         }
-        let Some(lane) = state.idle.pop() else { return };
+        let Some(lane) = state.idle.pop() else { return false };
         state.woken = Some(lane);
         drop(state);
         self.wake[lane].notify_one();
+        true
     }
 
     fn wake_all(&self) {
@@ -252,10 +255,12 @@ mod tests {
         push(&queue, "c", 3);
         let woken: Vec<usize> = (0..3).filter(|&l| woke(&queue, l)).collect();
         assert_eq!(woken, [2], "three events, one lane woken: the latest idle");
-        let (_, _a) = taken(&queue, 2).unwrap();
+        let first = queue.take(2).unwrap();
+        assert!(first.woke_another);
         let woken: Vec<usize> = (0..3).filter(|&l| woke(&queue, l)).collect();
         assert_eq!(woken, [1], "the lane that took one event left two: it wakes the next");
-        let (_, _b) = taken(&queue, 2).unwrap();
+        let second = queue.take(2).unwrap();
+        assert!(!second.woke_another, "lane 1 is woken already");
         let (_, _c) = taken(&queue, 2).unwrap();
         assert!(taken(&queue, 1).is_none(), "the woken lane came too late: nothing left");
         assert!((0..3).all(|l| !woke(&queue, l)), "nothing left to wake a lane for");
