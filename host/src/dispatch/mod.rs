@@ -501,7 +501,9 @@ impl Lane {
                     let step = self.finish(c, outcome).instrument(span).await;
                     self.track(&mut pipeline, step).await;
                 }
-                _ = self.queue.woken(self.index), if takes => {}
+                // Also while the lane takes nothing: it is woken to stop, when the plugin's
+                // queue is done.
+                _ = self.queue.woken(self.index) => {}
                 _ = self.slot.wait_running(), if paused && !stopping => {}
                 _ = closing.cancelled(), if !stopping => {}
             }
