@@ -11,6 +11,7 @@
 //! events is then run by one lane after another, instead of waking a lane of its own for each,
 //! while a backlog still spreads over every lane.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -43,6 +44,18 @@ struct State<T> {
     woken: Option<usize>,
     /// No more events will come: lanes stop once everything is settled.
     finished: bool,
+}
+
+impl<T> State<T> {
+    /// `lane` came back: it is neither idle nor still to come for work it was woken for.
+    fn came(&mut self, lane: usize) {
+        if self.woken == Some(lane) {
+            self.woken = None;
+        }
+        if let Some(at) = self.idle.iter().position(|&l| l == lane) {
+            self.idle.swap_remove(at);
+        }
+    }
 }
 
 struct Ready<T> {
@@ -99,12 +112,7 @@ impl<T> Queue<T> {
     /// it comes again or [`pass`](Self::pass)es.
     pub fn take(self: &Arc<Self>, lane: usize) -> Option<Taken<T>> {
         let mut state = self.state();
-        if state.woken == Some(lane) {
-            state.woken = None;
-        }
-        if let Some(at) = state.idle.iter().position(|&l| l == lane) {
-            state.idle.swap_remove(at);
-        }
+        state.came(lane);
         let Some(Ready { key, item }) = state.ready.pop_front() else {
             state.idle.push(lane);
             return None;
@@ -118,12 +126,7 @@ impl<T> Queue<T> {
     /// idle, and an idle lane is woken for the ready work it leaves, unless one already is.
     pub fn pass(&self, lane: usize) {
         let mut state = self.state();
-        if let Some(at) = state.idle.iter().position(|&l| l == lane) {
-            state.idle.swap_remove(at);
-        }
-        if state.woken == Some(lane) {
-            state.woken = None;
-        }
+        state.came(lane);
         self.wake_idle(state);
     }
 
@@ -182,14 +185,15 @@ impl<T> Drop for Claim<T> {
     fn drop(&mut self) {
         let queue = &self.queue;
         let mut state = queue.state();
-        let next = state.taken.get_mut(&self.key).and_then(VecDeque::pop_front);
-        match next {
+        // One look-up: the key's entry is there while its claim is.
+        let Entry::Occupied(mut behind) = state.taken.entry(self.key.clone()) else { return };
+        match behind.get_mut().pop_front() {
             Some(item) => {
                 state.ready.push_back(Ready { key: self.key.clone(), item });
                 queue.wake_idle(state);
             }
             None => {
-                state.taken.remove(&self.key);
+                behind.remove();
                 let done = state.finished && state.taken.is_empty();
                 drop(state);
                 if done {
