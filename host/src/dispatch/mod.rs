@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 
@@ -388,7 +388,10 @@ enum Step {
     Settled(Queued, Settled),
 }
 
-type CommitWait = BoxFuture<'static, (Committing, Result<Outcome, WriterGone>)>;
+type CommitWait = BoxFuture<'static, Committed>;
+
+/// An event whose commit the writer has answered.
+type Committed = (Committing, Result<Outcome, WriterGone>);
 
 /// A lane's events past their handler: commits pending with the writer, and events to run
 /// again after a conflict. Re-runs wait until no commit is pending and hold back new events,
@@ -424,6 +427,14 @@ impl Pipeline {
             return None;
         }
         self.reruns.pop_front()
+    }
+
+    /// A commit the writer has answered already, without waiting for one.
+    fn committed(&mut self) -> Option<Committed> {
+        if self.committing.is_empty() {
+            return None;
+        }
+        self.committing.next().now_or_never().flatten()
     }
 
     /// Whether the lane may start a new event.
@@ -466,6 +477,13 @@ impl Lane {
                 self.track(&mut pipeline, step).await;
                 continue;
             }
+            // Settled as soon as it is committed, before the lane takes more: its ack (and
+            // the next event of its key) would otherwise wait until the queue is empty or the
+            // pipeline full, and a full prefetch window holds the broker's deliveries back.
+            if let Some(committed) = pipeline.committed() {
+                self.finished(&mut pipeline, committed).await;
+                continue;
+            }
             let stopping = closing.is_cancelled();
             let paused = self.slot.is_paused();
             // Removed or stopping: what is still queued goes back to the broker (or stays
@@ -496,10 +514,8 @@ impl Lane {
             }
             tokio::select! {
                 biased;
-                Some((c, outcome)) = pipeline.committing.next(), if !pipeline.committing.is_empty() => {
-                    let span = c.span.clone();
-                    let step = self.finish(c, outcome).instrument(span).await;
-                    self.track(&mut pipeline, step).await;
+                Some(committed) = pipeline.committing.next(), if !pipeline.committing.is_empty() => {
+                    self.finished(&mut pipeline, committed).await;
                 }
                 // Also while the lane takes nothing: it is woken to stop, when the plugin's
                 // queue is done.
@@ -508,6 +524,13 @@ impl Lane {
                 _ = closing.cancelled(), if !stopping => {}
             }
         }
+    }
+
+    /// Act on a commit the writer answered.
+    async fn finished(&mut self, pipeline: &mut Pipeline, (c, outcome): Committed) {
+        let span = c.span.clone();
+        let step = self.finish(c, outcome).instrument(span).await;
+        self.track(pipeline, step).await;
     }
 
     /// Keep a step's event in the pipeline, or settle it.
