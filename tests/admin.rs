@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
-use switchyard_tests::{ADMIN_TOKEN as TOKEN, Rabbit, TestRouter, eventually, plugin_table};
+use switchyard_tests::{ADMIN_TOKEN as TOKEN, Rabbit, TestRouter, config, eventually, plugin_table};
 
 async fn router() -> TestRouter {
     let text = "[router]\ndata_dir = \"{data_dir}\"\nlog = \"warn\"\n".to_string()
@@ -401,8 +401,7 @@ async fn over_rabbitmq_an_added_plugin_misses_nothing_and_pause_and_delete_keep_
     let queue = format!("{}stamp", rabbit.prefix);
     let url = switchyard_tests::amqp_url();
     let depth = || switchyard::router::queue_depth(&url, &queue);
-    let toml = format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n{}", rabbit.section(false))
-        + &plugin_table("user-replica", "user_replica.wasm", "prefetch = 24\n");
+    let toml = config(&rabbit, false, &[("user-replica", "user_replica.wasm", "prefetch = 24\n")]);
     let t = TestRouter::start(&toml).await;
     eventually("RabbitMQ", Duration::from_secs(30), || t.router.is_connected().then_some(())).await;
     let (_, view) = call(&t, "GET", "/v1/plugins/user-replica", Some(TOKEN), "").await;
@@ -497,8 +496,7 @@ async fn a_broker_that_stops_answering_fails_an_upload_with_the_reason_instead_o
     let rabbit = Rabbit::new().await;
     rabbit.track_plugin("stamp");
     let proxy = switchyard_tests::Proxy::start("127.0.0.1:5672").await;
-    let toml = format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n{}", rabbit.section(false))
-        + &plugin_table("user-replica", "user_replica.wasm", "");
+    let toml = config(&rabbit, false, &[("user-replica", "user_replica.wasm", "")]);
     let t = TestRouter::start(&proxy.through(&toml)).await;
     eventually("RabbitMQ", Duration::from_secs(30), || t.router.is_connected().then_some(())).await;
 
