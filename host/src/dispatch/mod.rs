@@ -488,7 +488,7 @@ impl Lane {
             let paused = self.slot.is_paused();
             // Removed or stopping: what is still queued goes back to the broker (or stays
             // parked) unhandled; only invocations under way finish.
-            let takes = stopping || (!paused && pipeline.reruns.is_empty() && pipeline.takes_more());
+            let takes = stopping || (!paused && pipeline.takes_more());
             if !takes {
                 self.queue.pass(self.index);
             } else if let Some(taken) = self.queue.take(self.index) {
