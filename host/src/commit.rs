@@ -12,6 +12,7 @@ use std::thread;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::StoreConfig;
 use crate::db::{self, DbError, ParkedRow, Readers, Snapshot};
@@ -214,6 +215,31 @@ pub struct Writer {
     pub outbox_ready: Arc<Notify>,
 }
 
+/// Drop the processed-markers and ingress journal rows older than `retention`, now and every
+/// [`PRUNE_EVERY`], until `shutdown` is cancelled or the writer stops. One of the router's
+/// tasks, so that it ends with the router and lets go of its writer handle.
+pub async fn prune_expired(writer: Writer, retention: std::time::Duration, shutdown: CancellationToken) {
+    let retention = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        let before = Millis(Millis::now().0.saturating_sub(retention));
+        // A prune far behind takes many transactions; the batch under way when the signal
+        // comes is committed or not as a whole.
+        let pruned = tokio::select! {
+            () = shutdown.cancelled() => return,
+            pruned = writer.prune(before) => pruned,
+        };
+        match pruned {
+            Err(WriterGone) => return,
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not prune expired processed-markers"),
+            Ok(Ok(_)) => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(PRUNE_EVERY) => {}
+        }
+    }
+}
+
 impl Writer {
     /// Send the job `make` builds around its reply channel, and wait for the reply.
     async fn request<T: Failure>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, WriterGone> {
@@ -231,7 +257,6 @@ impl Writer {
         let snapshot = Arc::new(Snapshot::new(data_dir));
         let committed = snapshot.clone();
         let batch_max = config.batch_max;
-        let retention = std::time::Duration::from_secs(config.processed_retention_hours.saturating_mul(3600));
         // The first build of the marker filter starts before the writer thread, which starts
         // the later ones.
         snapshot.markers.rebuild_if_due();
@@ -239,25 +264,15 @@ impl Writer {
             .name("switchyard-writer".into())
             .spawn(move || run(conn, rx, batch_max, &notify, &committed))
             .map_err(|e| DbError(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        let writer = Writer { jobs, snapshot, outbox_ready };
-        // Expired markers are dropped in the background, from now on every PRUNE_EVERY.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let pruner = writer.clone();
-            runtime.spawn(async move {
-                loop {
-                    let before = Millis(
-                        Millis::now().0.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX)),
-                    );
-                    match pruner.prune(before).await {
-                        Err(WriterGone) => return,
-                        Ok(Err(e)) => tracing::warn!(error = %e, "could not prune expired processed-markers"),
-                        Ok(Ok(_)) => {}
-                    }
-                    tokio::time::sleep(PRUNE_EVERY).await;
-                }
-            });
-        }
-        Ok(writer)
+        Ok(Writer { jobs, snapshot, outbox_ready })
+    }
+
+    /// How many handles to this writer are left, read without keeping one: the writer thread
+    /// ends when none is.
+    #[cfg(test)]
+    pub(crate) fn handles(&self) -> impl Fn() -> usize + use<> {
+        let weak = self.jobs.downgrade();
+        move || weak.strong_count()
     }
 
     /// Readers of this writer's database, whose processed-marker and document look-ups follow
@@ -716,8 +731,7 @@ mod tests {
     async fn pruning_drops_every_expired_marker_however_many_batches_they_take() {
         let (_d, w, r) = writer();
         let expired = 2 * PRUNE_BATCH + 7;
-        // A second old: expired for the cutoff below, not for the retention of the writer's
-        // own background pruner.
+        // A second old: expired for the cutoff below.
         let old = Millis::now().0 - 1_000;
         w.execute(format!(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {expired})
@@ -733,6 +747,29 @@ mod tests {
         assert_eq!(w.prune(Millis(old + 1)).await.unwrap().unwrap(), expired as u64);
         assert!(!r.processed("p", &format!("old-{expired}")).unwrap(), "the last batch went too");
         assert!(r.processed("p", "new").unwrap(), "younger: kept");
+    }
+
+    #[tokio::test]
+    async fn the_pruner_drops_expired_markers_at_once_and_ends_with_the_shutdown_signal() {
+        let (_d, w, r) = writer();
+        let p: Arc<str> = "p".into();
+        w.commit(p, "old".into(), Effects::default()).await.unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let shutdown = CancellationToken::new();
+        let pruner = tokio::spawn(prune_expired(w.clone(), std::time::Duration::from_millis(10), shutdown.clone()));
+        for _ in 0..1_000 {
+            if !r.processed("p", "old").unwrap() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!r.processed("p", "old").unwrap(), "the first prune runs at start");
+        assert!(!pruner.is_finished(), "it waits for the next round");
+        shutdown.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(10), pruner)
+            .await
+            .expect("the pruner ends once the shutdown signal is given")
+            .unwrap();
     }
 
     /// A dead letter of plugin `p` that also marks `event_id` processed.

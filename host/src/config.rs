@@ -345,6 +345,13 @@ fn default_batch_max() -> usize {
     512
 }
 
+impl StoreConfig {
+    /// How long processed-markers are kept.
+    pub fn processed_retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.processed_retention_hours.saturating_mul(3600))
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {

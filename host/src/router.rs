@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
-use crate::commit::Writer;
+use crate::commit::{self, Writer};
 use crate::config::{Config, PluginConfig, PluginName, RouterConfig, Secret, SinkChoice};
 use crate::db::{self, Readers};
 use crate::dispatch::Dispatch;
@@ -163,6 +163,7 @@ impl Router {
             }
         };
         let publish_timeout = Duration::from_millis(config.router.publish_timeout_ms);
+        tasks.spawn(commit::prune_expired(writer.clone(), config.store.processed_retention(), shutdown.clone()));
         tasks.spawn(outbox::relay(readers.clone(), writer.clone(), sink, publish_timeout, shutdown.clone()));
         let mut router = Router {
             control,
@@ -329,6 +330,7 @@ pub fn runtime(config: &RouterConfig) -> std::io::Result<tokio::runtime::Runtime
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Millis;
 
     #[test]
     fn the_runtime_has_the_configured_workers_and_one_per_core_by_default() {
@@ -351,5 +353,56 @@ mod tests {
         first.stop().await;
         let again = Router::start(config()).await.expect("the directory is free once the first router stopped");
         again.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_stopped_router_lets_go_of_its_store_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("[router]\ndata_dir = {:?}\n", dir.path().join("data"));
+        let config = Config::from_toml(&text, &dir.path().join("router.toml"), &|_| None).unwrap();
+        let router = Router::start(config).await.unwrap();
+        let handles = router.control.writer.handles();
+        assert!(handles() > 0);
+        router.stop().await;
+        for _ in 0..1_000 {
+            if handles() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(handles(), 0, "every task holding the writer ended, so its thread ends too");
+    }
+
+    #[tokio::test]
+    async fn a_router_drops_processed_markers_older_than_its_retention_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let hour = 3_600_000;
+        {
+            let writer = Writer::start(&data, &Default::default()).unwrap();
+            let now = Millis::now().0;
+            writer
+                .execute(format!(
+                    "INSERT INTO processed (plugin, event_id, processed_at) \
+                     VALUES ('p', 'two-hours-old', {}), ('p', 'half-an-hour-old', {})",
+                    now - 2 * hour,
+                    now - hour / 2
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let text = format!("[router]\ndata_dir = {data:?}\n[store]\nprocessed_retention_hours = 1\n");
+        let config = Config::from_toml(&text, &dir.path().join("router.toml"), &|_| None).unwrap();
+        let router = Router::start(config).await.unwrap();
+        for _ in 0..1_000 {
+            if !router.readers.processed("p", "two-hours-old").unwrap() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!router.readers.processed("p", "two-hours-old").unwrap(), "expired: pruned at start");
+        assert!(router.readers.processed("p", "half-an-hour-old").unwrap(), "within the retention: kept");
+        router.stop().await;
     }
 }
