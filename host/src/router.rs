@@ -273,6 +273,18 @@ impl Router {
     }
 }
 
+/// A router dropped without [`Router::stop`] (an embedder's error path, a test that ends
+/// early) still ends what it started, without waiting for anything: its tasks are aborted with
+/// their `JoinSet`, and the signal ends the admin API and the plugins' lanes and retriers, which
+/// would otherwise hold the store's writer and the admin port for the life of the runtime.
+/// What the lanes had taken and not settled goes back to the broker, as after a crash.
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.plugins.snapshot().plugins.iter().for_each(Dispatch::close);
+    }
+}
+
 /// Load a configured plugin: the version uploaded over the admin API if the registry has one
 /// (it wins), else the file `router.toml` names.
 async fn load(runtime: &Runtime, registry: &Registry, config: &PluginConfig) -> anyhow::Result<LoadedPlugin> {
@@ -353,6 +365,25 @@ mod tests {
         first.stop().await;
         let again = Router::start(config()).await.expect("the directory is free once the first router stopped");
         again.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_router_dropped_without_stop_ends_what_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("[router]\ndata_dir = {:?}\nadmin_address = \"127.0.0.1:0\"\n", dir.path().join("data"));
+        let config = Config::from_toml(&text, &dir.path().join("router.toml"), &|_| None).unwrap();
+        let router = Router::start(config).await.unwrap();
+        let (handles, admin) = (router.control.writer.handles(), router.admin_address.unwrap());
+        assert!(tokio::net::TcpStream::connect(admin).await.is_ok(), "the admin API listens");
+        drop(router);
+        for _ in 0..1_000 {
+            if handles() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(handles(), 0, "the admin API and every other task holding the writer ended");
+        assert!(tokio::net::TcpStream::connect(admin).await.is_err(), "the admin API no longer listens");
     }
 
     #[tokio::test]
