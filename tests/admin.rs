@@ -384,6 +384,43 @@ async fn the_openapi_description_matches_the_real_routes() {
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
 }
 
+#[tokio::test]
+async fn a_paused_plugins_lanes_let_go_of_their_events_when_the_router_is_dropped() {
+    let rabbit = Rabbit::new().await;
+    let queue = format!("{}stamp", rabbit.prefix);
+    let url = switchyard_tests::amqp_url();
+    let depth = || switchyard::router::queue_depth(&url, &queue);
+    let t = TestRouter::start(&config(&rabbit, false, &[("stamp", "stamp_v1.wasm", "prefetch = 40\n")])).await;
+    eventually("RabbitMQ", Duration::from_secs(30), || t.router.is_connected().then_some(())).await;
+    let stamp = t.router.plugins.get("stamp").unwrap();
+    stamp.slot().set_running(false);
+    rabbit.publish_many(stamp_batch("held", 100)).await;
+    let mut ready = None;
+    for _ in 0..200 {
+        ready = depth().await;
+        if ready == Some(100 - 40) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready, Some(100 - 40), "the paused plugin holds one prefetch");
+    assert_eq!(stamp.pending(), 40);
+
+    // Its lanes let go of the events they hold (they would wait for a resume that cannot
+    // come), and the broker has them back.
+    drop(t);
+    eventually("the lanes to let go", Duration::from_secs(30), || (stamp.pending() == 0).then_some(())).await;
+    assert_eq!(stamp.slot().counters.snapshot().consumed, 0, "none was handled");
+    for _ in 0..200 {
+        ready = depth().await;
+        if ready == Some(100) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready, Some(100), "what the dropped router held is back in the queue");
+}
+
 /// `stamp.event` messages with ids `{phase}-{i}`.
 fn stamp_batch(phase: &str, n: usize) -> Vec<(String, Vec<u8>, lapin::BasicProperties)> {
     (0..n)
