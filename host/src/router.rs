@@ -344,6 +344,24 @@ mod tests {
     use super::*;
     use crate::event::Millis;
 
+    /// A config whose data directory is `data` under `dir`, with `extra` lines of TOML: the
+    /// `[router]` table's first, then other tables.
+    fn config_in(dir: &Path, extra: &str) -> Config {
+        let text = format!("[router]\ndata_dir = {:?}\n{extra}", dir.join("data"));
+        Config::from_toml(&text, &dir.join("router.toml"), &|_| None).unwrap()
+    }
+
+    /// Whether `done` holds within 10 s, asked every 10 ms.
+    async fn soon(done: impl Fn() -> bool) -> bool {
+        for _ in 0..1_000 {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        done()
+    }
+
     #[test]
     fn the_runtime_has_the_configured_workers_and_one_per_core_by_default() {
         let configured = RouterConfig { worker_threads: Some(3), ..Default::default() };
@@ -355,8 +373,7 @@ mod tests {
     #[tokio::test]
     async fn a_second_router_on_a_data_directory_in_use_is_refused_until_the_first_stops() {
         let dir = tempfile::tempdir().unwrap();
-        let text = format!("[router]\ndata_dir = {:?}\n", dir.path().join("data"));
-        let config = || Config::from_toml(&text, &dir.path().join("router.toml"), &|_| None).unwrap();
+        let config = || config_in(dir.path(), "");
         let first = Router::start(config()).await.unwrap();
         let refused = Router::start(config()).await.err().expect("a second router on the directory is refused");
         let message = format!("{refused:#}");
@@ -370,47 +387,30 @@ mod tests {
     #[tokio::test]
     async fn a_router_dropped_without_stop_ends_what_it_started() {
         let dir = tempfile::tempdir().unwrap();
-        let text = format!("[router]\ndata_dir = {:?}\nadmin_address = \"127.0.0.1:0\"\n", dir.path().join("data"));
-        let config = Config::from_toml(&text, &dir.path().join("router.toml"), &|_| None).unwrap();
-        let router = Router::start(config).await.unwrap();
+        let router = Router::start(config_in(dir.path(), "admin_address = \"127.0.0.1:0\"\n")).await.unwrap();
         let (handles, admin) = (router.control.writer.handles(), router.admin_address.unwrap());
         assert!(tokio::net::TcpStream::connect(admin).await.is_ok(), "the admin API listens");
         drop(router);
-        for _ in 0..1_000 {
-            if handles() == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(handles(), 0, "the admin API and every other task holding the writer ended");
+        assert!(soon(|| handles() == 0).await, "the admin API and every other task holding the writer end");
         assert!(tokio::net::TcpStream::connect(admin).await.is_err(), "the admin API no longer listens");
     }
 
     #[tokio::test]
     async fn a_stopped_router_lets_go_of_its_store_writer() {
         let dir = tempfile::tempdir().unwrap();
-        let text = format!("[router]\ndata_dir = {:?}\n", dir.path().join("data"));
-        let config = Config::from_toml(&text, &dir.path().join("router.toml"), &|_| None).unwrap();
-        let router = Router::start(config).await.unwrap();
+        let router = Router::start(config_in(dir.path(), "")).await.unwrap();
         let handles = router.control.writer.handles();
         assert!(handles() > 0);
         router.stop().await;
-        for _ in 0..1_000 {
-            if handles() == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(handles(), 0, "every task holding the writer ended, so its thread ends too");
+        assert!(soon(|| handles() == 0).await, "every task holding the writer ends, and so its thread");
     }
 
     #[tokio::test]
     async fn a_router_drops_processed_markers_older_than_its_retention_and_keeps_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
         let hour = 3_600_000;
         {
-            let writer = Writer::start(&data, &Default::default()).unwrap();
+            let writer = Writer::start(&dir.path().join("data"), &Default::default()).unwrap();
             let now = Millis::now().0;
             writer
                 .execute(format!(
@@ -423,16 +423,9 @@ mod tests {
                 .unwrap()
                 .unwrap();
         }
-        let text = format!("[router]\ndata_dir = {data:?}\n[store]\nprocessed_retention_hours = 1\n");
-        let config = Config::from_toml(&text, &dir.path().join("router.toml"), &|_| None).unwrap();
-        let router = Router::start(config).await.unwrap();
-        for _ in 0..1_000 {
-            if !router.readers.processed("p", "two-hours-old").unwrap() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(!router.readers.processed("p", "two-hours-old").unwrap(), "expired: pruned at start");
+        let router = Router::start(config_in(dir.path(), "[store]\nprocessed_retention_hours = 1\n")).await.unwrap();
+        let pruned = soon(|| !router.readers.processed("p", "two-hours-old").unwrap()).await;
+        assert!(pruned, "expired: pruned at start");
         assert!(router.readers.processed("p", "half-an-hour-old").unwrap(), "within the retention: kept");
         router.stop().await;
     }
