@@ -3,7 +3,7 @@
 //! invocation that is a duplicate or conflicts writes nothing, so that it never undoes
 //! another's; a database error fails the whole batch, whose senders then retry.
 //!
-//! It runs on its own thread; callers send [`Job`]s and await the outcome, and only then
+//! It runs on its own thread; callers send `Job`s and await the outcome, and only then
 //! acknowledge the message to the broker.
 
 use std::path::Path;
@@ -216,7 +216,7 @@ pub struct Writer {
 }
 
 /// Drop the processed-markers and ingress journal rows older than `retention`, now and every
-/// [`PRUNE_EVERY`], until `shutdown` is cancelled or the writer stops. One of the router's
+/// `PRUNE_EVERY` (10 minutes), until `shutdown` is cancelled or the writer stops. One of the router's
 /// tasks, so that it ends with the router and lets go of its writer handle.
 pub async fn prune_expired(writer: Writer, retention: std::time::Duration, shutdown: CancellationToken) {
     let retention = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);

@@ -39,7 +39,7 @@ where
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 /// The process-wide Prometheus recorder, installed on first use with a thread that drains its
-/// histograms every [`METRICS_UPKEEP`].
+/// histograms every `METRICS_UPKEEP` (5 s).
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {

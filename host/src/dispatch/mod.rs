@@ -1,4 +1,4 @@
-//! Dispatch: each plugin's events go to its lanes through one queue (see [`queue`]) that lets
+//! Dispatch: each plugin's events go to its lanes through one queue (see `queue`) that lets
 //! only one event of an ordering key out at a time, so that events with the same key are
 //! handled one after another and different keys in parallel. A lane runs an event through the
 //! plugin, hands the effects to the writer and only acks once they are committed; while a

@@ -1,5 +1,6 @@
 //! Where events come from: one module per transport, each turning broker messages into
-//! [`Delivery`]s that carry their bytes, transport metadata and how to acknowledge them.
+//! [`Received`] messages (their bytes and transport metadata) with an [`Ack`] that says how to
+//! acknowledge them.
 
 mod amqp_acks;
 pub mod bus;

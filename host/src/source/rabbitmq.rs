@@ -627,7 +627,7 @@ impl Forwarder {
 
 /// Ready-message counts of queues, each through a passive declare on one connection; `None`
 /// for a queue that cannot be read, or whose count the broker did not give within
-/// [`ANSWER_TIMEOUT`] (depths are best effort).
+/// `ANSWER_TIMEOUT` (5 s; depths are best effort).
 pub async fn queue_depths(url: &str, queues: &[String]) -> Vec<Option<u32>> {
     let connect = Connection::connect(url, ConnectionProperties::default());
     let Ok(Ok(conn)) = tokio::time::timeout(ANSWER_TIMEOUT, connect).await else {
