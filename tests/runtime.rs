@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use switchyard::config::Config;
+use switchyard::event::Millis;
 use switchyard::router::Router;
 use switchyard_tests::{TestRouter, eventually, plugin_table};
 
@@ -118,6 +119,41 @@ async fn a_repeated_event_id_runs_the_handler_once() {
     }
     assert_eq!(seen(&t, "chaos.publish").len(), 1);
     assert_eq!(seen(&t, "chaos.published").len(), 1, "effects (the published event) applied once");
+}
+
+#[tokio::test]
+async fn a_start_that_fails_half_way_leaves_a_parked_event_to_the_next_start() {
+    let retry = "[plugin.retry]\nmax_attempts = 3\ninitial_backoff_ms = 6000\nmultiplier = 1.0\njitter = 0.0\n";
+    let misbehave = plugin_table("misbehave", "misbehave.wasm", retry);
+    let t = TestRouter::start(&config(&misbehave)).await;
+    publish(&t, r#"{"pattern":"chaos.seq","data":{"key":"k","seq":1,"fail_attempts":1},"id":"parked"}"#).await;
+    let parked =
+        |readers: &switchyard::db::Readers| readers.due_parked("misbehave", Millis(i64::MAX as u64), 10).unwrap();
+    let due = eventually("the event to be parked", SETTLE, || parked(&t.router.readers).pop()).await.deliver_at;
+    let dir = t.stop().await;
+
+    // The next start installs misbehave, then fails on a file that is not a component, before
+    // the parked event is due.
+    let not_wasm = dir.path().join("not.wasm");
+    std::fs::write(&not_wasm, b"definitely not wasm").unwrap();
+    let broken = format!("[[plugin]]\nname = \"broken\"\npath = \"{}\"\n", not_wasm.display());
+    let text = config(&format!("{misbehave}{broken}")).replace("{data_dir}", &dir.path().display().to_string());
+    let cfg = Config::from_toml(&text, &dir.path().join("router.toml"), &|_| None).unwrap();
+    let err = format!("{:#}", Router::start(cfg).await.err().expect("must fail"));
+    assert!(err.contains("loading plugin broken"), "{err}");
+    assert!(Millis::now().0 < due.0, "the failed start must end before the event is due; raise the backoff");
+
+    // Past its due time nothing ran it: the plugin that start installed ended with it.
+    tokio::time::sleep(Duration::from_millis(due.0 - Millis::now().0 + 2_000)).await;
+    let readers = switchyard::commit::Writer::start(dir.path(), &Default::default()).unwrap().readers();
+    assert_eq!(parked(&readers).len(), 1, "still parked");
+    assert!(readers.get("misbehave", "seq", "k").unwrap().is_none(), "not handled");
+    drop(readers);
+
+    let t = TestRouter::start_in(&config(&misbehave), dir).await;
+    eventually("the next start to handle it", SETTLE, || t.doc("misbehave", "seq", "k")).await;
+    settle(&t).await;
+    assert!(parked(&t.router.readers).is_empty());
 }
 
 #[tokio::test]

@@ -93,8 +93,6 @@ impl Router {
         let runtime = Arc::new(Runtime::new(readers.clone()).context("starting the WebAssembly runtime")?);
         let registry = Registry::new(data_dir);
         let in_flight = Arc::new(InFlight::default());
-        let shutdown = CancellationToken::new();
-        let mut tasks = JoinSet::new();
         let plugins = PluginSet::new(Vec::new());
         let control = Control {
             plugins: plugins.clone(),
@@ -108,6 +106,22 @@ impl Router {
             in_flight: in_flight.clone(),
             changing: Default::default(),
         };
+        // Made before anything is started, so that a start that fails half-way (a plugin that
+        // does not load, a sink that does not connect) drops it, which ends what was started.
+        let mut router = Router {
+            control,
+            readers: readers.clone(),
+            bus: None,
+            sources: Arc::default(),
+            admin_address: None,
+            plugins: plugins.clone(),
+            in_flight: in_flight.clone(),
+            shutdown: CancellationToken::new(),
+            tasks: JoinSet::new(),
+            drain_timeout: Duration::from_millis(config.router.drain_timeout_ms),
+            _data_dir: lock,
+        };
+        let (control, shutdown) = (&router.control, router.shutdown.clone());
 
         for plugin_config in &config.plugins {
             let plugin = load(&runtime, &registry, plugin_config).await?;
@@ -137,50 +151,38 @@ impl Router {
                 in_flight: in_flight.clone(),
                 health,
             };
-            tasks.spawn(source.run(plugins.clone(), shutdown.clone()));
+            router.tasks.spawn(source.run(plugins.clone(), shutdown.clone()));
         }
         if let Some(redis) = config.redis.as_ref().filter(|r| r.pubsub.is_some() || r.streams.is_some()) {
             let health = Arc::new(Health::default());
             sources.push(SourceHealth { source: "redis", health: health.clone() });
             let source =
                 RedisSource { config: redis.clone(), writer: writer.clone(), in_flight: in_flight.clone(), health };
-            tasks.spawn(source.run(plugins.clone(), shutdown.clone()));
+            router.tasks.spawn(source.run(plugins.clone(), shutdown.clone()));
         }
+        router.sources = Arc::new(sources);
         let use_redis_sink =
             config.redis.is_some() && (config.rabbitmq.is_none() || config.router.sink == SinkChoice::Redis);
-        let (bus, sink) = match (&config.rabbitmq, &config.redis) {
+        let sink = match (&config.rabbitmq, &config.redis) {
             (_, Some(redis)) if use_redis_sink => {
-                (None, Sink::Redis(RedisSink::new(redis).context("connecting the Redis sink")?))
+                Sink::Redis(RedisSink::new(redis).context("connecting the Redis sink")?)
             }
             (Some(rabbit), _) => {
-                let sink = RabbitSink::new(rabbit.url.clone(), rabbit.exchange.clone(), rabbit.sink_format);
-                (None, Sink::RabbitMq(sink))
+                Sink::RabbitMq(RabbitSink::new(rabbit.url.clone(), rabbit.exchange.clone(), rabbit.sink_format))
             }
             (None, _) => {
                 let bus = Arc::new(Bus::new(plugins.clone(), writer.clone(), in_flight.clone()));
                 tracing::info!("no broker configured: running on the in-process bus");
-                (Some(bus.clone()), Sink::Bus(bus))
+                router.bus = Some(bus.clone());
+                Sink::Bus(bus)
             }
         };
         let publish_timeout = Duration::from_millis(config.router.publish_timeout_ms);
-        tasks.spawn(commit::prune_expired(writer.clone(), config.store.processed_retention(), shutdown.clone()));
-        tasks.spawn(outbox::relay(readers.clone(), writer.clone(), sink, publish_timeout, shutdown.clone()));
-        let mut router = Router {
-            control,
-            readers,
-            bus,
-            sources: Arc::new(sources),
-            admin_address: None,
-            plugins,
-            in_flight,
-            shutdown,
-            tasks,
-            drain_timeout: Duration::from_millis(config.router.drain_timeout_ms),
-            _data_dir: lock,
-        };
+        router.tasks.spawn(commit::prune_expired(writer.clone(), config.store.processed_retention(), shutdown.clone()));
+        router.tasks.spawn(outbox::relay(readers, writer, sink, publish_timeout, shutdown.clone()));
         if let Some(address) = &config.router.admin_address {
             let state = router.admin_state(config.router.admin_token.clone());
-            let bound = admin::serve(address, state, router.shutdown.clone())
+            let bound = admin::serve(address, state, shutdown)
                 .await
                 .with_context(|| format!("starting the admin API on {address}"))?;
             router.admin_address = Some(bound);
@@ -274,7 +276,7 @@ impl Router {
 }
 
 /// A router dropped without [`Router::stop`] (an embedder's error path, a test that ends
-/// early) still ends what it started, without waiting for anything: its tasks are aborted with
+/// early, a start that failed half-way) still ends what it started, without waiting for anything: its tasks are aborted with
 /// their `JoinSet`, and the signal ends the admin API and the plugins' lanes and retriers, which
 /// would otherwise hold the store's writer and the admin port for the life of the runtime.
 /// What the lanes had taken and not settled goes back to the broker, as after a crash.
