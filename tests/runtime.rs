@@ -123,7 +123,7 @@ async fn a_repeated_event_id_runs_the_handler_once() {
 
 #[tokio::test]
 async fn a_start_that_fails_half_way_leaves_a_parked_event_to_the_next_start() {
-    let retry = "[plugin.retry]\nmax_attempts = 3\ninitial_backoff_ms = 6000\nmultiplier = 1.0\njitter = 0.0\n";
+    let retry = "[plugin.retry]\nmax_attempts = 3\ninitial_backoff_ms = 8000\nmultiplier = 1.0\njitter = 0.0\n";
     let misbehave = plugin_table("misbehave", "misbehave.wasm", retry);
     let t = TestRouter::start(&config(&misbehave)).await;
     publish(&t, r#"{"pattern":"chaos.seq","data":{"key":"k","seq":1,"fail_attempts":1},"id":"parked"}"#).await;
