@@ -216,27 +216,25 @@ pub struct Writer {
 }
 
 /// Drop the processed-markers and ingress journal rows older than `retention`, now and every
-/// `PRUNE_EVERY` (10 minutes), until `shutdown` is cancelled or the writer stops. One of the router's
-/// tasks, so that it ends with the router and lets go of its writer handle.
+/// `PRUNE_EVERY` (10 minutes), until `shutdown` is cancelled or the writer stops. One of the
+/// router's tasks, so that it ends with the router and lets go of its writer handle; a prune
+/// under way when the signal comes stops between two of its transactions.
 pub async fn prune_expired(writer: Writer, retention: std::time::Duration, shutdown: CancellationToken) {
     let retention = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
-    loop {
-        let before = Millis(Millis::now().0.saturating_sub(retention));
-        // A prune far behind takes many transactions; the batch under way when the signal
-        // comes is committed or not as a whole.
-        let pruned = tokio::select! {
-            () = shutdown.cancelled() => return,
-            pruned = writer.prune(before) => pruned,
-        };
-        match pruned {
-            Err(WriterGone) => return,
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not prune expired processed-markers"),
-            Ok(Ok(_)) => {}
+    let pruning = async {
+        loop {
+            let before = Millis(Millis::now().0.saturating_sub(retention));
+            match writer.prune(before).await {
+                Err(WriterGone) => return,
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not prune expired processed-markers"),
+                Ok(Ok(_)) => {}
+            }
+            tokio::time::sleep(PRUNE_EVERY).await;
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(PRUNE_EVERY) => {}
-        }
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = pruning => {}
     }
 }
 
