@@ -651,6 +651,7 @@ fn insert_dead_letter(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::soon;
 
     fn writer() -> (tempfile::TempDir, Writer, Readers) {
         let dir = tempfile::tempdir().unwrap();
@@ -755,13 +756,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let shutdown = CancellationToken::new();
         let pruner = tokio::spawn(prune_expired(w.clone(), std::time::Duration::from_millis(10), shutdown.clone()));
-        for _ in 0..1_000 {
-            if !r.processed("p", "old").unwrap() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert!(!r.processed("p", "old").unwrap(), "the first prune runs at start");
+        assert!(soon(|| !r.processed("p", "old").unwrap()).await, "the first prune runs at start");
         assert!(!pruner.is_finished(), "it waits for the next round");
         shutdown.cancel();
         tokio::time::timeout(std::time::Duration::from_secs(10), pruner)
@@ -787,13 +782,7 @@ mod tests {
 
     /// Wait until the writer's marker filter is built.
     async fn built(w: &Writer) {
-        for _ in 0..1_000 {
-            if w.snapshot.markers.is_built() {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        panic!("the marker filter was not built within 10 s");
+        assert!(soon(|| w.snapshot.markers.is_built()).await, "the marker filter was not built within 10 s");
     }
 
     #[tokio::test]

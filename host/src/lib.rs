@@ -31,3 +31,5 @@ pub mod router;
 pub mod runtime;
 pub mod source;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;

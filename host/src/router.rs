@@ -345,23 +345,13 @@ pub fn runtime(config: &RouterConfig) -> std::io::Result<tokio::runtime::Runtime
 mod tests {
     use super::*;
     use crate::event::Millis;
+    use crate::testing::soon;
 
     /// A config whose data directory is `data` under `dir`, with `extra` lines of TOML: the
     /// `[router]` table's first, then other tables.
     fn config_in(dir: &Path, extra: &str) -> Config {
         let text = format!("[router]\ndata_dir = {:?}\n{extra}", dir.join("data"));
         Config::from_toml(&text, &dir.join("router.toml"), &|_| None).unwrap()
-    }
-
-    /// Whether `done` holds within 10 s, asked every 10 ms.
-    async fn soon(done: impl Fn() -> bool) -> bool {
-        for _ in 0..1_000 {
-            if done() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        done()
     }
 
     #[test]
