@@ -388,22 +388,12 @@ async fn the_openapi_description_matches_the_real_routes() {
 async fn a_paused_plugins_lanes_let_go_of_their_events_when_the_router_is_dropped() {
     let rabbit = Rabbit::new().await;
     let queue = format!("{}stamp", rabbit.prefix);
-    let url = switchyard_tests::amqp_url();
-    let depth = || switchyard::router::queue_depth(&url, &queue);
     let t = TestRouter::start(&config(&rabbit, false, &[("stamp", "stamp_v1.wasm", "prefetch = 40\n")])).await;
     eventually("RabbitMQ", Duration::from_secs(30), || t.router.is_connected().then_some(())).await;
     let stamp = t.router.plugins.get("stamp").unwrap();
     stamp.slot().set_running(false);
     rabbit.publish_many(stamp_batch("held", 100)).await;
-    let mut ready = None;
-    for _ in 0..200 {
-        ready = depth().await;
-        if ready == Some(100 - 40) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(ready, Some(100 - 40), "the paused plugin holds one prefetch");
+    assert_eq!(depth_reaching(&queue, 100 - 40).await, Some(100 - 40), "the paused plugin holds one prefetch");
     assert_eq!(stamp.pending(), 40);
 
     // Its lanes let go of the events they hold (they would wait for a resume that cannot
@@ -411,14 +401,21 @@ async fn a_paused_plugins_lanes_let_go_of_their_events_when_the_router_is_droppe
     drop(t);
     eventually("the lanes to let go", Duration::from_secs(30), || (stamp.pending() == 0).then_some(())).await;
     assert_eq!(stamp.slot().counters.snapshot().consumed, 0, "none was handled");
+    assert_eq!(depth_reaching(&queue, 100).await, Some(100), "what the dropped router held is back in the queue");
+}
+
+/// The ready count of `queue` once it is `want`, or the last one read within 10 s.
+async fn depth_reaching(queue: &str, want: u32) -> Option<u32> {
+    let url = switchyard_tests::amqp_url();
+    let mut depth = None;
     for _ in 0..200 {
-        ready = depth().await;
-        if ready == Some(100) {
+        depth = switchyard::router::queue_depth(&url, queue).await;
+        if depth == Some(want) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(ready, Some(100), "what the dropped router held is back in the queue");
+    depth
 }
 
 /// `stamp.event` messages with ids `{phase}-{i}`.
@@ -461,15 +458,7 @@ async fn over_rabbitmq_an_added_plugin_misses_nothing_and_pause_and_delete_keep_
     // Paused: the consumer holds one prefetch (its 40) in its lanes and the queue keeps the rest.
     call(&t, "POST", "/v1/plugins/stamp/pause", Some(TOKEN), "").await;
     rabbit.publish_many(stamp_batch("b", 1000)).await;
-    let mut ready = None;
-    for _ in 0..200 {
-        ready = depth().await;
-        if ready == Some(1000 - 40) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(ready, Some(1000 - 40), "a paused plugin's queue keeps filling");
+    assert_eq!(depth_reaching(&queue, 1000 - 40).await, Some(1000 - 40), "a paused plugin's queue keeps filling");
     assert_eq!(stamp.slot().counters.snapshot().consumed, 200, "a paused plugin starts no event");
     call(&t, "POST", "/v1/plugins/stamp/resume", Some(TOKEN), "").await;
     eventually("the held events after resume", Duration::from_secs(60), || (succeeded() == 1200).then_some(())).await;
@@ -485,14 +474,7 @@ async fn over_rabbitmq_an_added_plugin_misses_nothing_and_pause_and_delete_keep_
     let handled = usize::try_from(succeeded() - 1200).unwrap();
     assert_eq!(docs("c", 3000), handled, "every event the removed plugin took was committed");
     assert_eq!(stamp.pending(), 0);
-    let mut left = None;
-    for _ in 0..200 {
-        left = depth().await;
-        if left == Some(u32::try_from(3000 - handled).unwrap()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let left = depth_reaching(&queue, u32::try_from(3000 - handled).unwrap()).await;
     assert_eq!(left, Some(u32::try_from(3000 - handled).unwrap()), "the queue keeps what was not handled");
     rabbit.publish_many(stamp_batch("d", 50)).await;
     assert_eq!(depth().await, left, "a removed plugin's queue is unbound");
