@@ -276,10 +276,11 @@ impl Router {
 }
 
 /// A router dropped without [`Router::stop`] (an embedder's error path, a test that ends
-/// early, a start that failed half-way) still ends what it started, without waiting for anything: its tasks are aborted with
-/// their `JoinSet`, and the signal ends the admin API and the plugins' lanes and retriers, which
-/// would otherwise hold the store's writer and the admin port for the life of the runtime.
-/// What the lanes had taken and not settled goes back to the broker, as after a crash.
+/// early, a start that failed half-way) still ends what it started, without waiting for
+/// anything: its tasks are aborted with their `JoinSet`, and the signal ends the admin API and
+/// the plugins' lanes and retriers, which would otherwise hold the store's writer and the
+/// admin port for the life of the runtime. What the lanes had taken and not settled goes back
+/// to the broker, as after a crash.
 impl Drop for Router {
     fn drop(&mut self) {
         self.shutdown.cancel();
