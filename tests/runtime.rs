@@ -144,7 +144,7 @@ async fn a_start_that_fails_half_way_leaves_a_parked_event_to_the_next_start() {
     assert!(Millis::now().0 < due.0, "the failed start must end before the event is due; raise the backoff");
 
     // Past its due time nothing ran it: the plugin that start installed ended with it.
-    tokio::time::sleep(Duration::from_millis(due.0 - Millis::now().0 + 2_000)).await;
+    tokio::time::sleep(Duration::from_millis(due.0.saturating_sub(Millis::now().0) + 2_000)).await;
     let readers = switchyard::commit::Writer::start(dir.path(), &Default::default()).unwrap().readers();
     assert_eq!(parked(&readers).len(), 1, "still parked");
     assert!(readers.get("misbehave", "seq", "k").unwrap().is_none(), "not handled");
