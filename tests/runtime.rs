@@ -127,8 +127,7 @@ async fn a_start_that_fails_half_way_leaves_a_parked_event_to_the_next_start() {
     let misbehave = plugin_table("misbehave", "misbehave.wasm", retry);
     let t = TestRouter::start(&config(&misbehave)).await;
     publish(&t, r#"{"pattern":"chaos.seq","data":{"key":"k","seq":1,"fail_attempts":1},"id":"parked"}"#).await;
-    let parked =
-        |readers: &switchyard::db::Readers| readers.due_parked("misbehave", Millis(i64::MAX as u64), 10).unwrap();
+    let parked = |readers: &switchyard::db::Readers| readers.due_parked("misbehave", Millis(u64::MAX), 10).unwrap();
     let due = eventually("the event to be parked", SETTLE, || parked(&t.router.readers).pop()).await.deliver_at;
     let dir = t.stop().await;
 

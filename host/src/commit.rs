@@ -449,7 +449,7 @@ fn apply_batch(
                             "INSERT OR REPLACE INTO ingress_journal (id, queue, digest, received_at) VALUES (?1, ?2, ?3, ?4)",
                         )?;
                         for e in entries.iter() {
-                            stmt.execute(params![e.id, e.queue, e.digest, e.received_at.0 as i64])?;
+                            stmt.execute(params![e.id, e.queue, e.digest, e.received_at])?;
                         }
                     }
                     JournalOp::Delete(ids) => {
@@ -462,14 +462,13 @@ fn apply_batch(
                 reply.answer(Ok(()));
             }
             Job::Prune { before, reply } => {
-                let at = before.0 as i64;
                 let deleted = tx
                     .prepare_cached(
                         "DELETE FROM processed WHERE (plugin, event_id) IN
                      (SELECT plugin, event_id FROM processed WHERE processed_at < ?1 LIMIT ?2)",
                     )?
-                    .execute(params![at, PRUNE_BATCH])?;
-                tx.prepare_cached("DELETE FROM ingress_journal WHERE received_at < ?1")?.execute([at])?;
+                    .execute(params![*before, PRUNE_BATCH])?;
+                tx.prepare_cached("DELETE FROM ingress_journal WHERE received_at < ?1")?.execute([*before])?;
                 reply.answer(Ok(deleted as u64));
             }
             Job::Execute { sql, reply } => {
@@ -529,7 +528,7 @@ fn commit_one(
 ) -> rusqlite::Result<Outcome> {
     let inserted = c
         .prepare_cached("INSERT OR IGNORE INTO processed (plugin, event_id, processed_at) VALUES (?1, ?2, ?3)")?
-        .execute(params![plugin, event_id, now.0 as i64])?;
+        .execute(params![plugin, event_id, now])?;
     if inserted == 0 {
         return Ok(Outcome::Duplicate);
     }
@@ -582,8 +581,8 @@ fn commit_one(
             row.causation_id,
             row.headers,
             row.payload,
-            now.0 as i64,
-            now.0.saturating_add(row.delay_ms) as i64
+            now,
+            Millis(now.0.saturating_add(row.delay_ms))
         ])?;
     }
     Ok(Outcome::Committed)
@@ -593,7 +592,7 @@ fn park(c: &Connection, row: &ParkedRow) -> rusqlite::Result<()> {
     match row.seq {
         Some(seq) => {
             c.prepare_cached("UPDATE parked SET attempt = ?2, deliver_at = ?3, reason = ?4 WHERE seq = ?1")?
-                .execute(params![seq, row.attempt, row.deliver_at.0 as i64, row.reason])?;
+                .execute(params![seq, row.attempt, row.deliver_at, row.reason])?;
         }
         None => {
             c.prepare_cached(
@@ -605,8 +604,8 @@ fn park(c: &Connection, row: &ParkedRow) -> rusqlite::Result<()> {
                 row.event_id,
                 row.ordering_key,
                 row.attempt,
-                row.first_failed_at.0 as i64,
-                row.deliver_at.0 as i64,
+                row.first_failed_at,
+                row.deliver_at,
                 row.reason,
                 row.transport,
                 row.body
@@ -633,8 +632,8 @@ fn insert_dead_letter(
         letter.name,
         letter.reason,
         letter.attempts,
-        letter.first_failed_at.0 as i64,
-        now.0 as i64,
+        letter.first_failed_at,
+        now,
         letter.transport,
         letter.body
     ])?;
@@ -643,7 +642,7 @@ fn insert_dead_letter(
     {
         markers.add(&letter.plugin, id);
         c.prepare_cached("INSERT OR IGNORE INTO processed (plugin, event_id, processed_at) VALUES (?1, ?2, ?3)")?
-            .execute(params![letter.plugin, id, now.0 as i64])?;
+            .execute(params![letter.plugin, id, now])?;
     }
     Ok(())
 }

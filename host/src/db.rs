@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::types::{FromSql, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, ToSql, params};
 
 use crate::config::Synchronous;
 use crate::event::Millis;
@@ -19,6 +20,21 @@ pub const FILE_NAME: &str = "switchyard.db";
 #[derive(Debug, thiserror::Error)]
 #[error("database: {0}")]
 pub struct DbError(#[from] pub rusqlite::Error);
+
+/// A time is an `INTEGER` column. SQLite's integers are signed: a time past `i64::MAX` is
+/// stored as `i64::MAX`, and a negative one (written by hand) reads as the epoch, so that a
+/// comparison with a far-off time never wraps around.
+impl ToSql for Millis {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(i64::try_from(self.0).unwrap_or(i64::MAX)))
+    }
+}
+
+impl FromSql for Millis {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        i64::column_result(value).map(|ms| Millis(u64::try_from(ms).unwrap_or(0)))
+    }
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS documents (
@@ -400,9 +416,7 @@ impl Readers {
             let mut stmt = c.prepare_cached(
                 "SELECT id, received_at FROM ingress_journal WHERE queue = ?1 AND digest = ?2 ORDER BY received_at, id",
             )?;
-            let rows = stmt.query_map(params![queue, digest], |r| {
-                Ok((r.get::<_, String>(0)?, Millis(r.get::<_, i64>(1)? as u64)))
-            })?;
+            let rows = stmt.query_map(params![queue, digest], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
             rows.collect()
         })
     }
@@ -414,7 +428,7 @@ impl Readers {
                 "SELECT seq, id, name, source, key, correlation_id, causation_id, headers, payload, created_at
                  FROM outbox WHERE deliver_at <= ?1 ORDER BY seq LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![now.0 as i64, limit as i64], |r| {
+            let rows = stmt.query_map(params![now, limit as i64], |r| {
                 Ok(OutboxEntry {
                     seq: r.get(0)?,
                     id: r.get(1)?,
@@ -425,7 +439,7 @@ impl Readers {
                     causation_id: r.get(6)?,
                     headers: r.get(7)?,
                     payload: r.get(8)?,
-                    created_at: Millis(r.get::<_, i64>(9)? as u64),
+                    created_at: r.get(9)?,
                 })
             })?;
             rows.collect()
@@ -434,10 +448,7 @@ impl Readers {
 
     /// When the next delayed outbox row falls due, if any.
     pub fn next_outbox_due(&self) -> Result<Option<Millis>, DbError> {
-        self.with(|c| {
-            c.query_row("SELECT min(deliver_at) FROM outbox", [], |r| r.get::<_, Option<i64>>(0))
-                .map(|v| v.map(|ms| Millis(ms as u64)))
-        })
+        self.with(|c| c.query_row("SELECT min(deliver_at) FROM outbox", [], |r| r.get::<_, Option<Millis>>(0)))
     }
 
     /// A page of a plugin's dead letters, oldest first, after `after` (a `seq`).
@@ -454,8 +465,8 @@ impl Readers {
                     name: r.get(2)?,
                     reason: r.get(3)?,
                     attempts: r.get(4)?,
-                    first_failed_at: Millis(r.get::<_, i64>(5)? as u64),
-                    last_failed_at: Millis(r.get::<_, i64>(6)? as u64),
+                    first_failed_at: r.get(5)?,
+                    last_failed_at: r.get(6)?,
                     transport: r.get(7)?,
                     body: r.get(8)?,
                 })
@@ -485,15 +496,15 @@ impl Readers {
                 "SELECT p.seq, p.event_id, p.ordering_key, p.attempt, p.first_failed_at, p.deliver_at, p.reason, p.transport, p.body
                  FROM parked p WHERE p.plugin = ?1 AND p.deliver_at <= ?2 AND {PARKED_HEAD} ORDER BY p.seq LIMIT ?3"
             ))?;
-            let rows = stmt.query_map(params![plugin, now.0 as i64, limit as i64], |r| {
+            let rows = stmt.query_map(params![plugin, now, limit as i64], |r| {
                 Ok(ParkedRow {
                     seq: Some(r.get(0)?),
                     plugin: plugin.to_string(),
                     event_id: r.get(1)?,
                     ordering_key: r.get(2)?,
                     attempt: r.get(3)?,
-                    first_failed_at: Millis(r.get::<_, i64>(4)? as u64),
-                    deliver_at: Millis(r.get::<_, i64>(5)? as u64),
+                    first_failed_at: r.get(4)?,
+                    deliver_at: r.get(5)?,
                     reason: r.get(6)?,
                     transport: r.get(7)?,
                     body: r.get(8)?,
@@ -510,7 +521,7 @@ impl Readers {
             c.prepare_cached(&format!(
                 "SELECT count(*) FROM parked p WHERE p.seq = ?1 AND p.deliver_at <= ?2 AND {PARKED_HEAD}"
             ))?
-            .query_row(params![seq, now.0 as i64], |r| r.get::<_, i64>(0))
+            .query_row(params![seq, now], |r| r.get::<_, i64>(0))
             .map(|n| n == 1)
         })
     }
@@ -527,8 +538,7 @@ impl Readers {
             c.prepare_cached(&format!(
                 "SELECT min(p.deliver_at) FROM parked p WHERE p.plugin = ?1 AND p.deliver_at > ?2 AND {PARKED_HEAD}"
             ))?
-            .query_row(params![plugin, now.0 as i64], |r| r.get::<_, Option<i64>>(0))
-            .map(|v| v.map(|ms| Millis(ms as u64)))
+            .query_row(params![plugin, now], |r| r.get::<_, Option<Millis>>(0))
         })
     }
 
@@ -625,5 +635,16 @@ mod tests {
             snapshot.committed();
         }
         assert!(processed("e"), "committed before this read");
+    }
+
+    #[test]
+    fn a_time_past_what_sqlite_holds_is_stored_as_the_largest_and_a_negative_one_reads_as_the_epoch() {
+        let c = Connection::open_in_memory().unwrap();
+        let stored: i64 = c.query_row("SELECT ?1", [Millis(u64::MAX)], |r| r.get(0)).unwrap();
+        assert_eq!(stored, i64::MAX);
+        let read: Millis = c.query_row("SELECT ?1", [1_700_000_000_000_i64], |r| r.get(0)).unwrap();
+        assert_eq!(read, Millis(1_700_000_000_000));
+        let read: Millis = c.query_row("SELECT -5", [], |r| r.get(0)).unwrap();
+        assert_eq!(read, Millis(0));
     }
 }
