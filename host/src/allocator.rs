@@ -3,9 +3,9 @@
 //! Events are allocated on one thread and freed on another (a consumer decodes, a lane
 //! handles, the writer commits), which glibc's malloc serves slowly: it took about a sixth of
 //! the lanes' CPU in a profile of the no-op drain, and the drain ran a fifth faster on
-//! jemalloc (BENCHMARKS.md). Its background thread
-//! returns freed memory to the system within a second, so that the memory plugin compilation
-//! used does not stay resident while the router idles.
+//! jemalloc (docs/benchmarks-log.md). Its background thread returns freed memory to the system
+//! within a second, so that the memory plugin compilation used does not stay resident while the
+//! router idles.
 
 #[doc(hidden)]
 pub use tikv_jemallocator::Jemalloc;

@@ -1,9 +1,9 @@
 //! Which processed-markers may exist, known without reading the store. Every event's
 //! `(plugin, event id)` marker is looked up before its handler runs, and nearly every look-up
 //! finds none; reading SQLite for it cost about 1 µs of CPU per event, an eighth of what the
-//! router's async workers spend on an event in a no-op drain (BENCHMARKS.md). A Bloom filter
-//! over the markers answers "certainly none" from memory, so that only a "maybe" (a marker, or
-//! a false positive in about 1 % of look-ups) reads the store.
+//! router's async workers spend on an event in a no-op drain (docs/benchmarks-log.md). A Bloom
+//! filter over the markers answers "certainly none" from memory, so that only a "maybe" (a
+//! marker, or a false positive in about 1 % of look-ups) reads the store.
 //!
 //! The filter has no false negatives because every marker is written by the writer thread,
 //! which adds it here before the commit that holds it is reported. It is built in the

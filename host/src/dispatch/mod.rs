@@ -448,9 +448,9 @@ impl Pipeline {
 }
 
 /// The span an event runs in, at `debug`. At `info` and above no span is made per event: it
-/// cost about 1 µs of CPU per event in a no-op drain (BENCHMARKS.md), as much as a fifth of
-/// the router's own work, so the lines logged at `info` and above while an event runs name the
-/// event themselves. At `debug` every line logged meanwhile gets the event's id, name and
+/// cost about 1 µs of CPU per event in a no-op drain (docs/benchmarks-log.md), as much as a
+/// fifth of the router's own work, so the lines logged at `info` and above while an event runs
+/// name the event themselves. At `debug` every line logged meanwhile gets the event's id, name and
 /// correlation id from it.
 fn event_span(event: &Event) -> tracing::Span {
     tracing::debug_span!(
