@@ -26,7 +26,7 @@ pub struct DbError(#[from] pub rusqlite::Error);
 /// comparison with a far-off time never wraps around.
 impl ToSql for Millis {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::from(i64::try_from(self.0).unwrap_or(i64::MAX)))
+        Ok(ToSqlOutput::from(self.saturating_i64()))
     }
 }
 

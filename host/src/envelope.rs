@@ -56,6 +56,11 @@ impl std::fmt::Display for HeaderValue {
 }
 
 impl HeaderValue {
+    /// A time as the router's own headers carry it ([`OCCURRED_AT_HEADER`]): milliseconds.
+    pub fn time(at: Millis) -> HeaderValue {
+        HeaderValue::Integer(at.saturating_i64())
+    }
+
     fn as_text(&self) -> String {
         match self {
             HeaderValue::Text(s) => s.clone(),
@@ -687,6 +692,16 @@ mod tests {
         assert_eq!(decoded("{}", &t).1.occurred_at, Millis(1_600_000_000_000));
         t.headers.push((OCCURRED_AT_HEADER.into(), HeaderValue::Integer(1_650_000_000_001)));
         assert_eq!(decoded("{}", &t).1.occurred_at, Millis(1_650_000_000_001));
+    }
+
+    #[test]
+    fn a_time_too_large_for_a_header_is_stamped_as_the_largest_and_read_back_as_itself() {
+        let far = Millis(u64::MAX);
+        assert_eq!(HeaderValue::time(far), HeaderValue::Integer(i64::MAX));
+        let mut t = transport("a");
+        t.timestamp = Some(1_600_000_000);
+        t.headers.push((OCCURRED_AT_HEADER.into(), HeaderValue::time(far)));
+        assert_eq!(decoded("{}", &t).1.occurred_at, Millis(i64::MAX as u64), "not the AMQP timestamp");
     }
 
     #[test]

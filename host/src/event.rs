@@ -18,6 +18,12 @@ impl Millis {
         let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         Millis(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
     }
+
+    /// As a signed integer, which is how SQLite and AMQP headers carry a time: a time past
+    /// `i64::MAX` becomes `i64::MAX` instead of wrapping around to a negative one.
+    pub fn saturating_i64(self) -> i64 {
+        i64::try_from(self.0).unwrap_or(i64::MAX)
+    }
 }
 
 /// A text header carried with an event (AMQP headers, CloudEvents extensions).

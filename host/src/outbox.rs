@@ -174,7 +174,7 @@ fn transport_headers(event: &Event) -> Vec<(String, HeaderValue)> {
     let mut headers: Vec<(String, HeaderValue)> =
         event.headers.iter().map(|h| (h.name.clone(), HeaderValue::Text(h.value.clone()))).collect();
     headers.push((SOURCE_HEADER.into(), HeaderValue::Text(event.source.clone())));
-    headers.push((OCCURRED_AT_HEADER.into(), HeaderValue::Integer(event.occurred_at.0 as i64)));
+    headers.push((OCCURRED_AT_HEADER.into(), HeaderValue::time(event.occurred_at)));
     if let Some(c) = &event.correlation_id {
         headers.push((CORRELATION_HEADER.into(), HeaderValue::Text(c.clone())));
     }

@@ -569,7 +569,7 @@ impl Forwarder {
         for f in &ready {
             let mut headers = f.received.transport.headers.clone();
             headers.retain(|(n, _)| !n.eq_ignore_ascii_case(OCCURRED_AT_HEADER));
-            headers.push((OCCURRED_AT_HEADER.into(), HeaderValue::Integer(f.occurred_at.0 as i64)));
+            headers.push((OCCURRED_AT_HEADER.into(), HeaderValue::time(f.occurred_at)));
             let mut props = BasicProperties::default()
                 .with_message_id(f.id.0.as_str().into())
                 .with_delivery_mode(2)
