@@ -1,6 +1,8 @@
 //! CPU time spent by this process and by the RabbitMQ broker over a measured stretch, from
 //! `/proc` (Linux). The router and the broker share the machine's cores, so a ratio of rates
-//! alone hides where the time goes: the CPU per event of each side shows it.
+//! alone hides where the time goes: the CPU per event of each side shows it, and the context
+//! switches per event of this process's threads show how much of it is threads waking each
+//! other.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -45,6 +47,9 @@ pub struct CpuPerEvent {
     /// Microseconds of this process's threads, summed by thread name (tokio's workers, the
     /// AMQP client's I/O loop, the store's writer), busiest first.
     pub threads: Vec<(String, f64)>,
+    /// Context switches of this process's threads (voluntary, waiting for work, and not),
+    /// summed by thread name, most first.
+    pub switches: Vec<(String, f64)>,
 }
 
 impl CpuClock {
@@ -64,29 +69,53 @@ impl CpuClock {
         let broker_us = self.broker.as_ref().and_then(|(pid, before)| cpu_of(pid).map(|after| per(*before, after)));
         // By thread id, then summed by name: a thread that ended meanwhile (one of tokio's
         // blocking threads, named as its workers are) must not take its time off the others.
-        let mut by_name: BTreeMap<String, f64> = BTreeMap::new();
+        let mut used: BTreeMap<String, f64> = BTreeMap::new();
+        let mut switched: BTreeMap<String, f64> = BTreeMap::new();
         for (tid, after) in threads() {
-            let before = self.threads.get(&tid).map(|t| t.used).unwrap_or_default();
-            *by_name.entry(after.name).or_default() += per(before, after.used);
+            let before = self.threads.get(&tid);
+            let used_before = before.map(|t| t.used).unwrap_or_default();
+            let switches_before = before.map(|t| t.switches).unwrap_or_default();
+            *used.entry(after.name.clone()).or_default() += per(used_before, after.used);
+            *switched.entry(after.name).or_default() +=
+                after.switches.saturating_sub(switches_before) as f64 / events as f64;
         }
-        let mut threads: Vec<(String, f64)> = by_name.into_iter().filter(|(_, us)| *us >= 0.05).collect();
-        threads.sort_by(|a, b| b.1.total_cmp(&a.1));
-        CpuPerEvent { own_us, broker_us, threads }
+        CpuPerEvent { own_us, broker_us, threads: busiest(used, 0.05), switches: busiest(switched, 0.01) }
     }
 }
 
-/// One of this process's threads: its name and the CPU time it used so far.
+/// The entries of `by_name` of at least `least`, largest first.
+fn busiest(by_name: BTreeMap<String, f64>, least: f64) -> Vec<(String, f64)> {
+    let mut kept: Vec<(String, f64)> = by_name.into_iter().filter(|(_, n)| *n >= least).collect();
+    kept.sort_by(|a, b| b.1.total_cmp(&a.1));
+    kept
+}
+
+/// One of this process's threads: its name, the CPU time it used so far and how often it was
+/// switched out.
 struct Thread {
     name: String,
     used: Duration,
+    switches: u64,
 }
 
 /// This process's threads, by thread id.
 fn threads() -> BTreeMap<String, Thread> {
     tasks("self")
         .into_iter()
-        .filter_map(|(tid, name)| cpu_of(&format!("self/task/{tid}")).map(|used| (tid, Thread { name, used })))
+        .filter_map(|(tid, name)| {
+            let task = format!("self/task/{tid}");
+            let (used, switches) = (cpu_of(&task)?, switches_of(&task)?);
+            Some((tid, Thread { name, used, switches }))
+        })
         .collect()
+}
+
+/// Context switches of task `task` so far, voluntary and not, from its `status`.
+fn switches_of(task: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{task}/status")).ok()?;
+    let count =
+        |key: &str| -> Option<u64> { status.lines().find_map(|line| line.strip_prefix(key)?.trim().parse().ok()) };
+    Some(count("voluntary_ctxt_switches:")? + count("nonvoluntary_ctxt_switches:")?)
 }
 
 /// The threads of process `pid` (`self` for this one) that can be read: id and name.

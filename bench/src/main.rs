@@ -178,8 +178,10 @@ struct Drains {
     rate: Samples,
     own_us: Samples,
     broker_us: Samples,
-    /// This process's threads in the median round (by its own CPU per event).
+    /// Each round's CPU per event of this process's threads.
     threads: Vec<Vec<(String, f64)>>,
+    /// Each round's context switches per event of this process's threads.
+    switches: Vec<Vec<(String, f64)>>,
 }
 
 impl Drains {
@@ -188,14 +190,20 @@ impl Drains {
         self.own_us.0.push(drained.cpu.own_us);
         self.broker_us.0.extend(drained.cpu.broker_us);
         self.threads.push(drained.cpu.threads);
+        self.switches.push(drained.cpu.switches);
     }
 
-    /// The threads' CPU per event in the round whose own CPU per event is the median.
-    fn threads_cell(&self) -> String {
+    /// The round whose own CPU per event is the median.
+    fn median_round(&self) -> Option<usize> {
         let mut rounds: Vec<usize> = (0..self.own_us.0.len()).collect();
         rounds.sort_by(|a, b| self.own_us.0[*a].total_cmp(&self.own_us.0[*b]));
-        let Some(median) = rounds.get(rounds.len() / 2) else { return "–".into() };
-        self.threads[*median].iter().map(|(name, us)| format!("{name} {us:.1}")).collect::<Vec<_>>().join(", ")
+        rounds.get(rounds.len() / 2).copied()
+    }
+
+    /// `by_thread`'s figures in the median round, each with `decimals`.
+    fn median_round_cell(&self, by_thread: &[Vec<(String, f64)>], decimals: usize) -> String {
+        let Some(median) = self.median_round() else { return "–".into() };
+        by_thread[median].iter().map(|(name, n)| format!("{name} {n:.decimals$}")).collect::<Vec<_>>().join(", ")
     }
 
     /// Medians of this process's and the broker's CPU per event (a dash for what was not
@@ -220,8 +228,13 @@ fn cpu_row(name: &str, baseline: &Drains, switchyard: &Drains) {
     println!("| {name} | {} | {} | {ratio} |", baseline.cpu_cell(), switchyard.cpu_cell());
     println!(
         "| … of this process, by thread, in the median round (µs) | {} | {} | – |",
-        baseline.threads_cell(),
-        switchyard.threads_cell()
+        baseline.median_round_cell(&baseline.threads, 1),
+        switchyard.median_round_cell(&switchyard.threads, 1)
+    );
+    println!(
+        "| … context switches per event of this process's threads, the same round | {} | {} | – |",
+        baseline.median_round_cell(&baseline.switches, 2),
+        switchyard.median_round_cell(&switchyard.switches, 2)
     );
 }
 
