@@ -32,7 +32,7 @@ impl ToSql for Millis {
 
 impl FromSql for Millis {
     fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
-        i64::column_result(value).map(|ms| Millis(u64::try_from(ms).unwrap_or(0)))
+        i64::column_result(value).map(Millis::from_i64)
     }
 }
 

@@ -321,7 +321,7 @@ fn decode_binary_cloudevent(ty: &HeaderValue, body: &[u8], transport: &Transport
     let occurred_at = match binary_ce_attribute(transport, "time") {
         Some(HeaderValue::Text(s)) => parse_rfc3339(s)?,
         // The Python SDK sends epoch milliseconds as an int64.
-        Some(HeaderValue::Integer(ms)) => Millis(u64::try_from(*ms).unwrap_or(0)),
+        Some(HeaderValue::Integer(ms)) => Millis::from_i64(*ms),
         Some(HeaderValue::Timestamp(secs)) => Millis(secs.saturating_mul(1000)),
         Some(HeaderValue::Boolean(_)) => {
             return Err(DecodeError::InvalidAttribute { attribute: "time", reason: "is a boolean".into() });

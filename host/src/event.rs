@@ -24,6 +24,11 @@ impl Millis {
     pub fn saturating_i64(self) -> i64 {
         i64::try_from(self.0).unwrap_or(i64::MAX)
     }
+
+    /// From a signed integer: a time before the epoch becomes the epoch.
+    pub fn from_i64(ms: i64) -> Millis {
+        Millis(u64::try_from(ms).unwrap_or(0))
+    }
 }
 
 /// A text header carried with an event (AMQP headers, CloudEvents extensions).
