@@ -80,6 +80,29 @@ pub struct Args {
     /// (`[rabbitmq] queue_type`).
     #[arg(long, value_enum, default_value_t = QueueType::Classic)]
     queue_type: QueueType,
+    /// Which side of the paired scenarios runs (drain, streams, pubsub, latency): one alone
+    /// is for a profiler (`valgrind --tool=callgrind`, `perf record`), so that the other's
+    /// work stays out of the profile.
+    #[arg(long, value_enum, default_value_t = Side::Both)]
+    side: Side,
+}
+
+/// The side of a paired scenario: the baseline, switchyard, or both in turn.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Side {
+    Both,
+    Baseline,
+    Switchyard,
+}
+
+impl Side {
+    fn baseline(self) -> bool {
+        self != Side::Switchyard
+    }
+
+    fn switchyard(self) -> bool {
+        self != Side::Baseline
+    }
 }
 
 /// One measured figure per round; the table shows the median and the spread.
@@ -145,8 +168,12 @@ impl LatencyRounds {
         self.cpu.push(paced.cost);
     }
 
-    /// The table cell: each percentile's median over the rounds, and the p99's spread.
+    /// The table cell: each percentile's median over the rounds, and the p99's spread (a dash
+    /// for a side that did not run).
     fn cell(&self) -> String {
+        if self.p99.0.is_empty() {
+            return "–".into();
+        }
         format!(
             "{:.0} / {:.0} / {:.0} ({})",
             self.p50.median(),
@@ -158,16 +185,25 @@ impl LatencyRounds {
 
     /// The p99s of the latency's parts, medians of the rounds.
     fn split_cell(&self) -> String {
+        if self.received_p99.0.is_empty() {
+            return "–".into();
+        }
         format!("{:.0} / {:.0}", self.received_p99.median(), self.committed_p99.median())
     }
 
     /// How far the publisher fell behind: medians of the rounds' p99 and worst.
     fn behind_cell(&self) -> String {
+        if self.behind_p99.0.is_empty() {
+            return "–".into();
+        }
         format!("{:.0} / {:.0}", self.behind_p99.median(), self.behind_max.median())
     }
 
-    /// The ratio of the p99s' medians, `self` over `baseline`.
+    /// The ratio of the p99s' medians, `self` over `baseline` (a dash when a side did not run).
     fn p99_ratio(&self, baseline: &LatencyRounds) -> String {
+        if self.p99.0.is_empty() || baseline.p99.0.is_empty() {
+            return "–".into();
+        }
         format!("{:.2}", self.p99.median() / baseline.p99.median())
     }
 }
@@ -220,7 +256,7 @@ impl Drains {
 
 /// CPU per event of a drain next to the baseline's; the ratio is this process's.
 fn cpu_row(name: &str, baseline: &Drains, switchyard: &Drains) {
-    let ratio = if baseline.rate.0.is_empty() {
+    let ratio = if baseline.rate.0.is_empty() || switchyard.rate.0.is_empty() {
         "–".into()
     } else {
         format!("{:.2}", switchyard.own_us.median() / baseline.own_us.median())
@@ -300,9 +336,13 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
         for round in 0..args.rounds {
             let noop = Entry { name: "noop", file: "noop.wasm", extra: "" };
             let switchyard = drain(&args, noop, &["bench.#"], &noop_body);
-            let (b, r) = in_turn(round, broker::drain_bare(&args, &noop_body), switchyard).await?;
-            bare.push(b);
-            routed.push(r);
+            let (b, r) = in_turn(round, args.side, broker::drain_bare(&args, &noop_body), switchyard).await?;
+            if let Some(b) = b {
+                bare.push(b);
+            }
+            if let Some(r) = r {
+                routed.push(r);
+            }
         }
         row_paired("drain, no-op plugin (events/s)", &bare.rate, &routed.rate);
         cpu_row(
@@ -342,6 +382,10 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
     if let Some(rate) = args.offered.filter(|_| runs("latency") || runs("swap")) {
         (offered, load) = (rate, "the rate given (`--offered`)");
     } else if runs("latency") || runs("swap") {
+        ensure!(
+            args.side.switchyard(),
+            "`--side baseline` measures no peak of switchyard's: give the rate with `--offered`"
+        );
         let mut stamp = Samples::default();
         for _ in 0..args.rounds {
             stamp.0.push(drain(&args, STAMP, &["stamp.#"], &stamp_body).await?.rate);
@@ -365,9 +409,12 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
         for round in 0..args.rounds {
             for turn in 0..3 {
                 let (rounds, paced) = match (round + turn) % 3 {
-                    0 => (&mut bare, broker::latency_bare(&args, offered, &stamp_body).await?),
-                    1 => (&mut durable, broker::latency_durable(&args, offered, &stamp_body).await?),
-                    _ => (&mut routed, latency(&args, offered).await?),
+                    0 if args.side.baseline() => (&mut bare, broker::latency_bare(&args, offered, &stamp_body).await?),
+                    1 if args.side.baseline() => {
+                        (&mut durable, broker::latency_durable(&args, offered, &stamp_body).await?)
+                    }
+                    2 if args.side.switchyard() => (&mut routed, latency(&args, offered).await?),
+                    _ => continue,
                 };
                 rounds.push(paced);
             }
@@ -428,12 +475,16 @@ async fn run(mut args: Args, worker_threads: usize) -> anyhow::Result<()> {
 }
 
 /// One round of a paired scenario: the baseline runs first in even rounds and switchyard
-/// first in odd ones, so that neither always finds the broker as the other left it.
+/// first in odd ones, so that neither always finds the broker as the other left it. A side
+/// that `side` leaves out does not run.
 async fn in_turn<B, R>(
     round: usize,
+    side: Side,
     baseline: impl Future<Output = anyhow::Result<B>>,
     switchyard: impl Future<Output = anyhow::Result<R>>,
-) -> anyhow::Result<(B, R)> {
+) -> anyhow::Result<(Option<B>, Option<R>)> {
+    let baseline = async { if side.baseline() { baseline.await.map(Some) } else { Ok(None) } };
+    let switchyard = async { if side.switchyard() { switchyard.await.map(Some) } else { Ok(None) } };
     if round.is_multiple_of(2) {
         let b = baseline.await?;
         Ok((b, switchyard.await?))
@@ -449,9 +500,9 @@ async fn streams(args: &Args) -> anyhow::Result<()> {
     for round in 0..args.rounds {
         let baseline = redis_load::streams_bare(args, args.events, &user_updated);
         let routed = redis_load::streams_routed(args, "user-replica", "user_replica.wasm", args.events, &user_updated);
-        let (b, r) = in_turn(round, baseline, routed).await?;
-        bare.0.push(b);
-        replica.0.push(r);
+        let (b, r) = in_turn(round, args.side, baseline, routed).await?;
+        bare.0.extend(b);
+        replica.0.extend(r);
     }
     row_paired("replica flow over Redis Streams (events/s; baseline: bare XREADGROUP + XACK)", &bare, &replica);
     Ok(())
@@ -463,11 +514,16 @@ async fn pubsub(args: &Args) -> anyhow::Result<()> {
     let (mut bare_share, mut routed_share) = (1.0f64, 1.0f64);
     for round in 0..args.rounds {
         let baseline = redis_load::pubsub_bare(args, args.events, &noop_body);
-        let (b, r) = in_turn(round, baseline, redis_load::pubsub_routed(args, args.events, &noop_body)).await?;
-        bare_share = bare_share.min(b.delivered as f64 / args.events as f64);
-        routed_share = routed_share.min(r.delivered as f64 / args.events as f64);
-        bare.0.push(b.rate);
-        routed.0.push(r.rate);
+        let (b, r) =
+            in_turn(round, args.side, baseline, redis_load::pubsub_routed(args, args.events, &noop_body)).await?;
+        if let Some(b) = b {
+            bare_share = bare_share.min(b.delivered as f64 / args.events as f64);
+            bare.0.push(b.rate);
+        }
+        if let Some(r) = r {
+            routed_share = routed_share.min(r.delivered as f64 / args.events as f64);
+            routed.0.push(r.rate);
+        }
     }
     let name = format!(
         "drain from Redis pub/sub, no-op plugin (events/s; delivered at worst: bare {:.0} %, switchyard {:.0} %)",
@@ -483,14 +539,19 @@ async fn pubsub(args: &Args) -> anyhow::Result<()> {
 /// machine between rounds moves both sides of a ratio instead of the ratio.
 fn row_paired(name: &str, baseline: &Samples, switchyard: &Samples) {
     let ratios = Samples(switchyard.0.iter().zip(&baseline.0).map(|(s, b)| s / b).collect());
-    print_row(name, baseline, switchyard, &format!("{:.2} ({})", ratios.median(), ratios.spread(2)));
+    let ratio =
+        if ratios.0.is_empty() { "–".into() } else { format!("{:.2} ({})", ratios.median(), ratios.spread(2)) };
+    print_row(name, baseline, switchyard, &ratio);
 }
 
 /// A row whose switchyard rounds have no baseline rounds of their own: the ratio of medians
 /// (none when the baseline's scenario did not run).
 fn row(name: &str, baseline: &Samples, switchyard: &Samples) {
-    let ratio =
-        if baseline.0.is_empty() { "–".into() } else { format!("{:.2}", switchyard.median() / baseline.median()) };
+    let ratio = if baseline.0.is_empty() || switchyard.0.is_empty() {
+        "–".into()
+    } else {
+        format!("{:.2}", switchyard.median() / baseline.median())
+    };
     print_row(name, baseline, switchyard, &ratio);
 }
 
