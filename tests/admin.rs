@@ -494,7 +494,71 @@ async fn over_rabbitmq_an_added_plugin_misses_nothing_and_pause_and_delete_keep_
     // Deleted with its queue: the queue goes, with what it held.
     let (status, body) = call(&t, "DELETE", "/v1/plugins/stamp?discard_queue=true", Some(TOKEN), "").await;
     assert_eq!((status, body["discarded_queue"].as_bool()), (StatusCode::OK, Some(true)), "{body}");
+    assert!(body["discarded_events"].is_u64(), "the reply counts the events deleted with the queue: {body}");
     assert_eq!(depth().await, None, "the queue is deleted");
+}
+
+#[tokio::test]
+async fn discard_queue_deletes_the_queue_a_failed_addition_left_unless_it_is_consumed_or_an_ingress_queue() {
+    let rabbit = Rabbit::new().await;
+    rabbit.track_plugin("leftover");
+    rabbit.track_plugin("elsewhere");
+    let url = switchyard_tests::amqp_url();
+    let toml = config(&rabbit, true, &[("user-replica", "user_replica.wasm", "")]);
+    let t = TestRouter::start(&toml).await;
+    eventually("RabbitMQ", Duration::from_secs(30), || t.router.is_connected().then_some(())).await;
+    let declare = async |plugin: &str| {
+        let queue = format!("{}{plugin}", rabbit.prefix);
+        let options = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+        let (q, x) = (queue.as_str().into(), rabbit.exchange.as_str().into());
+        rabbit.channel.queue_declare(q, options, Default::default()).await.expect("declare");
+        let bound = rabbit.channel.queue_bind(
+            queue.as_str().into(),
+            x,
+            format!("{plugin}.#").as_str().into(),
+            Default::default(),
+            Default::default(),
+        );
+        bound.await.expect("bind");
+        queue
+    };
+
+    // What an addition the broker failed part-way leaves: the plugin's queue, bound and filling.
+    let leftover = declare("leftover").await;
+    let events = (0..3).map(|i| (format!("leftover.{i}"), b"{}".to_vec(), lapin::BasicProperties::default()));
+    rabbit.publish_many(events).await;
+    assert_eq!(depth_reaching(&leftover, 3).await, Some(3));
+    let (status, body) = call(&t, "DELETE", "/v1/plugins/leftover", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "without discard_queue a name not running is not found: {body}");
+    assert_eq!(switchyard::router::queue_depth(&url, &leftover).await, Some(3), "and its queue is kept");
+    let (status, body) = call(&t, "DELETE", "/v1/plugins/leftover?discard_queue=true", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((body["discarded_queue"].as_bool(), body["discarded_events"].as_u64()), (Some(true), Some(3)), "{body}");
+    assert_eq!(switchyard::router::queue_depth(&url, &leftover).await, None, "the leftover queue is deleted");
+    let (status, body) = call(&t, "DELETE", "/v1/plugins/leftover?discard_queue=true", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("has no queue"), "{body}");
+
+    // A queue something consumes from may be a plugin of that name on another router: kept.
+    let elsewhere = declare("elsewhere").await;
+    let consumer =
+        rabbit.channel.basic_consume(elsewhere.as_str().into(), "".into(), Default::default(), Default::default());
+    let _consumer = consumer.await.expect("consume");
+    let (status, body) = call(&t, "DELETE", "/v1/plugins/elsewhere?discard_queue=true", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("has a consumer"), "{body}");
+    assert_eq!(switchyard::router::queue_depth(&url, &elsewhere).await, Some(0), "a consumed queue is kept");
+
+    // The ingress queue is named like a plugin's queue here (`{prefix}ingress`), and is never
+    // a plugin's to delete.
+    assert_eq!(rabbit.ingress, format!("{}ingress", rabbit.prefix));
+    let ingress = async || switchyard::router::queue_depth(&url, &rabbit.ingress).await;
+    switchyard_tests::eventually_async("the ingress queue declared", Duration::from_secs(30), ingress).await;
+    let (status, body) = call(&t, "DELETE", "/v1/plugins/ingress?discard_queue=true", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("ingress_queues"), "{body}");
+    assert!(switchyard::router::queue_depth(&url, &rabbit.ingress).await.is_some(), "the ingress queue is kept");
+    drop(t.stop().await);
 }
 
 /// A `multipart/form-data` body with a `component` part and, if given, a `settings` JSON part.

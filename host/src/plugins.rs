@@ -11,13 +11,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::Writer;
-use crate::config::{PluginConfig, RabbitMqConfig, RedisConfig};
+use crate::config::{PluginConfig, PluginName, RabbitMqConfig, RedisConfig};
 use crate::db::{self, Readers};
 use crate::dispatch::{Dispatch, PluginSlot};
 use crate::retry::Retrier;
 use crate::runtime::registry::{Registry, Which};
 use crate::runtime::{LoadError, LoadedPlugin, Overrides, Runtime};
-use crate::source::rabbitmq::{RabbitMqSource, delete_queue, rebind};
+use crate::source::rabbitmq::{Deleted, Deleting, RabbitMqSource, delete_queue, rebind};
 use crate::source::redis::destroy_groups;
 use crate::source::{Health, InFlight};
 
@@ -248,6 +248,15 @@ pub enum ControlError {
     Index { collection: String, field: String, reason: String },
     #[error("RabbitMQ queue {queue}: {reason}")]
     Broker { queue: String, reason: String },
+    #[error("no plugin named {name:?} is running, and RabbitMQ has no queue {queue} left by one")]
+    NothingLeft { name: String, queue: String },
+    #[error(
+        "queue {0} has a consumer: a plugin of that name runs on another router with the same \
+         rabbitmq.queue_prefix; the queue is kept"
+    )]
+    QueueInUse(String),
+    #[error("queue {0} is one of rabbitmq.ingress_queues, not a plugin's; it is kept")]
+    IngressQueue(String),
 }
 
 /// A version change of a plugin: what runs now and what it replaced.
@@ -267,6 +276,8 @@ pub struct Removal {
     pub drained: bool,
     /// Whether its queue (or consumer groups) and their events were discarded.
     pub discarded: bool,
+    /// How many events the deleted RabbitMQ queue held; `None` when none was deleted.
+    pub discarded_events: Option<u32>,
 }
 
 impl Control {
@@ -392,9 +403,18 @@ impl Control {
     /// what is in it, for when the plugin comes back, unless `discard` deletes the queue (and
     /// the Redis consumer groups) with their events. The registry forgets it; a plugin that
     /// `router.toml` names comes back from there at the next start.
+    ///
+    /// For a name that is not running, `discard` deletes the RabbitMQ queue a failed
+    /// [`add`](Self::add) left declared and bound, if nothing consumes from it.
     pub async fn remove(&self, name: &str, discard: bool, drain_timeout: Duration) -> Result<Removal, ControlError> {
         let _one_at_a_time = self.changing.lock().await;
-        let dispatch = self.plugins.get(name).ok_or_else(|| ControlError::NotFound(name.to_string()))?;
+        let Some(dispatch) = self.plugins.get(name) else {
+            return if discard {
+                self.discard_leftover(name).await
+            } else {
+                Err(ControlError::NotFound(name.to_string()))
+            };
+        };
         self.bind(name, &[], &pattern_names(&dispatch.slot().current())).await?;
         let Some(dispatch) = self.plugins.remove(name) else { return Err(ControlError::NotFound(name.to_string())) };
         let drained = tokio::time::timeout(drain_timeout, dispatch.drained()).await.is_ok();
@@ -402,11 +422,30 @@ impl Control {
             tracing::warn!(plugin = %name, pending = dispatch.pending(), "removed plugin still has events under way");
         }
         self.registry.remove(name)?;
-        if discard {
-            self.discard(name).await?;
-        }
+        let discarded_events = if discard { self.discard(name).await? } else { None };
         tracing::info!(plugin = %name, drained, discard, "plugin removed");
-        Ok(Removal { drained, discarded: discard })
+        Ok(Removal { drained, discarded: discard, discarded_events })
+    }
+
+    /// Delete the queue a failed addition of `name` left behind, with its events, unless
+    /// something consumes from it or it is an ingress queue (an empty `queue_prefix` can make a
+    /// plugin's queue name one).
+    async fn discard_leftover(&self, name: &str) -> Result<Removal, ControlError> {
+        let not_found = || ControlError::NotFound(name.to_string());
+        let Some(rabbit) = &self.rabbitmq else { return Err(not_found()) };
+        PluginName::parse(name).map_err(|_| not_found())?;
+        let queue = RabbitMqSource::queue_name(rabbit, name);
+        if rabbit.ingress_queues.contains(&queue) {
+            return Err(ControlError::IngressQueue(queue));
+        }
+        match on_broker(&queue, delete_queue(rabbit, &queue, Deleting::Unused)).await? {
+            Deleted::Messages(events) => {
+                tracing::info!(plugin = %name, %queue, events, "deleted the queue a failed addition left");
+                Ok(Removal { drained: true, discarded: true, discarded_events: Some(events) })
+            }
+            Deleted::Missing => Err(ControlError::NothingLeft { name: name.to_string(), queue }),
+            Deleted::InUse => Err(ControlError::QueueInUse(queue)),
+        }
     }
 
     /// Wait for the sources to apply a change (consumers started, channels subscribed), so that
@@ -427,28 +466,32 @@ impl Control {
         on_broker(&queue, rebind(rabbit, &queue, bind, unbind)).await
     }
 
-    /// Delete a removed plugin's queue and consumer groups with the events they hold.
-    async fn discard(&self, name: &str) -> Result<(), ControlError> {
+    /// Delete a removed plugin's queue and consumer groups with the events they hold; returns
+    /// how many events its RabbitMQ queue held.
+    async fn discard(&self, name: &str) -> Result<Option<u32>, ControlError> {
+        let mut events = None;
         if let Some(rabbit) = &self.rabbitmq {
             let queue = RabbitMqSource::queue_name(rabbit, name);
-            on_broker(&queue, delete_queue(rabbit, &queue)).await?;
+            if let Deleted::Messages(n) = on_broker(&queue, delete_queue(rabbit, &queue, Deleting::Any)).await? {
+                events = Some(n);
+            }
         }
         if let Some(redis) = &self.redis
             && let Err(e) = destroy_groups(redis, name).await
         {
             tracing::warn!(plugin = %name, error = %e, "could not delete the plugin's Redis consumer groups");
         }
-        Ok(())
+        Ok(events)
     }
 }
 
 /// Run a change of `queue` on the broker, given up after [`BROKER_TIMEOUT`]: a broker that
 /// accepts connections and stops answering fails the admin request that asked, instead of
 /// hanging it (and every change queued behind it).
-async fn on_broker<E: std::fmt::Display>(
+async fn on_broker<T, E: std::fmt::Display>(
     queue: &str,
-    change: impl Future<Output = Result<(), E>>,
-) -> Result<(), ControlError> {
+    change: impl Future<Output = Result<T, E>>,
+) -> Result<T, ControlError> {
     let failed = |reason: String| ControlError::Broker { queue: queue.to_string(), reason };
     match tokio::time::timeout(BROKER_TIMEOUT, change).await {
         Ok(result) => result.map_err(|e| failed(e.to_string())),

@@ -80,6 +80,8 @@ impl From<ControlError> for AdminError {
             }
             ControlError::Load(_) => AdminError::Unprocessable(e.to_string()),
             ControlError::Broker { .. } => AdminError::Unavailable(e.to_string()),
+            ControlError::NothingLeft { .. } => AdminError::NotFound(e.to_string()),
+            ControlError::QueueInUse(_) | ControlError::IngressQueue(_) => AdminError::Conflict(e.to_string()),
             ControlError::Registry(_) | ControlError::Index { .. } => AdminError::Internal(e.to_string()),
         }
     }
@@ -412,7 +414,8 @@ async fn put_plugin(
 #[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
     /// Also delete the plugin's queue (and Redis consumer groups) with the events in it;
-    /// by default they are kept for when the plugin comes back.
+    /// by default they are kept for when the plugin comes back. For a name that is not
+    /// running: delete the RabbitMQ queue a failed addition left, if nothing consumes from it.
     #[serde(default)]
     pub discard_queue: bool,
 }
@@ -425,16 +428,22 @@ pub struct Removed {
     pub drained: bool,
     /// Whether its queue and the events in it were deleted.
     pub discarded_queue: bool,
+    /// How many events the deleted RabbitMQ queue held (absent when none was deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discarded_events: Option<u32>,
 }
 
 /// Remove a plugin: it stops taking events, the events it took are handled and acknowledged,
 /// its queue is unbound (and kept, with its events, unless `discard_queue`), and the registry
-/// forgets it. A plugin `router.toml` names comes back at the next start.
+/// forgets it. A plugin `router.toml` names comes back at the next start. With `discard_queue`,
+/// a name that is not running has the RabbitMQ queue a failed addition left deleted, unless
+/// something consumes from it (409) or it is an ingress queue (409).
 #[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "admin", security(("bearer" = [])),
     params(("name" = String, Path), DeleteQuery),
     responses(
         (status = 200, body = Removed),
         (status = 404, body = ErrorBody),
+        (status = 409, description = "the queue to discard has a consumer, or is an ingress queue", body = ErrorBody),
         (status = 503, description = "the broker could not unbind the plugin's queue", body = ErrorBody),
 ))]
 async fn delete_plugin(
@@ -444,7 +453,12 @@ async fn delete_plugin(
 ) -> Result<Json<Removed>, AdminError> {
     let query = query_of(query)?;
     let removal = state.control.remove(&name, query.discard_queue, DRAIN_TIMEOUT).await?;
-    Ok(Json(Removed { name, drained: removal.drained, discarded_queue: removal.discarded }))
+    Ok(Json(Removed {
+        name,
+        drained: removal.drained,
+        discarded_queue: removal.discarded,
+        discarded_events: removal.discarded_events,
+    }))
 }
 
 /// Swap back to the version the last swap replaced (kept by the registry, across restarts).

@@ -695,13 +695,53 @@ pub enum RebindError {
     Broker(#[from] lapin::Error),
 }
 
-/// Delete a queue with the messages in it.
-pub async fn delete_queue(config: &RabbitMqConfig, queue: &str) -> Result<(), lapin::Error> {
+/// Which queue [`delete_queue`] deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleting {
+    /// The queue whatever consumes from it: a removed plugin's.
+    Any,
+    /// Only a queue that exists and has no consumer: the one a failed addition left behind,
+    /// which a plugin of the same name may be consuming on another router.
+    Unused,
+}
+
+/// What a queue deletion did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// Deleted with this many messages in it.
+    Messages(u32),
+    /// Not deleted: the broker has no such queue ([`Deleting::Unused`] only).
+    Missing,
+    /// Not deleted: something consumes from it ([`Deleting::Unused`] only).
+    InUse,
+}
+
+/// Delete a queue with the messages in it, on a short connection of its own, closed whether
+/// the deletion succeeded or not.
+pub async fn delete_queue(config: &RabbitMqConfig, queue: &str, deleting: Deleting) -> Result<Deleted, lapin::Error> {
     let conn = Connection::connect(config.url.expose(), ConnectionProperties::default()).await?;
-    let channel = conn.create_channel().await?;
-    channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
+    let deleted = async {
+        let channel = conn.create_channel().await?;
+        if deleting == Deleting::Unused {
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            match channel.queue_declare(queue.into(), passive, FieldTable::default()).await {
+                Ok(q) if q.consumer_count() > 0 => return Ok(Deleted::InUse),
+                Ok(_) => {}
+                Err(error) if refused_with(&error, AMQPSoftError::NOTFOUND) => return Ok(Deleted::Missing),
+                Err(error) => return Err(error),
+            }
+        }
+        // `if_unused` closes the gap between the look above and the deletion.
+        let options = QueueDeleteOptions { if_unused: deleting == Deleting::Unused, ..Default::default() };
+        match channel.queue_delete(queue.into(), options).await {
+            Ok(messages) => Ok(Deleted::Messages(messages)),
+            Err(error) if refused_with(&error, AMQPSoftError::PRECONDITIONFAILED) => Ok(Deleted::InUse),
+            Err(error) => Err(error),
+        }
+    }
+    .await;
     close_within("a queue deletion's connection", conn.close(200, "deleted".into())).await;
-    Ok(())
+    deleted
 }
 
 /// Publish every non-empty line of a JSONL file (one envelope per line) to the exchange,
