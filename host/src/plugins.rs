@@ -404,8 +404,9 @@ impl Control {
     /// the Redis consumer groups) with their events. The registry forgets it; a plugin that
     /// `router.toml` names comes back from there at the next start.
     ///
-    /// For a name that is not running, `discard` deletes the RabbitMQ queue a failed
-    /// [`add`](Self::add) left declared and bound, if nothing consumes from it.
+    /// For a name that is not running, `discard` deletes the RabbitMQ queue it left behind
+    /// (kept at its removal, or declared and bound by a failed [`add`](Self::add)), if nothing
+    /// consumes from it.
     pub async fn remove(&self, name: &str, discard: bool, drain_timeout: Duration) -> Result<Removal, ControlError> {
         let _one_at_a_time = self.changing.lock().await;
         let Some(dispatch) = self.plugins.get(name) else {
@@ -427,9 +428,9 @@ impl Control {
         Ok(Removal { drained, discarded: discard, discarded_events })
     }
 
-    /// Delete the queue a failed addition of `name` left behind, with its events, unless
-    /// something consumes from it or it is an ingress queue (an empty `queue_prefix` can make a
-    /// plugin's queue name one).
+    /// Delete the queue `name` left behind (kept at its removal, or left by a failed addition),
+    /// with its events, unless something consumes from it or it is an ingress queue (an empty
+    /// `queue_prefix` can make a plugin's queue name one).
     async fn discard_leftover(&self, name: &str) -> Result<Removal, ControlError> {
         let not_found = || ControlError::NotFound(name.to_string());
         let Some(rabbit) = &self.rabbitmq else { return Err(not_found()) };
@@ -440,7 +441,7 @@ impl Control {
         }
         match on_broker(&queue, delete_queue(rabbit, &queue, Deleting::Unused)).await? {
             Deleted::Messages(events) => {
-                tracing::info!(plugin = %name, %queue, events, "deleted the queue a failed addition left");
+                tracing::info!(plugin = %name, %queue, events, "deleted the queue of a plugin that is not running");
                 Ok(Removal { drained: true, discarded: true, discarded_events: Some(events) })
             }
             Deleted::Missing => Err(ControlError::NothingLeft { name: name.to_string(), queue }),

@@ -415,7 +415,8 @@ async fn put_plugin(
 pub struct DeleteQuery {
     /// Also delete the plugin's queue (and Redis consumer groups) with the events in it;
     /// by default they are kept for when the plugin comes back. For a name that is not
-    /// running: delete the RabbitMQ queue a failed addition left, if nothing consumes from it.
+    /// running: delete the RabbitMQ queue it left behind (kept at its removal, or left by a
+    /// failed addition), if nothing consumes from it.
     #[serde(default)]
     pub discard_queue: bool,
 }
@@ -436,8 +437,9 @@ pub struct Removed {
 /// Remove a plugin: it stops taking events, the events it took are handled and acknowledged,
 /// its queue is unbound (and kept, with its events, unless `discard_queue`), and the registry
 /// forgets it. A plugin `router.toml` names comes back at the next start. With `discard_queue`,
-/// a name that is not running has the RabbitMQ queue a failed addition left deleted, unless
-/// something consumes from it (409) or it is an ingress queue (409).
+/// a name that is not running has the RabbitMQ queue it left behind deleted (kept at its
+/// removal, or left by a failed addition), unless something consumes from it (409) or it is an
+/// ingress queue (409).
 #[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "admin", security(("bearer" = [])),
     params(("name" = String, Path), DeleteQuery),
     responses(
