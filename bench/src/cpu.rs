@@ -33,17 +33,35 @@ const USER_HZ: f64 = 100.0;
 
 /// CPU time used so far by this process (in all, and by thread name) and by the broker.
 pub struct CpuClock {
-    own: Option<Duration>,
+    own: Option<Times>,
     threads: BTreeMap<String, Thread>,
-    broker: Option<(String, Duration)>,
+    broker: Option<(String, Times)>,
+}
+
+/// A process's or a thread's CPU time so far, in user space and in the kernel (system calls,
+/// the network stack, waking and switching threads).
+#[derive(Clone, Copy, Default)]
+struct Times {
+    user: Duration,
+    system: Duration,
+}
+
+impl Times {
+    fn total(self) -> Duration {
+        self.user + self.system
+    }
 }
 
 /// CPU time used since a [`CpuClock`] was read, per event.
 pub struct CpuPerEvent {
     /// Microseconds of this process (the bare consumer, or the router hosted in it).
     pub own_us: f64,
+    /// Of them, in the kernel.
+    pub own_system_us: f64,
     /// Microseconds of the broker's process, when it runs on this machine.
     pub broker_us: Option<f64>,
+    /// Of them, in the kernel.
+    pub broker_system_us: Option<f64>,
     /// Microseconds of this process's threads, summed by thread name (tokio's workers, the
     /// AMQP client's I/O loop, the store's writer), busiest first.
     pub threads: Vec<(String, f64)>,
@@ -55,18 +73,20 @@ pub struct CpuPerEvent {
 impl CpuClock {
     /// Read both clocks now. The broker is the process named `beam.smp` (RabbitMQ's Erlang VM).
     pub fn now() -> CpuClock {
-        let broker = broker_pid().and_then(|pid| cpu_of(&pid).map(|used| (pid, used)));
-        CpuClock { own: cpu_of("self"), threads: threads(), broker }
+        let broker = broker_pid().and_then(|pid| times_of(&pid).map(|used| (pid, used)));
+        CpuClock { own: times_of("self"), threads: threads(), broker }
     }
 
     /// CPU per event over `events` since this reading.
     pub fn per_event(&self, events: usize) -> CpuPerEvent {
         let per = |before: Duration, after: Duration| after.saturating_sub(before).as_secs_f64() * 1e6 / events as f64;
-        let own_us = match (self.own, cpu_of("self")) {
-            (Some(before), Some(after)) => per(before, after),
-            _ => f64::NAN,
+        let (own_us, own_system_us) = match (self.own, times_of("self")) {
+            (Some(before), Some(after)) => (per(before.total(), after.total()), per(before.system, after.system)),
+            _ => (f64::NAN, f64::NAN),
         };
-        let broker_us = self.broker.as_ref().and_then(|(pid, before)| cpu_of(pid).map(|after| per(*before, after)));
+        let broker = self.broker.as_ref().and_then(|(pid, before)| Some((*before, times_of(pid)?)));
+        let broker_us = broker.map(|(before, after)| per(before.total(), after.total()));
+        let broker_system_us = broker.map(|(before, after)| per(before.system, after.system));
         // By thread id, then summed by name: a thread that ended meanwhile (one of tokio's
         // blocking threads, named as its workers are) must not take its time off the others.
         let mut used: BTreeMap<String, f64> = BTreeMap::new();
@@ -79,7 +99,14 @@ impl CpuClock {
             *switched.entry(after.name).or_default() +=
                 after.switches.saturating_sub(switches_before) as f64 / events as f64;
         }
-        CpuPerEvent { own_us, broker_us, threads: busiest(used, 0.05), switches: busiest(switched, 0.01) }
+        CpuPerEvent {
+            own_us,
+            own_system_us,
+            broker_us,
+            broker_system_us,
+            threads: busiest(used, 0.05),
+            switches: busiest(switched, 0.01),
+        }
     }
 }
 
@@ -104,7 +131,7 @@ fn threads() -> BTreeMap<String, Thread> {
         .into_iter()
         .filter_map(|(tid, name)| {
             let task = format!("self/task/{tid}");
-            let (used, switches) = (cpu_of(&task)?, switches_of(&task)?);
+            let (used, switches) = (times_of(&task)?.total(), switches_of(&task)?);
             Some((tid, Thread { name, used, switches }))
         })
         .collect()
@@ -131,13 +158,21 @@ fn tasks(pid: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// User plus system time of process `pid` (`self` for this one).
-fn cpu_of(pid: &str) -> Option<Duration> {
+/// User and system time of process `pid` (`self` for this one, `self/task/<tid>` for a thread).
+fn times_of(pid: &str) -> Option<Times> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name, in parentheses, may hold spaces: fields are counted after it.
+    stat_times(&stat)
+}
+
+/// `utime` and `stime` of a `stat` line. The command name, in parentheses, may hold spaces:
+/// fields are counted after it.
+fn stat_times(stat: &str) -> Option<Times> {
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let (utime, stime): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
-    Some(Duration::from_secs_f64((utime + stime) as f64 / USER_HZ))
+    let ticks = |i: usize| -> Option<Duration> {
+        let n: u64 = fields.get(i)?.parse().ok()?;
+        Some(Duration::from_secs_f64(n as f64 / USER_HZ))
+    };
+    Some(Times { user: ticks(11)?, system: ticks(12)? })
 }
 
 fn broker_pid() -> Option<String> {
@@ -211,6 +246,15 @@ fn binding(allowed: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_and_system_time_are_read_after_a_command_name_with_spaces() {
+        let stat = "4242 (tokio rt) worker) S 1 4242 4242 0 -1 4194560 2083 0 0 0 250 75 0 0 20 0 9 0";
+        let times = stat_times(stat).unwrap();
+        assert_eq!((times.user, times.system), (Duration::from_millis(2500), Duration::from_millis(750)));
+        assert_eq!(times.total(), Duration::from_millis(3250));
+        assert!(stat_times("4242 (no fields)").is_none());
+    }
 
     #[test]
     fn a_scheduler_s_allowed_cpus_are_read_from_its_status() {

@@ -214,6 +214,9 @@ struct Drains {
     rate: Samples,
     own_us: Samples,
     broker_us: Samples,
+    /// Of each, the time in the kernel.
+    own_system_us: Samples,
+    broker_system_us: Samples,
     /// Each round's CPU per event of this process's threads.
     threads: Vec<Vec<(String, f64)>>,
     /// Each round's context switches per event of this process's threads.
@@ -225,6 +228,8 @@ impl Drains {
         self.rate.0.push(drained.rate);
         self.own_us.0.push(drained.cpu.own_us);
         self.broker_us.0.extend(drained.cpu.broker_us);
+        self.own_system_us.0.push(drained.cpu.own_system_us);
+        self.broker_system_us.0.extend(drained.cpu.broker_system_us);
         self.threads.push(drained.cpu.threads);
         self.switches.push(drained.cpu.switches);
     }
@@ -245,12 +250,18 @@ impl Drains {
     /// Medians of this process's and the broker's CPU per event (a dash for what was not
     /// measured: a baseline left out by `--only`, a broker not on this machine).
     fn cpu_cell(&self) -> String {
+        self.pair_cell(&self.own_us, &self.broker_us)
+    }
+
+    /// Medians of this process's and the broker's time in the kernel per event.
+    fn system_cell(&self) -> String {
+        self.pair_cell(&self.own_system_us, &self.broker_system_us)
+    }
+
+    /// The medians of `own` and `broker` as one cell.
+    fn pair_cell(&self, own: &Samples, broker: &Samples) -> String {
         let median = |s: &Samples| if s.0.is_empty() { "–".to_string() } else { format!("{:.1}", s.median()) };
-        if self.rate.0.is_empty() {
-            "–".into()
-        } else {
-            format!("{} / {}", median(&self.own_us), median(&self.broker_us))
-        }
+        if self.rate.0.is_empty() { "–".into() } else { format!("{} / {}", median(own), median(broker)) }
     }
 }
 
@@ -262,6 +273,11 @@ fn cpu_row(name: &str, baseline: &Drains, switchyard: &Drains) {
         format!("{:.2}", switchyard.own_us.median() / baseline.own_us.median())
     };
     println!("| {name} | {} | {} | {ratio} |", baseline.cpu_cell(), switchyard.cpu_cell());
+    println!(
+        "| … of it in the kernel (system time): this process / the broker (µs) | {} | {} | – |",
+        baseline.system_cell(),
+        switchyard.system_cell()
+    );
     println!(
         "| … of this process, by thread, in the median round (µs) | {} | {} | – |",
         baseline.median_round_cell(&baseline.threads, 1),
