@@ -527,24 +527,28 @@ async fn streams(args: &Args) -> anyhow::Result<()> {
 /// A pub/sub drain with the no-op plugin, next to a bare subscriber; with the share delivered.
 async fn pubsub(args: &Args) -> anyhow::Result<()> {
     let (mut bare, mut routed) = (Samples::default(), Samples::default());
-    let (mut bare_share, mut routed_share) = (1.0f64, 1.0f64);
+    // The share delivered at worst, over the rounds each side ran.
+    let (mut bare_share, mut routed_share) = (None::<f64>, None::<f64>);
+    let worst =
+        |share: Option<f64>, delivered: u64| Some(share.unwrap_or(1.0).min(delivered as f64 / args.events as f64));
     for round in 0..args.rounds {
         let baseline = redis_load::pubsub_bare(args, args.events, &noop_body);
         let (b, r) =
             in_turn(round, args.side, baseline, redis_load::pubsub_routed(args, args.events, &noop_body)).await?;
         if let Some(b) = b {
-            bare_share = bare_share.min(b.delivered as f64 / args.events as f64);
+            bare_share = worst(bare_share, b.delivered);
             bare.0.push(b.rate);
         }
         if let Some(r) = r {
-            routed_share = routed_share.min(r.delivered as f64 / args.events as f64);
+            routed_share = worst(routed_share, r.delivered);
             routed.0.push(r.rate);
         }
     }
+    let percent = |share: Option<f64>| share.map_or("–".into(), |s| format!("{:.0} %", s * 100.0));
     let name = format!(
-        "drain from Redis pub/sub, no-op plugin (events/s; delivered at worst: bare {:.0} %, switchyard {:.0} %)",
-        bare_share * 100.0,
-        routed_share * 100.0
+        "drain from Redis pub/sub, no-op plugin (events/s; delivered at worst: bare {}, switchyard {})",
+        percent(bare_share),
+        percent(routed_share)
     );
     row_paired(&name, &bare, &routed);
     Ok(())
