@@ -700,8 +700,9 @@ pub enum RebindError {
 pub enum Deleting {
     /// The queue whatever consumes from it: a removed plugin's.
     Any,
-    /// Only a queue that exists and has no consumer: the one a failed addition left behind,
-    /// which a plugin of the same name may be consuming on another router.
+    /// Only a queue that exists and has no consumer: one a name that is not running left
+    /// behind (kept at its removal, or left by a failed addition), which a plugin of the same
+    /// name may be consuming on another router.
     Unused,
 }
 
