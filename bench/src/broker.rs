@@ -342,7 +342,7 @@ fn commit_rows(conn: &mut Sqlite, rows: &[(String, &[u8])]) -> anyhow::Result<()
     {
         let mut document = tx.prepare_cached("INSERT INTO documents (key, body) VALUES (?1, ?2)")?;
         let mut marker = tx.prepare_cached("INSERT INTO processed (id, at) VALUES (?1, ?2)")?;
-        let now = Millis::now().0 as i64;
+        let now = Millis::now();
         for (id, body) in rows {
             document.execute((id, body))?;
             marker.execute((id, now))?;

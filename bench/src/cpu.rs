@@ -40,7 +40,7 @@ pub struct CpuClock {
 
 /// A process's or a thread's CPU time so far, in user space and in the kernel (system calls,
 /// the network stack, waking and switching threads).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Times {
     user: Duration,
     system: Duration,

@@ -724,15 +724,15 @@ pub async fn delete_queue(config: &RabbitMqConfig, queue: &str, deleting: Deleti
     let deleted = async {
         let channel = conn.create_channel().await?;
         if deleting == Deleting::Unused {
+            // The broker answers the deletion of a missing queue with success: ask first.
             let passive = QueueDeclareOptions { passive: true, ..Default::default() };
             match channel.queue_declare(queue.into(), passive, FieldTable::default()).await {
-                Ok(q) if q.consumer_count() > 0 => return Ok(Deleted::InUse),
                 Ok(_) => {}
                 Err(error) if refused_with(&error, AMQPSoftError::NOTFOUND) => return Ok(Deleted::Missing),
                 Err(error) => return Err(error),
             }
         }
-        // `if_unused` closes the gap between the look above and the deletion.
+        // `if_unused`: the broker refuses to delete a queue something consumes from.
         let options = QueueDeleteOptions { if_unused: deleting == Deleting::Unused, ..Default::default() };
         match channel.queue_delete(queue.into(), options).await {
             Ok(messages) => Ok(Deleted::Messages(messages)),
