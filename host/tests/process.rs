@@ -8,6 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use redis::AsyncCommands;
 use switchyard::db::Readers;
@@ -162,12 +163,12 @@ fn terminate(child: &Child) {
     assert!(status.success(), "kill -TERM failed");
 }
 
-/// A router logging at `warn` with the misbehave plugin, started, its queue declared.
+/// A router logging at `warn` with the misbehave plugin, started and consuming.
 async fn running_at_warn() -> (Rabbit, Deployment, Child) {
     let rabbit = Rabbit::new();
     let deployment = Deployment::new(&rabbit.section(), "").logging("warn");
     let router = deployment.start(1, &[]);
-    until("the router's queue", SETTLE, || deployment.log(1), async || rabbit.depth().await.is_some()).await;
+    until("the router consuming", SETTLE, || deployment.log(1), async || rabbit.consumed().await).await;
     (rabbit, deployment, router)
 }
 
@@ -198,6 +199,23 @@ impl Rabbit {
 
     async fn depth(&self) -> Option<u32> {
         switchyard::router::queue_depth(&amqp_url(), &self.queue()).await
+    }
+
+    /// Whether the router consumes from its queue. The queue exists a moment before it is
+    /// bound to the exchange, and events published in between are dropped as unroutable; the
+    /// router starts its consumer only once the queue is bound.
+    async fn consumed(&self) -> bool {
+        let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else { return false };
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let consumers = match conn.create_channel().await {
+            Ok(channel) => channel
+                .queue_declare(self.queue().as_str().into(), passive, FieldTable::default())
+                .await
+                .map_or(0, |q| q.consumer_count()),
+            Err(_) => 0,
+        };
+        let _ = conn.close(200, "checked".into()).await;
+        consumers > 0
     }
 
     /// Publish `(name, body, id)` messages to the exchange with confirms.
@@ -270,7 +288,7 @@ async fn kill_9_in_a_rabbitmq_stream_then_a_restart_applies_every_event_exactly_
     let rabbit = Rabbit::new();
     let deployment = Deployment::new(&rabbit.section(), "concurrency = 8\nordering_key = [\"bucket\"]\n");
     let mut router = deployment.start(1, &[]);
-    until("the router's queue", SETTLE, || deployment.log(1), async || rabbit.depth().await.is_some()).await;
+    until("the router consuming", SETTLE, || deployment.log(1), async || rabbit.consumed().await).await;
     rabbit.publish((0..EVENTS).map(|i| ("chaos.tally".to_string(), tally_event(i), format!("e-{i}")))).await;
     until("a fifth of the stream", SETTLE, || deployment.log(1), async || deployment.tally() >= 2_000).await;
     router.kill().expect("kill -9");
@@ -330,7 +348,7 @@ async fn sigterm_lets_the_invocations_under_way_finish_and_leaves_the_rest_queue
     let rabbit = Rabbit::new();
     let deployment = Deployment::new(&rabbit.section(), "concurrency = 4\n");
     let mut router = deployment.start(1, &[]);
-    until("the router's queue", SETTLE, || deployment.log(1), async || rabbit.depth().await.is_some()).await;
+    until("the router consuming", SETTLE, || deployment.log(1), async || rabbit.consumed().await).await;
     let total = 40;
     let slow = serde_json::json!({ "ms": 300 }).to_string();
     rabbit.publish((0..total).map(|i| ("chaos.slow".to_string(), slow.clone(), format!("e-{i}")))).await;
