@@ -7,10 +7,11 @@
 //! database once per invocation: later looks see what that read saw (or the session's own
 //! writes), which the revision check makes safe.
 
+use std::collections::BTreeMap;
 use std::collections::hash_map::Entry as Slot;
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use foldhash::{HashMap, HashMapExt};
 use serde_json::value::RawValue;
 
 use crate::commit::{ReadCheck, Write};

@@ -11,10 +11,11 @@
 //! events is then run by one lane after another, instead of waking a lane of its own for each,
 //! while a backlog still spreads over every lane.
 
+use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use foldhash::{HashMap, HashMapExt};
 use tokio::sync::{Notify, Semaphore};
 
 /// What the queue orders an event by: its ordering key, or its id when it has none.
