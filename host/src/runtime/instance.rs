@@ -88,8 +88,10 @@ impl Instance {
         data.clear_stderr();
         data.deadline = Instant::now() + timeout;
         self.store.set_epoch_deadline(1);
-        let record = to_wit(event, key, attempt);
-        let call = self.bindings.switchyard_plugin_handler().call_handle(&mut self.store, &record);
+        let headers: Vec<WitHeader> =
+            event.headers.iter().map(|h| WitHeader { name: &h.name, value: &h.value }).collect();
+        let record = to_wit(event, key.as_deref(), &headers, attempt);
+        let call = self.bindings.switchyard_plugin_handler().call_handle(&mut self.store, record);
         // A plugin blocked in a host call (a sleep, an HTTP request) runs no wasm, so the epoch
         // deadline cannot interrupt it: this timer does. The instance is discarded after it.
         let result = tokio::time::timeout(timeout + EPOCH_TICK, call).await;
@@ -119,18 +121,18 @@ impl Instance {
     }
 }
 
-fn to_wit(event: &Event, key: Option<String>, attempt: u32) -> WitEvent {
+fn to_wit<'a>(event: &'a Event, key: Option<&'a str>, headers: &'a [WitHeader<'a>], attempt: u32) -> WitEvent<'a> {
     WitEvent {
-        id: event.id.0.clone(),
-        name: event.name.clone(),
-        source: event.source.clone(),
+        id: &event.id.0,
+        name: &event.name,
+        source: &event.source,
         key,
-        correlation_id: event.correlation_id.clone(),
-        causation_id: event.causation_id.clone(),
+        correlation_id: event.correlation_id.as_deref(),
+        causation_id: event.causation_id.as_deref(),
         occurred_at: event.occurred_at.0,
-        content_type: event.content_type.clone(),
-        headers: event.headers.iter().map(|h| WitHeader { name: h.name.clone(), value: h.value.clone() }).collect(),
-        payload: event.payload.clone(),
+        content_type: &event.content_type,
+        headers,
+        payload: &event.payload,
         attempt,
     }
 }
