@@ -3,25 +3,31 @@
 
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 use switchyard_sdk::{Collection, Error, Event, Metadata, Plugin, Result, log};
 
 /// One document per user, keyed by `user_id`.
 static USER_REFS: Collection<UserDoc> = Collection::new("user_refs");
 
-/// The user fields replicated from `auth.tokenGenerated` and `user.updated`.
-#[derive(Debug, PartialEq, Deserialize, Serialize)]
+/// The same documents, read for the one field an update without a token keeps: parsing the
+/// whole stored document would cost as much as the event's own payload.
+static USER_TOKENS: Collection<StoredToken> = Collection::new("user_refs");
+
+/// The user fields replicated from `auth.tokenGenerated` and `user.updated`. The values are
+/// copied as the event carries them, whatever their JSON type, not parsed into values and
+/// written out again.
+#[derive(Debug, Deserialize)]
 struct User {
     #[serde(deserialize_with = "non_empty")]
     user_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<Value>,
+    name: Option<Box<RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    email: Option<Value>,
+    email: Option<Box<RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<Value>,
+    role: Option<Box<RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    picture: Option<Value>,
+    picture: Option<Box<RawValue>>,
 }
 
 /// Payload of `auth.tokenGenerated`.
@@ -44,19 +50,41 @@ struct UserDeleted {
     user_id: String,
 }
 
-/// A `user_refs` document.
-#[derive(Debug, PartialEq, Deserialize, Serialize)]
+/// A `user_refs` document: the user's fields, its token and when it was written. Its fields
+/// are spelled out rather than a flattened `User`, which serde would read through a buffer of
+/// every member.
+#[derive(Debug, Deserialize, Serialize)]
 struct UserDoc {
-    #[serde(flatten)]
-    user: User,
+    user_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    picture: Option<Box<RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     token: Option<String>,
     /// The `occurred-at` of the event that wrote it.
     updated_at: u64,
 }
 
+impl UserDoc {
+    fn new(user: User, token: Option<String>, updated_at: u64) -> Self {
+        let User { user_id, name, email, role, picture } = user;
+        UserDoc { user_id, name, email, role, picture, token, updated_at }
+    }
+}
+
+/// The token of a stored `user_refs` document.
+#[derive(Deserialize, Serialize)]
+struct StoredToken {
+    token: Option<String>,
+}
+
 /// What one event asks of `user_refs`.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 enum Change {
     /// Write this document, unless a newer version is stored.
     Upsert(UserDoc),
@@ -78,11 +106,11 @@ fn change_for(event: &Event) -> Result<Change> {
     Ok(match event.name.as_str() {
         "auth.tokenGenerated" => {
             let TokenGenerated { user, token } = event.json()?;
-            Change::Upsert(UserDoc { user, token, updated_at: event.occurred_at })
+            Change::Upsert(UserDoc::new(user, token, event.occurred_at))
         }
         "user.updated" => {
             let UserUpdated { user } = event.json()?;
-            Change::Upsert(UserDoc { user, token: None, updated_at: event.occurred_at })
+            Change::Upsert(UserDoc::new(user, None, event.occurred_at))
         }
         "user.deleted" => Change::Delete(event.json::<UserDeleted>()?.user_id),
         other => return Err(Error::reject(format!("no handler for {other}"))),
@@ -91,9 +119,9 @@ fn change_for(event: &Event) -> Result<Change> {
 
 /// Upserts `doc`, keeping the stored token when `doc` carries none; returns whether it was written.
 fn upsert(mut doc: UserDoc) -> Result<bool> {
-    let key = doc.user.user_id.clone();
+    let key = doc.user_id.clone();
     if doc.token.is_none()
-        && let Some(stored) = USER_REFS.get(&key)?
+        && let Some(stored) = USER_TOKENS.get(&key)?
     {
         doc.token = stored.token;
     }
@@ -114,7 +142,7 @@ impl Plugin for UserReplica {
     fn handle(event: Event) -> Result<()> {
         let line = match change_for(&event)? {
             Change::Upsert(doc) => {
-                let key = doc.user.user_id.clone();
+                let key = doc.user_id.clone();
                 let outcome = if upsert(doc)? { "upserted" } else { "not upserted: a newer version is stored" };
                 format!("user_refs/{key} {outcome}")
             }
@@ -134,7 +162,7 @@ switchyard_sdk::plugin!(UserReplica);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     /// The document `change_for` builds, as JSON, or the rejection reason.
     fn document(name: &str, payload: &str) -> Result<Value, String> {
