@@ -20,13 +20,9 @@ static USER_TOKENS: Collection<StoredToken> = Collection::new("user_refs");
 struct User {
     #[serde(deserialize_with = "non_empty")]
     user_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
     name: Option<Box<RawValue>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     email: Option<Box<RawValue>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     role: Option<Box<RawValue>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     picture: Option<Box<RawValue>>,
 }
 
