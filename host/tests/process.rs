@@ -3,6 +3,7 @@
 //! every event exactly once; SIGTERM lets the invocations under way finish and leaves the rest
 //! queued. These live in the host package because only its tests get the binary's path.
 
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -71,9 +72,9 @@ impl Deployment {
     }
 
     /// Start `switchyard run` with extra arguments; its output goes to `router-<n>.log`.
-    fn start(&self, run: usize, extra: &[&str]) -> Child {
+    fn start(&self, run: usize, extra: &[&str]) -> Router {
         let log = std::fs::File::create(self.dir.path().join(format!("router-{run}.log"))).expect("log file");
-        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(["run", "--config"])
             .arg(&self.config)
             .args(extra)
@@ -81,7 +82,8 @@ impl Deployment {
             .stderr(log)
             .stdin(Stdio::null())
             .spawn()
-            .expect("start switchyard")
+            .expect("start switchyard");
+        Router(child)
     }
 
     fn log(&self, run: usize) -> String {
@@ -140,6 +142,32 @@ async fn until(what: &str, timeout: Duration, log: impl Fn() -> String, mut chec
     }
 }
 
+/// A `switchyard run` process, killed when the test drops it: a test that fails half-way
+/// leaves no router behind, consuming from the shared broker and declaring its queue again.
+struct Router(Child);
+
+impl Deref for Router {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for Router {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        // Both fail only for a process already reaped, which is what they are for.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 async fn exit_of(child: &mut Child, timeout: Duration) -> ExitStatus {
     let deadline = Instant::now() + timeout;
     loop {
@@ -164,7 +192,7 @@ fn terminate(child: &Child) {
 }
 
 /// A router logging at `warn` with the misbehave plugin, started and consuming.
-async fn running_at_warn() -> (Rabbit, Deployment, Child) {
+async fn running_at_warn() -> (Rabbit, Deployment, Router) {
     let rabbit = Rabbit::new();
     let deployment = Deployment::new(&rabbit.section(), "").logging("warn");
     let router = deployment.start(1, &[]);
