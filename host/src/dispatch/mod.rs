@@ -626,7 +626,7 @@ impl Lane {
         let started = std::time::Instant::now();
         let event = &c.queued.inbound.event;
         let result = match self.instance(&c.plugin).await {
-            Ok(instance) => instance.handle(event, c.queued.key.clone(), c.attempt).await,
+            Ok(instance) => instance.handle(event, c.queued.key.as_deref(), c.attempt).await,
             Err(e) => Err(e),
         };
         c.took = started.elapsed();

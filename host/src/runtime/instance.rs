@@ -78,7 +78,7 @@ impl Instance {
     pub async fn handle(
         &mut self,
         event: &Event,
-        key: Option<String>,
+        key: Option<&str>,
         attempt: u32,
     ) -> Result<Option<Effects>, InvokeError> {
         self.uses += 1;
@@ -90,7 +90,7 @@ impl Instance {
         self.store.set_epoch_deadline(1);
         let headers: Vec<WitHeader> =
             event.headers.iter().map(|h| WitHeader { name: &h.name, value: &h.value }).collect();
-        let record = to_wit(event, key.as_deref(), &headers, attempt);
+        let record = to_wit(event, key, &headers, attempt);
         let call = self.bindings.switchyard_plugin_handler().call_handle(&mut self.store, record);
         // A plugin blocked in a host call (a sleep, an HTTP request) runs no wasm, so the epoch
         // deadline cannot interrupt it: this timer does. The instance is discarded after it.
