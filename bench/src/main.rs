@@ -134,8 +134,14 @@ impl Samples {
     /// The table cell: median and spread, or a dash when the scenario did not run (a
     /// baseline left out by `--only`).
     fn cell(&self) -> String {
-        if self.0.is_empty() { "–".into() } else { format!("{:.0} ({})", self.median(), self.spread(0)) }
+        or_dash(&[self], || format!("{:.0} ({})", self.median(), self.spread(0)))
     }
+}
+
+/// A table cell from `samples`, or a dash when any of them is empty: a side left out by
+/// `--side`, a scenario by `--only`, a broker not on this machine.
+fn or_dash(samples: &[&Samples], cell: impl FnOnce() -> String) -> String {
+    if samples.iter().any(|s| s.0.is_empty()) { "–".into() } else { cell() }
 }
 
 /// The rounds of a latency scenario: each round's p50, p99 and p99.9, and its CPU per event.
@@ -171,40 +177,32 @@ impl LatencyRounds {
     /// The table cell: each percentile's median over the rounds, and the p99's spread (a dash
     /// for a side that did not run).
     fn cell(&self) -> String {
-        if self.p99.0.is_empty() {
-            return "–".into();
-        }
-        format!(
-            "{:.0} / {:.0} / {:.0} ({})",
-            self.p50.median(),
-            self.p99.median(),
-            self.p999.median(),
-            self.p99.spread(0)
-        )
+        or_dash(&[&self.p99], || {
+            format!(
+                "{:.0} / {:.0} / {:.0} ({})",
+                self.p50.median(),
+                self.p99.median(),
+                self.p999.median(),
+                self.p99.spread(0)
+            )
+        })
     }
 
     /// The p99s of the latency's parts, medians of the rounds.
     fn split_cell(&self) -> String {
-        if self.received_p99.0.is_empty() {
-            return "–".into();
-        }
-        format!("{:.0} / {:.0}", self.received_p99.median(), self.committed_p99.median())
+        or_dash(&[&self.received_p99], || {
+            format!("{:.0} / {:.0}", self.received_p99.median(), self.committed_p99.median())
+        })
     }
 
     /// How far the publisher fell behind: medians of the rounds' p99 and worst.
     fn behind_cell(&self) -> String {
-        if self.behind_p99.0.is_empty() {
-            return "–".into();
-        }
-        format!("{:.0} / {:.0}", self.behind_p99.median(), self.behind_max.median())
+        or_dash(&[&self.behind_p99], || format!("{:.0} / {:.0}", self.behind_p99.median(), self.behind_max.median()))
     }
 
     /// The ratio of the p99s' medians, `self` over `baseline` (a dash when a side did not run).
     fn p99_ratio(&self, baseline: &LatencyRounds) -> String {
-        if self.p99.0.is_empty() || baseline.p99.0.is_empty() {
-            return "–".into();
-        }
-        format!("{:.2}", self.p99.median() / baseline.p99.median())
+        or_dash(&[&self.p99, &baseline.p99], || format!("{:.2}", self.p99.median() / baseline.p99.median()))
     }
 }
 
@@ -260,18 +258,16 @@ impl Drains {
 
     /// The medians of `own` and `broker` as one cell.
     fn pair_cell(&self, own: &Samples, broker: &Samples) -> String {
-        let median = |s: &Samples| if s.0.is_empty() { "–".to_string() } else { format!("{:.1}", s.median()) };
-        if self.rate.0.is_empty() { "–".into() } else { format!("{} / {}", median(own), median(broker)) }
+        let median = |s: &Samples| or_dash(&[s], || format!("{:.1}", s.median()));
+        or_dash(&[&self.rate], || format!("{} / {}", median(own), median(broker)))
     }
 }
 
 /// CPU per event of a drain next to the baseline's; the ratio is this process's.
 fn cpu_row(name: &str, baseline: &Drains, switchyard: &Drains) {
-    let ratio = if baseline.rate.0.is_empty() || switchyard.rate.0.is_empty() {
-        "–".into()
-    } else {
+    let ratio = or_dash(&[&baseline.rate, &switchyard.rate], || {
         format!("{:.2}", switchyard.own_us.median() / baseline.own_us.median())
-    };
+    });
     println!("| {name} | {} | {} | {ratio} |", baseline.cpu_cell(), switchyard.cpu_cell());
     println!(
         "| … of it in the kernel (system time): this process / the broker (µs) | {} | {} | – |",
@@ -559,19 +555,14 @@ async fn pubsub(args: &Args) -> anyhow::Result<()> {
 /// machine between rounds moves both sides of a ratio instead of the ratio.
 fn row_paired(name: &str, baseline: &Samples, switchyard: &Samples) {
     let ratios = Samples(switchyard.0.iter().zip(&baseline.0).map(|(s, b)| s / b).collect());
-    let ratio =
-        if ratios.0.is_empty() { "–".into() } else { format!("{:.2} ({})", ratios.median(), ratios.spread(2)) };
+    let ratio = or_dash(&[&ratios], || format!("{:.2} ({})", ratios.median(), ratios.spread(2)));
     print_row(name, baseline, switchyard, &ratio);
 }
 
 /// A row whose switchyard rounds have no baseline rounds of their own: the ratio of medians
 /// (none when the baseline's scenario did not run).
 fn row(name: &str, baseline: &Samples, switchyard: &Samples) {
-    let ratio = if baseline.0.is_empty() || switchyard.0.is_empty() {
-        "–".into()
-    } else {
-        format!("{:.2}", switchyard.median() / baseline.median())
-    };
+    let ratio = or_dash(&[baseline, switchyard], || format!("{:.2}", switchyard.median() / baseline.median()));
     print_row(name, baseline, switchyard, &ratio);
 }
 
