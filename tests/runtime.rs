@@ -1,5 +1,6 @@
 //! The runtime against real plugin components on the in-process bus: limits, retries,
-//! instance policies, publishing, deduplication and refused plugin files.
+//! instance policies, publishing, deduplication, refused plugin files, a plugin of the contract's
+//! first release, and plugins' log lines.
 
 use std::time::Duration;
 
@@ -174,4 +175,47 @@ async fn plugin_files_that_cannot_run_are_refused_with_the_reason() {
     let cfg = Config::from_toml(&toml, &dir.path().join("router.toml"), &|_| None).unwrap();
     let err = format!("{:#}", Router::start(cfg).await.err().expect("must fail"));
     assert!(err.contains("\"wrong-name\" but the component says it is \"misbehave\""), "{err}");
+}
+
+#[tokio::test]
+async fn a_plugin_built_against_the_first_contract_release_still_runs() {
+    let t = TestRouter::start(&config(&plugin_table("contract-0-1-0", "contract_0_1_0.wasm", ""))).await;
+    publish(&t, r#"{"pattern":"compat.ping","data":{},"id":"old-1"}"#).await;
+    settle(&t).await;
+    let stored = t.doc("contract-0-1-0", "seen", "old-1").expect("a 0.1.0 plugin's store write committed");
+    assert_eq!(stored["name"], "compat.ping");
+    assert!(t.router.readers.dead_letters("contract-0-1-0", 0, 10).unwrap().is_empty());
+}
+
+/// The router's log in this process, to a file, filtered as a router logging at `warn` with
+/// plugins' lines at `info` (installed once: the subscriber is the process's).
+fn plugin_log() -> &'static std::path::Path {
+    static LOG: std::sync::OnceLock<tempfile::TempPath> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let file = tempfile::NamedTempFile::new().expect("log file");
+        let writer = file.reopen().expect("log file");
+        switchyard::telemetry::init_with_writer("warn,plugin=info", std::sync::Mutex::new(writer));
+        file.into_temp_path()
+    })
+}
+
+#[tokio::test]
+async fn the_sdks_log_macros_write_the_lines_the_routers_filter_lets_through() {
+    let log = plugin_log();
+    let t = TestRouter::start(&config(&plugin_table("user-catalog", "user_catalog.wasm", ""))).await;
+    // The first event logs `catalogs/log-41 created` at debug; the second, the same user
+    // again, `catalog of user log-41 exists: kept` at info.
+    for id in ["log-1", "log-2"] {
+        let event = format!(
+            r#"{{"pattern":"user.created","data":{{"id":"log-41","username":"ana","email":"ana@mail.test"}},"id":"{id}"}}"#
+        );
+        publish(&t, &event).await;
+        settle(&t).await;
+    }
+    assert!(t.doc("user-catalog", "catalogs", "log-41").is_some(), "the catalog was created");
+    let lines = std::fs::read_to_string(log).unwrap();
+    let kept: Vec<&str> = lines.lines().filter(|l| l.contains("catalog of user log-41 exists: kept")).collect();
+    assert_eq!(kept.len(), 1, "{lines}");
+    assert!(kept[0].contains("INFO") && kept[0].contains("event_id=\"log-2\""), "{}", kept[0]);
+    assert!(!lines.contains("catalogs/log-41 created"), "a debug line below the filter: {lines}");
 }

@@ -19,6 +19,16 @@ impl Host for HostState {
             Level::Error => tracing::error!(target: "plugin", plugin, event_id, name, correlation_id, "{message}"),
         }
     }
+
+    fn enabled(&mut self, level: Level) -> bool {
+        match level {
+            Level::Trace => tracing::enabled!(target: "plugin", tracing::Level::TRACE),
+            Level::Debug => tracing::enabled!(target: "plugin", tracing::Level::DEBUG),
+            Level::Info => tracing::enabled!(target: "plugin", tracing::Level::INFO),
+            Level::Warn => tracing::enabled!(target: "plugin", tracing::Level::WARN),
+            Level::Error => tracing::enabled!(target: "plugin", tracing::Level::ERROR),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -71,5 +81,15 @@ mod tests {
         assert!(log.contains("correlation_id=\"c-3\""), "{log}");
         let ((), below) = logged(|| state.log(Level::Debug, "not at info".into()));
         assert!(below.is_empty(), "the capture is at info: {below}");
+    }
+
+    #[test]
+    fn a_plugin_is_told_which_levels_the_router_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = state(dir.path());
+        let (levels, _) = logged(|| {
+            [Level::Trace, Level::Debug, Level::Info, Level::Warn, Level::Error].map(|level| state.enabled(level))
+        });
+        assert_eq!(levels, [false, false, true, true, true], "the capture is at info");
     }
 }

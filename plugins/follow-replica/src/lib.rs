@@ -16,7 +16,7 @@ impl Plugin for FollowReplica {
 
     fn handle(event: Event) -> Result<()> {
         let line = follows::apply(&event)?;
-        log::debug(&format!("{}: {line}", event.name));
+        log::debug!("{}: {line}", event.name);
         Ok(())
     }
 }

@@ -100,7 +100,7 @@ impl Plugin for Mailer {
         let from = config::get("from").unwrap_or_else(|| DEFAULT_FROM.to_string());
         let email = Email { from, to: vec![request.to.clone()], subject, html };
         let status = send(&email, &event.id)?;
-        log::info(&format!("{} email to {} accepted ({status})", request.template, request.to));
+        log::info!("{} email to {} accepted ({status})", request.template, request.to);
         Ok(())
     }
 }

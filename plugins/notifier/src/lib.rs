@@ -91,7 +91,7 @@ impl Plugin for Notifier {
             "follow.created" | "follow.removed" => follows::apply(&event)?,
             _ => format!("{} followers notified", fan_out(&event)?),
         };
-        log::debug(&format!("{}: {line}", event.name));
+        log::debug!("{}: {line}", event.name);
         Ok(())
     }
 }

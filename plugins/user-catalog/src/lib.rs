@@ -37,7 +37,7 @@ impl Plugin for UserCatalog {
     fn handle(event: Event) -> Result<()> {
         let user = new_user(&event)?;
         if CATALOGS.get(user.id.as_str())?.is_some() {
-            log::info(&format!("catalog of user {} exists: kept", user.id));
+            log::info!("catalog of user {} exists: kept", user.id);
             return Ok(());
         }
         let key = user.id.to_string();
@@ -49,7 +49,7 @@ impl Plugin for UserCatalog {
             created_at: event.occurred_at,
         };
         CATALOGS.put(&key, &catalog)?;
-        log::debug(&format!("catalogs/{key} created"));
+        log::debug!("catalogs/{key} created");
         Ok(())
     }
 }

@@ -136,19 +136,17 @@ impl Plugin for UserReplica {
     }
 
     fn handle(event: Event) -> Result<()> {
-        let line = match change_for(&event)? {
+        let (key, outcome) = match change_for(&event)? {
             Change::Upsert(doc) => {
                 let key = doc.user_id.clone();
-                let outcome = if upsert(doc)? { "upserted" } else { "not upserted: a newer version is stored" };
-                format!("user_refs/{key} {outcome}")
+                (key, if upsert(doc)? { "upserted" } else { "not upserted: a newer version is stored" })
             }
             Change::Delete(key) => {
                 let deleted = USER_REFS.delete_if_newer(&key, event.occurred_at)?;
-                let outcome = if deleted { "deleted" } else { "not deleted: absent or newer version stored" };
-                format!("user_refs/{key} {outcome}")
+                (key, if deleted { "deleted" } else { "not deleted: absent or newer version stored" })
             }
         };
-        log::debug(&format!("{}: {line}", event.name));
+        log::debug!("{}: user_refs/{key} {outcome}", event.name);
         Ok(())
     }
 }

@@ -22,7 +22,7 @@ impl Plugin for Welcome {
         data.insert("username".into(), Value::String(user.username.clone()));
         let request = EmailRequest { to: user.email, name: Some(user.username), template: "welcome".into(), data };
         publish(EMAIL_REQUESTED, &request)?;
-        log::debug(&format!("welcome email requested for user {}", user.id));
+        log::debug!("welcome email requested for user {}", user.id);
         Ok(())
     }
 }
