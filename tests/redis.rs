@@ -1,6 +1,7 @@
 //! Against the real Redis on loopback, with real plugin components: NestJS-format events over
 //! pub/sub, Redis Streams with consumer groups (claiming what a dead consumer left), the
-//! outbox publishing to Redis, and malformed messages kept with their reason.
+//! outbox publishing to Redis, malformed messages kept with their reason, and the consumer
+//! groups a removed plugin leaves, discarded over the admin API.
 
 use std::time::Duration;
 
@@ -367,6 +368,64 @@ async fn pubsub_and_streams_follow_plugins_added_swapped_and_removed_over_the_ad
     let (status, body) = t.admin("PUT", "/v1/plugins/stamp?subscriptions=stamp.two", "application/wasm", stamp).await;
     assert_eq!(status, axum::http::StatusCode::CREATED, "{body}");
     eventually("the entry added while it was removed", SETTLE, || stamped("st-2")).await;
+}
+
+#[tokio::test]
+async fn discard_queue_deletes_a_plugins_consumer_groups_running_or_left_behind_unless_another_router_reads_them() {
+    let stream = unique("stream");
+    let _keys = Keys(vec![stream.clone()]);
+    let text = header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\n"))
+        + &plugin_table("user-replica", "user_replica.wasm", "");
+    let t = TestRouter::start(&text).await;
+    connected(&t).await;
+    let mut conn = redis().await;
+    let groups = async |conn: &mut redis::aio::MultiplexedConnection| -> Vec<String> {
+        let info: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(&stream).await.unwrap();
+        info.groups.into_iter().map(|g| g.name).collect()
+    };
+    let stamp = std::fs::read(switchyard_tests::plugin("stamp_v1.wasm")).unwrap();
+    let add = async |conn: &mut redis::aio::MultiplexedConnection| {
+        let (status, body) =
+            t.admin("PUT", "/v1/plugins/stamp?subscriptions=stamp.one", "application/wasm", stamp.clone()).await;
+        assert_eq!(status, axum::http::StatusCode::CREATED, "{body}");
+        eventually_async("the plugin's consumer group", SETTLE, async || {
+            groups(conn).await.contains(&"switchyard.stamp".to_string()).then_some(())
+        })
+        .await;
+    };
+
+    // Removed while running with discard_queue: its group goes.
+    add(&mut conn).await;
+    let (status, body) = t.admin("DELETE", "/v1/plugins/stamp?discard_queue=true", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    assert_eq!((body["discarded_queue"].as_bool(), body["discarded_groups"].as_u64()), (Some(true), Some(1)), "{body}");
+    assert!(!groups(&mut conn).await.contains(&"switchyard.stamp".to_string()), "the group is deleted");
+
+    // Removed, its group is kept; deleted with discard_queue right after (this router's own
+    // consumer read from it a moment ago: not another router's), the group goes.
+    add(&mut conn).await;
+    let (status, body) = t.admin("DELETE", "/v1/plugins/stamp", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    assert!(groups(&mut conn).await.contains(&"switchyard.stamp".to_string()), "a removed plugin's group is kept");
+    let (status, body) = t.admin("DELETE", "/v1/plugins/stamp?discard_queue=true", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    assert_eq!((body["discarded_queue"].as_bool(), body["discarded_groups"].as_u64()), (Some(true), Some(1)), "{body}");
+    assert!(!groups(&mut conn).await.contains(&"switchyard.stamp".to_string()), "the group is deleted");
+    let (status, body) = t.admin("DELETE", "/v1/plugins/stamp?discard_queue=true", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::NOT_FOUND, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("Redis has no consumer group switchyard.stamp"), "{body}");
+
+    // A group another router's consumer reads from is that router's plugin: kept. (Before
+    // Redis 7.2 a read counts only when it receives entries: the consumer takes one.)
+    let _: () = conn.xgroup_create(&stream, "switchyard.elsewhere", "$").await.unwrap();
+    let _: String = conn.xadd(&stream, "*", &[("event", r#"{"pattern":"elsewhere.one","data":{}}"#)]).await.unwrap();
+    let options = redis::streams::StreamReadOptions::default().group("switchyard.elsewhere", "another-router");
+    let _: redis::streams::StreamReadReply = conn.xread_options(&[&stream], &[">"], &options).await.unwrap();
+    let (status, body) = t.admin("DELETE", "/v1/plugins/elsewhere?discard_queue=true", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::CONFLICT, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("runs on another router"), "{body}");
+    assert!(groups(&mut conn).await.contains(&"switchyard.elsewhere".to_string()), "a group in use is kept");
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use crate::retry::Retrier;
 use crate::runtime::registry::{Registry, Which};
 use crate::runtime::{LoadError, LoadedPlugin, Overrides, Runtime};
 use crate::source::rabbitmq::{Deleted, Deleting, RabbitMqSource, delete_queue, rebind};
-use crate::source::redis::destroy_groups;
+use crate::source::redis::{LeftGroups, destroy_groups, left_groups};
 use crate::source::{Health, InFlight};
 
 /// Every running plugin, in the order they were added. Cheap to clone; clones share the set.
@@ -210,7 +210,8 @@ impl<T> Consumers<T> {
 
 /// How long a change waits for the sources to apply it.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a plugin change waits for the broker to declare, bind, unbind or delete its queue.
+/// How long a plugin change waits for the broker to declare, bind, unbind or delete its queue
+/// (and for Redis to look up or delete its consumer groups).
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Changes to the running plugins, each made whole or not at all: what the admin API's
@@ -248,8 +249,11 @@ pub enum ControlError {
     Index { collection: String, field: String, reason: String },
     #[error("RabbitMQ queue {queue}: {reason}")]
     Broker { queue: String, reason: String },
-    #[error("no plugin named {name:?} is running, and RabbitMQ has no queue {queue} left by one")]
-    NothingLeft { name: String, queue: String },
+    #[error("Redis: {0}")]
+    Redis(String),
+    /// What a name that is not running could have left, and did not: `looked` says where.
+    #[error("no plugin named {name:?} is running, and nothing is left by one: {looked}")]
+    NothingLeft { name: String, looked: String },
     #[error(
         "queue {0} has a consumer: a plugin of that name runs on another router with the same \
          rabbitmq.queue_prefix; the queue is kept"
@@ -257,6 +261,12 @@ pub enum ControlError {
     QueueInUse(String),
     #[error("queue {0} is one of rabbitmq.ingress_queues, not a plugin's; it is kept")]
     IngressQueue(String),
+    #[error(
+        "Redis consumer group {group} on stream {stream} was read within the last 30 s by another \
+         consumer: a plugin of that name runs on another router with the same \
+         redis.streams.group_prefix; nothing is discarded"
+    )]
+    GroupInUse { group: String, stream: String },
 }
 
 /// A version change of a plugin: what runs now and what it replaced.
@@ -278,6 +288,9 @@ pub struct Removal {
     pub discarded: bool,
     /// How many events the deleted RabbitMQ queue held; `None` when none was deleted.
     pub discarded_events: Option<u32>,
+    /// How many Redis consumer groups were deleted, one per stream; `None` when Redis
+    /// Streams are not configured or the groups could not be deleted.
+    pub discarded_groups: Option<u32>,
 }
 
 impl Control {
@@ -405,8 +418,8 @@ impl Control {
     /// `router.toml` names comes back from there at the next start.
     ///
     /// For a name that is not running, `discard` deletes the RabbitMQ queue it left behind
-    /// (kept at its removal, or declared and bound by a failed [`add`](Self::add)), if nothing
-    /// consumes from it.
+    /// (kept at its removal, or declared and bound by a failed [`add`](Self::add)) and its
+    /// Redis consumer groups, unless another router uses either.
     pub async fn remove(&self, name: &str, discard: bool, drain_timeout: Duration) -> Result<Removal, ControlError> {
         let _one_at_a_time = self.changing.lock().await;
         let Some(dispatch) = self.plugins.get(name) else {
@@ -423,30 +436,60 @@ impl Control {
             tracing::warn!(plugin = %name, pending = dispatch.pending(), "removed plugin still has events under way");
         }
         self.registry.remove(name)?;
-        let discarded_events = if discard { self.discard(name).await? } else { None };
+        let removal = if discard {
+            self.discard(name, drained).await?
+        } else {
+            Removal { drained, discarded: false, discarded_events: None, discarded_groups: None }
+        };
         tracing::info!(plugin = %name, drained, discard, "plugin removed");
-        Ok(Removal { drained, discarded: discard, discarded_events })
+        Ok(removal)
     }
 
-    /// Delete the queue `name` left behind (kept at its removal, or left by a failed addition),
-    /// with its events, unless something consumes from it or it is an ingress queue (an empty
-    /// `queue_prefix` can make a plugin's queue name one).
+    /// Delete what `name` left behind (kept at its removal, or left by a failed addition): its
+    /// RabbitMQ queue with its events, unless something consumes from it or it is an ingress
+    /// queue (an empty `queue_prefix` can make a plugin's queue name one), and its Redis
+    /// consumer groups, unless another router reads from them. Both are checked before either
+    /// is deleted.
     async fn discard_leftover(&self, name: &str) -> Result<Removal, ControlError> {
         let not_found = || ControlError::NotFound(name.to_string());
-        let Some(rabbit) = &self.rabbitmq else { return Err(not_found()) };
+        let streams = self.redis.as_ref().filter(|redis| redis.streams.is_some());
+        if self.rabbitmq.is_none() && streams.is_none() {
+            return Err(not_found());
+        }
         PluginName::parse(name).map_err(|_| not_found())?;
-        let queue = RabbitMqSource::queue_name(rabbit, name);
-        if rabbit.ingress_queues.contains(&queue) {
-            return Err(ControlError::IngressQueue(queue));
+        let groups = match streams {
+            Some(redis) => on_redis(left_groups(redis, name)).await?,
+            None => None,
+        };
+        if let Some(LeftGroups { group, read_elsewhere: Some(stream), .. }) = &groups {
+            return Err(ControlError::GroupInUse { group: group.clone(), stream: stream.clone() });
         }
-        match on_broker(&queue, delete_queue(rabbit, &queue, Deleting::Unused)).await? {
-            Deleted::Messages(events) => {
-                tracing::info!(plugin = %name, %queue, events, "deleted the queue of a plugin that is not running");
-                Ok(Removal { drained: true, discarded: true, discarded_events: Some(events) })
+        let mut looked = Vec::new();
+        let mut discarded_events = None;
+        if let Some(rabbit) = &self.rabbitmq {
+            let queue = RabbitMqSource::queue_name(rabbit, name);
+            if rabbit.ingress_queues.contains(&queue) {
+                return Err(ControlError::IngressQueue(queue));
             }
-            Deleted::Missing => Err(ControlError::NothingLeft { name: name.to_string(), queue }),
-            Deleted::InUse => Err(ControlError::QueueInUse(queue)),
+            match on_broker(&queue, delete_queue(rabbit, &queue, Deleting::Unused)).await? {
+                Deleted::Messages(events) => discarded_events = Some(events),
+                Deleted::Missing => looked.push(format!("RabbitMQ has no queue {queue}")),
+                Deleted::InUse => return Err(ControlError::QueueInUse(queue)),
+            }
         }
+        let mut discarded_groups = None;
+        if let (Some(redis), Some(groups)) = (streams, groups) {
+            if groups.streams.is_empty() {
+                looked.push(format!("Redis has no consumer group {} on its streams", groups.group));
+            } else {
+                discarded_groups = Some(on_redis(destroy_groups(redis, name)).await?);
+            }
+        }
+        if discarded_events.is_none() && discarded_groups.is_none() {
+            return Err(ControlError::NothingLeft { name: name.to_string(), looked: looked.join("; ") });
+        }
+        tracing::info!(plugin = %name, ?discarded_events, ?discarded_groups, "discarded what a plugin that is not running left");
+        Ok(Removal { drained: true, discarded: true, discarded_events, discarded_groups })
     }
 
     /// Wait for the sources to apply a change (consumers started, channels subscribed), so that
@@ -467,9 +510,9 @@ impl Control {
         on_broker(&queue, rebind(rabbit, &queue, bind, unbind)).await
     }
 
-    /// Delete a removed plugin's queue and consumer groups with the events they hold; returns
-    /// how many events its RabbitMQ queue held.
-    async fn discard(&self, name: &str) -> Result<Option<u32>, ControlError> {
+    /// Delete a removed plugin's queue and consumer groups with the events they hold; the
+    /// removal says how many events its RabbitMQ queue held and how many groups were deleted.
+    async fn discard(&self, name: &str, drained: bool) -> Result<Removal, ControlError> {
         let mut events = None;
         if let Some(rabbit) = &self.rabbitmq {
             let queue = RabbitMqSource::queue_name(rabbit, name);
@@ -477,12 +520,16 @@ impl Control {
                 events = Some(n);
             }
         }
-        if let Some(redis) = &self.redis
-            && let Err(e) = destroy_groups(redis, name).await
-        {
-            tracing::warn!(plugin = %name, error = %e, "could not delete the plugin's Redis consumer groups");
+        let mut groups = None;
+        if let Some(redis) = self.redis.as_ref().filter(|redis| redis.streams.is_some()) {
+            match destroy_groups(redis, name).await {
+                Ok(n) => groups = Some(n),
+                Err(e) => {
+                    tracing::warn!(plugin = %name, error = %e, "could not delete the plugin's Redis consumer groups")
+                }
+            }
         }
-        Ok(events)
+        Ok(Removal { drained, discarded: true, discarded_events: events, discarded_groups: groups })
     }
 }
 
@@ -493,7 +540,19 @@ async fn on_broker<T, E: std::fmt::Display>(
     queue: &str,
     change: impl Future<Output = Result<T, E>>,
 ) -> Result<T, ControlError> {
-    let failed = |reason: String| ControlError::Broker { queue: queue.to_string(), reason };
+    bounded(change, |reason| ControlError::Broker { queue: queue.to_string(), reason }).await
+}
+
+/// [`on_broker`] for Redis.
+async fn on_redis<T>(change: impl Future<Output = redis::RedisResult<T>>) -> Result<T, ControlError> {
+    bounded(change, ControlError::Redis).await
+}
+
+/// `change`, given up after [`BROKER_TIMEOUT`]; a failure is made an error by `failed`.
+async fn bounded<T, E: std::fmt::Display>(
+    change: impl Future<Output = Result<T, E>>,
+    failed: impl Fn(String) -> ControlError,
+) -> Result<T, ControlError> {
     match tokio::time::timeout(BROKER_TIMEOUT, change).await {
         Ok(result) => result.map_err(|e| failed(e.to_string())),
         Err(_) => Err(failed(format!("the broker did not answer within {} s", BROKER_TIMEOUT.as_secs()))),

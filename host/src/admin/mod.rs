@@ -79,9 +79,11 @@ impl From<ControlError> for AdminError {
                 AdminError::BadRequest(e.to_string())
             }
             ControlError::Load(_) => AdminError::Unprocessable(e.to_string()),
-            ControlError::Broker { .. } => AdminError::Unavailable(e.to_string()),
+            ControlError::Broker { .. } | ControlError::Redis(_) => AdminError::Unavailable(e.to_string()),
             ControlError::NothingLeft { .. } => AdminError::NotFound(e.to_string()),
-            ControlError::QueueInUse(_) | ControlError::IngressQueue(_) => AdminError::Conflict(e.to_string()),
+            ControlError::QueueInUse(_) | ControlError::IngressQueue(_) | ControlError::GroupInUse { .. } => {
+                AdminError::Conflict(e.to_string())
+            }
             ControlError::Registry(_) | ControlError::Index { .. } => AdminError::Internal(e.to_string()),
         }
     }
@@ -415,8 +417,8 @@ async fn put_plugin(
 pub struct DeleteQuery {
     /// Also delete the plugin's queue (and Redis consumer groups) with the events in it;
     /// by default they are kept for when the plugin comes back. For a name that is not
-    /// running: delete the RabbitMQ queue it left behind (kept at its removal, or left by a
-    /// failed addition), if nothing consumes from it.
+    /// running: delete the RabbitMQ queue and the Redis consumer groups it left behind (kept
+    /// at its removal, or left by a failed addition), unless another router uses them.
     #[serde(default)]
     pub discard_queue: bool,
 }
@@ -432,21 +434,26 @@ pub struct Removed {
     /// How many events the deleted RabbitMQ queue held (absent when none was deleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discarded_events: Option<u32>,
+    /// How many Redis consumer groups were deleted, one per stream (absent without Redis
+    /// Streams, or when they could not be deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discarded_groups: Option<u32>,
 }
 
 /// Remove a plugin: it stops taking events, the events it took are handled and acknowledged,
 /// its queue is unbound (and kept, with its events, unless `discard_queue`), and the registry
 /// forgets it. A plugin `router.toml` names comes back at the next start. With `discard_queue`,
-/// a name that is not running has the RabbitMQ queue it left behind deleted (kept at its
-/// removal, or left by a failed addition), unless something consumes from it (409) or it is an
-/// ingress queue (409).
+/// a name that is not running has the RabbitMQ queue and the Redis consumer groups it left
+/// behind deleted (kept at its removal, or left by a failed addition), unless something
+/// consumes from the queue (409), it is an ingress queue (409), or another router read from
+/// the groups in the last 30 s (409); then nothing is deleted.
 #[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "admin", security(("bearer" = [])),
     params(("name" = String, Path), DeleteQuery),
     responses(
         (status = 200, body = Removed),
         (status = 404, body = ErrorBody),
-        (status = 409, description = "the queue to discard has a consumer, or is an ingress queue", body = ErrorBody),
-        (status = 503, description = "the broker could not unbind the plugin's queue", body = ErrorBody),
+        (status = 409, description = "the queue to discard has a consumer or is an ingress queue, or another router reads from the consumer groups", body = ErrorBody),
+        (status = 503, description = "the broker could not unbind the plugin's queue, or Redis did not answer", body = ErrorBody),
 ))]
 async fn delete_plugin(
     State(state): State<AdminState>,
@@ -460,6 +467,7 @@ async fn delete_plugin(
         drained: removal.drained,
         discarded_queue: removal.discarded,
         discarded_events: removal.discarded_events,
+        discarded_groups: removal.discarded_groups,
     }))
 }
 

@@ -110,7 +110,7 @@ impl RedisSource {
         tasks: &mut JoinSet<()>,
         shutdown: &CancellationToken,
     ) {
-        let consumer_name = streams.consumer.clone().unwrap_or_else(default_consumer_name);
+        let consumer_name = consumer_name(streams);
         for dispatch in consumers.follow(plugins) {
             let stop = shutdown.child_token();
             let mut healths = Vec::new();
@@ -121,7 +121,7 @@ impl RedisSource {
                 let consumer = StreamConsumer {
                     client: client.clone(),
                     stream: stream.clone(),
-                    group: format!("{}{plugin}", streams.group_prefix),
+                    group: group_name(streams, &plugin),
                     consumer: consumer_name.clone(),
                     config: streams.clone(),
                     plugin,
@@ -156,9 +156,12 @@ async fn resubscribe(
     Ok(())
 }
 
-fn default_consumer_name() -> String {
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-    format!("{}-{}", if host.is_empty() { "switchyard" } else { &host }, std::process::id())
+/// This router's consumer name in every group: `consumer`, or the host's name and the process id.
+fn consumer_name(streams: &StreamsConfig) -> String {
+    streams.consumer.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        format!("{}-{}", if host.is_empty() { "switchyard" } else { &host }, std::process::id())
+    })
 }
 
 /// A Redis channel subscription: exact for a literal pattern, a glob otherwise.
@@ -622,7 +625,7 @@ pub async fn group_lag(config: &RedisConfig, plugins: &[String]) -> Vec<GroupLag
         let info: redis::RedisResult<redis::streams::StreamInfoGroupsReply> = conn.xinfo_groups(stream).await;
         let Ok(info) = info else { continue };
         for plugin in plugins {
-            let group = format!("{}{plugin}", streams.group_prefix);
+            let group = group_name(streams, plugin);
             if let Some(g) = info.groups.iter().find(|g| g.name == group) {
                 lags.push(GroupLag { stream: stream.clone(), plugin: plugin.clone(), lag: g.lag, pending: g.pending });
             }
@@ -631,15 +634,70 @@ pub async fn group_lag(config: &RedisConfig, plugins: &[String]) -> Vec<GroupLag
     lags
 }
 
-/// Delete a plugin's consumer group on every configured stream (the entries stay in the
-/// streams; what the group had not acknowledged is forgotten).
-pub async fn destroy_groups(config: &RedisConfig, plugin: &str) -> redis::RedisResult<()> {
-    let Some(streams) = &config.streams else { return Ok(()) };
+/// Delete a plugin's consumer group on every configured stream that has one (the entries stay
+/// in the streams; what the group had not acknowledged is forgotten); returns how many groups
+/// were deleted.
+pub async fn destroy_groups(config: &RedisConfig, plugin: &str) -> redis::RedisResult<u32> {
+    let Some(streams) = &config.streams else { return Ok(0) };
     let mut conn = redis::Client::open(config.url.expose())?.get_multiplexed_async_connection().await?;
+    let mut destroyed = 0;
     for stream in &streams.streams {
-        let _: bool = conn.xgroup_destroy(stream, format!("{}{plugin}", streams.group_prefix)).await?;
+        // XGROUP DESTROY fails on a stream that does not exist.
+        if conn.exists(stream).await? && conn.xgroup_destroy(stream, group_name(streams, plugin)).await? {
+            destroyed += 1;
+        }
     }
-    Ok(())
+    Ok(destroyed)
+}
+
+/// A consumer that read from a group within this long is taken for a running one: a running
+/// consumer reads every [`BLOCK_MS`] when idle, and between batches when busy. Redis reports
+/// the time since a consumer's last read (`idle`) from 7.2 on; before, since its last read
+/// that received entries, so an idle consumer of a quiet stream looks stopped there.
+const GROUP_IN_USE_WITHIN_MS: usize = 30_000;
+
+/// A plugin's consumer group as the configured streams hold it, when the plugin does not run
+/// on this router.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LeftGroups {
+    /// The group's name: `group_prefix` and the plugin's name.
+    pub group: String,
+    /// The streams that have the group.
+    pub streams: Vec<String>,
+    /// A stream where a consumer other than this router's read from the group lately (within
+    /// 30 s, as Redis reports it): a plugin of that name runs on another router with the same
+    /// `group_prefix`.
+    pub read_elsewhere: Option<String>,
+}
+
+/// Where the configured streams have `plugin`'s consumer group, and whether another router
+/// reads from it; nothing when no streams are configured.
+pub async fn left_groups(config: &RedisConfig, plugin: &str) -> redis::RedisResult<Option<LeftGroups>> {
+    let Some(streams) = &config.streams else { return Ok(None) };
+    let mut conn = redis::Client::open(config.url.expose())?.get_multiplexed_async_connection().await?;
+    let ours = consumer_name(streams);
+    let mut left = LeftGroups { group: group_name(streams, plugin), ..Default::default() };
+    for stream in &streams.streams {
+        // XINFO fails on a stream that does not exist, and on a group it does not have.
+        if !conn.exists(stream).await? {
+            continue;
+        }
+        let groups: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(stream).await?;
+        if !groups.groups.iter().any(|g| g.name == left.group) {
+            continue;
+        }
+        let consumers: redis::streams::StreamInfoConsumersReply = conn.xinfo_consumers(stream, &left.group).await?;
+        if consumers.consumers.iter().any(|c| c.name != ours && c.idle < GROUP_IN_USE_WITHIN_MS) {
+            left.read_elsewhere.get_or_insert_with(|| stream.clone());
+        }
+        left.streams.push(stream.clone());
+    }
+    Ok(Some(left))
+}
+
+/// A plugin's consumer group: the same name on every stream.
+fn group_name(streams: &StreamsConfig, plugin: &str) -> String {
+    format!("{}{plugin}", streams.group_prefix)
 }
 
 /// The backlog of one plugin's consumer group on one stream.
