@@ -424,8 +424,42 @@ async fn discard_queue_deletes_a_plugins_consumer_groups_running_or_left_behind_
     let _: redis::streams::StreamReadReply = conn.xread_options(&[&stream], &[">"], &options).await.unwrap();
     let (status, body) = t.admin("DELETE", "/v1/plugins/elsewhere?discard_queue=true", "application/json", "").await;
     assert_eq!(status, axum::http::StatusCode::CONFLICT, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("runs on another router"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("is read by another router"), "{body}");
     assert!(groups(&mut conn).await.contains(&"switchyard.elsewhere".to_string()), "a group in use is kept");
+
+    // Another router runs a plugin of the name on the stream: its reading connection is named
+    // for the group, which shows it even where Redis (before 7.2) does not count its blocking
+    // reads of a quiet stream as reads.
+    let other = header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\nconsumer = \"router-b\"\n"))
+        + &plugin_table("stamp", "stamp_v1.wasm", "");
+    let b = TestRouter::start(&other).await;
+    connected(&b).await;
+    let reader = format!("switchyard.stamp@{stream}@router-b");
+    let named = async |conn: &mut redis::aio::MultiplexedConnection, name: &str| {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query_async(conn).await.unwrap();
+        list.lines().any(|l| l.split(' ').any(|f| f == format!("name={name}")))
+    };
+    eventually_async("router b's named reader", SETTLE, async || named(&mut conn, &reader).await.then_some(())).await;
+    let (status, body) = t.admin("DELETE", "/v1/plugins/stamp?discard_queue=true", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::CONFLICT, "{body}");
+    assert!(groups(&mut conn).await.contains(&"switchyard.stamp".to_string()), "router b's group is kept");
+    drop(b.stop().await);
+
+    // The name alone shows a reader: a group no consumer has joined, with a connection named
+    // for it, is kept until that connection closes.
+    let _: () = conn.xgroup_create(&stream, "switchyard.quiet", "$").await.unwrap();
+    let quiet = format!("switchyard.quiet@{stream}@router-c");
+    let mut reader_c = redis().await;
+    let _: () = redis::cmd("CLIENT").arg("SETNAME").arg(&quiet).query_async(&mut reader_c).await.unwrap();
+    let (status, body) = t.admin("DELETE", "/v1/plugins/quiet?discard_queue=true", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::CONFLICT, "{body}");
+    drop(reader_c);
+    eventually_async("the reader's connection to close", SETTLE, async || {
+        (!named(&mut conn, &quiet).await).then_some(())
+    })
+    .await;
+    let (status, body) = t.admin("DELETE", "/v1/plugins/quiet?discard_queue=true", "application/json", "").await;
+    assert_eq!((status, body["discarded_groups"].as_u64()), (axum::http::StatusCode::OK, Some(1)), "{body}");
 }
 
 #[tokio::test]

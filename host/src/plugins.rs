@@ -262,9 +262,9 @@ pub enum ControlError {
     #[error("queue {0} is one of rabbitmq.ingress_queues, not a plugin's; it is kept")]
     IngressQueue(String),
     #[error(
-        "Redis consumer group {group} on stream {stream} was read within the last 30 s by another \
-         consumer: a plugin of that name runs on another router with the same \
-         redis.streams.group_prefix; nothing is discarded"
+        "Redis consumer group {group} on stream {stream} is read by another router (a connection \
+         of its is named for the group, or its consumer read in the last 30 s): a plugin of that \
+         name runs there with the same redis.streams.group_prefix; nothing is discarded"
     )]
     GroupInUse { group: String, stream: String },
 }

@@ -445,8 +445,9 @@ pub struct Removed {
 /// forgets it. A plugin `router.toml` names comes back at the next start. With `discard_queue`,
 /// a name that is not running has the RabbitMQ queue and the Redis consumer groups it left
 /// behind deleted (kept at its removal, or left by a failed addition), unless something
-/// consumes from the queue (409), it is an ingress queue (409), or another router read from
-/// the groups in the last 30 s (409); then nothing is deleted.
+/// consumes from the queue (409), it is an ingress queue (409), or another router reads the
+/// groups (409: a connection of its is named for them, or its consumer read in the last 30 s);
+/// then nothing is deleted.
 #[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "admin", security(("bearer" = [])),
     params(("name" = String, Path), DeleteQuery),
     responses(

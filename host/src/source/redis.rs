@@ -493,6 +493,12 @@ impl StreamConsumer {
         // Blocking reads get a connection of their own, so acks never wait behind them.
         let read_config = AsyncConnectionConfig::new().set_response_timeout(Some(READ_REPLY_TIMEOUT));
         let mut reads = self.client.get_multiplexed_async_connection_with_config(&read_config).await?;
+        let name = reader_name(&self.group, &self.stream, &self.consumer);
+        let named: redis::RedisResult<()> =
+            redis::cmd("CLIENT").arg("SETNAME").arg(&name).query_async(&mut reads).await;
+        if let Err(e) = named {
+            tracing::warn!(stream = %self.stream, group = %self.group, error = %e, "could not name the reading connection; another router's discard_queue may not see this consumer");
+        }
         let conn = self.client.get_multiplexed_async_connection().await?;
         let acks = Arc::new(StreamAcks::new(conn.clone(), self.stream.clone(), self.group.clone()));
         let created: redis::RedisResult<()> = reads.xgroup_create_mkstream(&self.stream, &self.group, "0").await;
@@ -653,20 +659,46 @@ pub async fn destroy_groups(config: &RedisConfig, plugin: &str) -> redis::RedisR
 /// A consumer that read from a group within this long is taken for a running one: a running
 /// consumer reads every [`BLOCK_MS`] when idle, and between batches when busy. Redis reports
 /// the time since a consumer's last read (`idle`) from 7.2 on; before, since its last read
-/// that received entries, so an idle consumer of a quiet stream looks stopped there.
+/// that received entries, so an idle consumer of a quiet stream looks stopped there, and only
+/// its connection's name ([`reader_name`]) shows it runs.
 const GROUP_IN_USE_WITHIN_MS: usize = 30_000;
+
+/// The name a stream consumer gives its reading connection (`CLIENT SETNAME`): its group,
+/// stream and consumer, so that another router can see the group is read, even while the
+/// reader waits on a quiet stream. Redis takes only printable ASCII without spaces in a name.
+fn reader_name(group: &str, stream: &str, consumer: &str) -> String {
+    format!("{group}@{stream}@{consumer}").chars().map(|c| if ('!'..='~').contains(&c) { c } else { '_' }).collect()
+}
+
+/// The names of the connections Redis has open (`CLIENT LIST`), empty when it refuses the
+/// command (an ACL without it).
+async fn client_names(conn: &mut MultiplexedConnection) -> BTreeSet<String> {
+    let listed: redis::RedisResult<String> = redis::cmd("CLIENT").arg("LIST").query_async(conn).await;
+    match listed {
+        Ok(list) => list
+            .lines()
+            .filter_map(|line| line.split(' ').find_map(|field| field.strip_prefix("name=")))
+            .filter(|name| !name.is_empty())
+            .map(str::to_string)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "CLIENT LIST refused: only consumers' recent reads show a group in use");
+            BTreeSet::new()
+        }
+    }
+}
 
 /// A plugin's consumer group as the configured streams hold it, when the plugin does not run
 /// on this router.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct LeftGroups {
     /// The group's name: `group_prefix` and the plugin's name.
     pub group: String,
     /// The streams that have the group.
     pub streams: Vec<String>,
-    /// A stream where a consumer other than this router's read from the group lately (within
-    /// 30 s, as Redis reports it): a plugin of that name runs on another router with the same
-    /// `group_prefix`.
+    /// A stream where another router reads the group: a connection of another consumer is
+    /// named for it, or a consumer other than this router's read from it within 30 s (as Redis
+    /// reports it). A plugin of that name runs there with the same `group_prefix`.
     pub read_elsewhere: Option<String>,
 }
 
@@ -676,6 +708,7 @@ pub async fn left_groups(config: &RedisConfig, plugin: &str) -> redis::RedisResu
     let Some(streams) = &config.streams else { return Ok(None) };
     let mut conn = redis::Client::open(config.url.expose())?.get_multiplexed_async_connection().await?;
     let ours = consumer_name(streams);
+    let connected = client_names(&mut conn).await;
     let mut left = LeftGroups { group: group_name(streams, plugin), ..Default::default() };
     for stream in &streams.streams {
         // XINFO fails on a stream that does not exist, and on a group it does not have.
@@ -687,7 +720,10 @@ pub async fn left_groups(config: &RedisConfig, plugin: &str) -> redis::RedisResu
             continue;
         }
         let consumers: redis::streams::StreamInfoConsumersReply = conn.xinfo_consumers(stream, &left.group).await?;
-        if consumers.consumers.iter().any(|c| c.name != ours && c.idle < GROUP_IN_USE_WITHIN_MS) {
+        let readers = reader_name(&left.group, stream, "");
+        let named_elsewhere =
+            connected.iter().any(|n| n.starts_with(&readers) && *n != reader_name(&left.group, stream, &ours));
+        if named_elsewhere || consumers.consumers.iter().any(|c| c.name != ours && c.idle < GROUP_IN_USE_WITHIN_MS) {
             left.read_elsewhere.get_or_insert_with(|| stream.clone());
         }
         left.streams.push(stream.clone());
@@ -743,6 +779,12 @@ mod tests {
 
     fn sub(pattern: &str) -> ChannelSub {
         ChannelSub::for_pattern("", &Pattern::parse(pattern).unwrap())
+    }
+
+    #[test]
+    fn a_readers_connection_name_keeps_only_what_redis_accepts_in_a_name() {
+        assert_eq!(reader_name("switchyard.a", "orders", "host-1"), "switchyard.a@orders@host-1");
+        assert_eq!(reader_name("g", "my stream\n", "héllo"), "g@my_stream_@h_llo");
     }
 
     #[test]
