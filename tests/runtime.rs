@@ -2,6 +2,7 @@
 //! instance policies, publishing, deduplication, refused plugin files, a plugin of the contract's
 //! first release, and plugins' log lines.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard::config::Config;
@@ -187,21 +188,36 @@ async fn a_plugin_built_against_the_first_contract_release_still_runs() {
     assert!(t.router.readers.dead_letters("contract-0-1-0", 0, 10).unwrap().is_empty());
 }
 
-/// The router's log in this process, to a file, filtered as a router logging at `warn` with
-/// plugins' lines at `info` (installed once: the subscriber is the process's).
-fn plugin_log() -> &'static std::path::Path {
-    static LOG: std::sync::OnceLock<tempfile::TempPath> = std::sync::OnceLock::new();
-    LOG.get_or_init(|| {
-        let file = tempfile::NamedTempFile::new().expect("log file");
-        let writer = file.reopen().expect("log file");
-        switchyard::telemetry::init_with_writer("warn,plugin=info", std::sync::Mutex::new(writer));
-        file.into_temp_path()
-    })
+/// The router's log in this process, kept in memory, filtered as a router logging at `warn`
+/// with plugins' lines at `info` (installed once: the subscriber is the process's).
+fn plugin_log() -> String {
+    static LOG: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    let log = LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        switchyard::telemetry::init_with_writer("warn,plugin=info", move || LogWriter(sink.clone()));
+        log
+    });
+    String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
+}
+
+/// Appends what the subscriber writes to the shared log.
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[tokio::test]
 async fn the_sdks_log_macros_write_the_lines_the_routers_filter_lets_through() {
-    let log = plugin_log();
+    plugin_log(); // the first call installs the subscriber
     let t = TestRouter::start(&config(&plugin_table("user-catalog", "user_catalog.wasm", ""))).await;
     // The first event logs `catalogs/log-41 created` at debug; the second, the same user
     // again, `catalog of user log-41 exists: kept` at info.
@@ -213,7 +229,7 @@ async fn the_sdks_log_macros_write_the_lines_the_routers_filter_lets_through() {
         settle(&t).await;
     }
     assert!(t.doc("user-catalog", "catalogs", "log-41").is_some(), "the catalog was created");
-    let lines = std::fs::read_to_string(log).unwrap();
+    let lines = plugin_log();
     let kept: Vec<&str> = lines.lines().filter(|l| l.contains("catalog of user log-41 exists: kept")).collect();
     assert_eq!(kept.len(), 1, "{lines}");
     assert!(kept[0].contains("INFO") && kept[0].contains("event_id=\"log-2\""), "{}", kept[0]);
