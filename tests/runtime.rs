@@ -180,12 +180,19 @@ async fn plugin_files_that_cannot_run_are_refused_with_the_reason() {
 
 #[tokio::test]
 async fn a_plugin_built_against_the_first_contract_release_still_runs() {
-    let t = TestRouter::start(&config(&plugin_table("contract-0-1-0", "contract_0_1_0.wasm", ""))).await;
+    let plugins = plugin_table("contract-0-1-0", "contract_0_1_0.wasm", "") + &plugin_table("noop", "noop.wasm", "");
+    let t = TestRouter::start(&config(&plugins)).await;
     publish(&t, r#"{"pattern":"compat.ping","data":{},"id":"old-1"}"#).await;
     settle(&t).await;
     let stored = t.doc("contract-0-1-0", "seen", "old-1").expect("a 0.1.0 plugin's store write committed");
     assert_eq!(stored["name"], "compat.ping");
     assert!(t.router.readers.dead_letters("contract-0-1-0", 0, 10).unwrap().is_empty());
+    // The admin API tells which contract each plugin was built against.
+    let contract = async |name: &str| t.admin("GET", &format!("/v1/plugins/{name}"), "application/json", "").await;
+    let (status, old) = contract("contract-0-1-0").await;
+    assert_eq!((status, old["contract"].as_str()), (axum::http::StatusCode::OK, Some("0.1.0")), "{old}");
+    let (_, current) = contract("noop").await;
+    assert_eq!(current["contract"], "0.1.1", "noop is built against wit/: {current}");
 }
 
 /// The router's log in this process, kept in memory, filtered as a router logging at `warn`

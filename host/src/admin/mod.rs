@@ -279,6 +279,9 @@ pub struct PluginView {
     pub name: String,
     pub version: String,
     pub digest: String,
+    /// The `switchyard:plugin` contract version the component was built against, e.g.
+    /// `0.1.0` (docs/plugins.md: which versions a router loads).
+    pub contract: Option<String>,
     pub subscriptions: Vec<String>,
     pub ordering_key: Vec<String>,
     pub concurrency: usize,
@@ -304,6 +307,7 @@ fn view(dispatch: &Dispatch) -> PluginView {
         name: p.name.to_string(),
         version: p.version.clone(),
         digest: p.digest.clone(),
+        contract: p.contract.clone(),
         subscriptions: s.subscriptions.0.iter().map(|p| p.as_str().to_string()).collect(),
         ordering_key: s.ordering_key.clone(),
         concurrency: s.concurrency,

@@ -198,6 +198,9 @@ pub struct LoadedPlugin {
     pub version: String,
     /// sha256 of the component bytes, hex.
     pub digest: String,
+    /// The version of the `switchyard:plugin` contract the component was built against (that
+    /// of the `handler` it exports); `None` for an unversioned export.
+    pub contract: Option<String>,
     pub settings: Settings,
     pub indexes: Vec<(String, String)>,
     pre: bindings::PluginPre<HostState>,
@@ -327,6 +330,7 @@ impl Runtime {
             bytes: Arc::new(bytes.to_vec()),
             version: metadata.version,
             digest: Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect(),
+            contract: contract_of(&component, &self.engine),
             settings,
             indexes,
             pre,
@@ -334,6 +338,13 @@ impl Runtime {
             engine: self.engine.clone(),
         })
     }
+}
+
+/// The contract version a component was built against: that of the `handler` it exports
+/// (`switchyard:plugin/handler@0.1.0` → `0.1.0`).
+fn contract_of(component: &Component, engine: &Engine) -> Option<String> {
+    let ty = component.component_type();
+    ty.exports(engine).find_map(|(name, _)| name.strip_prefix("switchyard:plugin/handler@").map(str::to_string))
 }
 
 /// Instantiate once and ask the plugin who it is.
