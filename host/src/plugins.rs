@@ -452,15 +452,14 @@ impl Control {
     /// is deleted.
     async fn discard_leftover(&self, name: &str) -> Result<Removal, ControlError> {
         let not_found = || ControlError::NotFound(name.to_string());
-        let streams = self.redis.as_ref().filter(|redis| redis.streams.is_some());
-        if self.rabbitmq.is_none() && streams.is_none() {
-            return Err(not_found());
-        }
         PluginName::parse(name).map_err(|_| not_found())?;
-        let groups = match streams {
+        let groups = match &self.redis {
             Some(redis) => on_redis(left_groups(redis, name)).await?,
             None => None,
         };
+        if self.rabbitmq.is_none() && groups.is_none() {
+            return Err(not_found());
+        }
         if let Some(LeftGroups { group, read_elsewhere: Some(stream), .. }) = &groups {
             return Err(ControlError::GroupInUse { group: group.clone(), stream: stream.clone() });
         }
@@ -478,11 +477,11 @@ impl Control {
             }
         }
         let mut discarded_groups = None;
-        if let (Some(redis), Some(groups)) = (streams, groups) {
+        if let (Some(redis), Some(groups)) = (&self.redis, groups) {
             if groups.streams.is_empty() {
                 looked.push(format!("Redis has no consumer group {} on its streams", groups.group));
             } else {
-                discarded_groups = Some(on_redis(destroy_groups(redis, name)).await?);
+                discarded_groups = on_redis(destroy_groups(redis, name)).await?;
             }
         }
         if discarded_events.is_none() && discarded_groups.is_none() {
@@ -521,9 +520,9 @@ impl Control {
             }
         }
         let mut groups = None;
-        if let Some(redis) = self.redis.as_ref().filter(|redis| redis.streams.is_some()) {
+        if let Some(redis) = &self.redis {
             match destroy_groups(redis, name).await {
-                Ok(n) => groups = Some(n),
+                Ok(n) => groups = n,
                 Err(e) => {
                     tracing::warn!(plugin = %name, error = %e, "could not delete the plugin's Redis consumer groups")
                 }

@@ -642,9 +642,9 @@ pub async fn group_lag(config: &RedisConfig, plugins: &[String]) -> Vec<GroupLag
 
 /// Delete a plugin's consumer group on every configured stream that has one (the entries stay
 /// in the streams; what the group had not acknowledged is forgotten); returns how many groups
-/// were deleted.
-pub async fn destroy_groups(config: &RedisConfig, plugin: &str) -> redis::RedisResult<u32> {
-    let Some(streams) = &config.streams else { return Ok(0) };
+/// were deleted, or nothing when no streams are configured.
+pub async fn destroy_groups(config: &RedisConfig, plugin: &str) -> redis::RedisResult<Option<u32>> {
+    let Some(streams) = &config.streams else { return Ok(None) };
     let mut conn = redis::Client::open(config.url.expose())?.get_multiplexed_async_connection().await?;
     let mut destroyed = 0;
     for stream in &streams.streams {
@@ -653,7 +653,7 @@ pub async fn destroy_groups(config: &RedisConfig, plugin: &str) -> redis::RedisR
             destroyed += 1;
         }
     }
-    Ok(destroyed)
+    Ok(Some(destroyed))
 }
 
 /// A consumer that read from a group within this long is taken for a running one: a running
@@ -720,9 +720,8 @@ pub async fn left_groups(config: &RedisConfig, plugin: &str) -> redis::RedisResu
             continue;
         }
         let consumers: redis::streams::StreamInfoConsumersReply = conn.xinfo_consumers(stream, &left.group).await?;
-        let readers = reader_name(&left.group, stream, "");
-        let named_elsewhere =
-            connected.iter().any(|n| n.starts_with(&readers) && *n != reader_name(&left.group, stream, &ours));
+        let (readers, mine) = (reader_name(&left.group, stream, ""), reader_name(&left.group, stream, &ours));
+        let named_elsewhere = connected.iter().any(|n| n.starts_with(&readers) && *n != mine);
         if named_elsewhere || consumers.consumers.iter().any(|c| c.name != ours && c.idle < GROUP_IN_USE_WITHIN_MS) {
             left.read_elsewhere.get_or_insert_with(|| stream.clone());
         }
