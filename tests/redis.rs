@@ -37,6 +37,11 @@ fn header(extra: &str) -> String {
     format!("[router]\ndata_dir = \"{{data_dir}}\"\nlog = \"warn\"\n[redis]\nurl = \"{}\"\n{extra}", redis_url())
 }
 
+/// [`header`] with Redis Streams on `stream`, and `extra` lines of `[redis.streams]`.
+fn on_stream(stream: &str, extra: &str) -> String {
+    header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\n{extra}"))
+}
+
 async fn metrics_text(t: &TestRouter) -> String {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
@@ -374,8 +379,7 @@ async fn pubsub_and_streams_follow_plugins_added_swapped_and_removed_over_the_ad
 async fn discard_queue_deletes_a_plugins_consumer_groups_running_or_left_behind_unless_another_router_reads_them() {
     let stream = unique("stream");
     let _keys = Keys(vec![stream.clone()]);
-    let text = header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\n"))
-        + &plugin_table("user-replica", "user_replica.wasm", "");
+    let text = on_stream(&stream, "") + &plugin_table("user-replica", "user_replica.wasm", "");
     let t = TestRouter::start(&text).await;
     connected(&t).await;
     let mut conn = redis().await;
@@ -430,8 +434,7 @@ async fn discard_queue_deletes_a_plugins_consumer_groups_running_or_left_behind_
     // Another router runs a plugin of the name on the stream: its reading connection is named
     // for the group, which shows it even where Redis (before 7.2) does not count its blocking
     // reads of a quiet stream as reads.
-    let other = header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\nconsumer = \"router-b\"\n"))
-        + &plugin_table("stamp", "stamp_v1.wasm", "");
+    let other = on_stream(&stream, "consumer = \"router-b\"\n") + &plugin_table("stamp", "stamp_v1.wasm", "");
     let b = TestRouter::start(&other).await;
     connected(&b).await;
     let reader = format!("switchyard.stamp@{stream}@router-b");
@@ -467,7 +470,7 @@ async fn a_redis_outage_mid_stream_reports_not_ready_and_loses_nothing() {
     let stream = unique("stream");
     let _keys = Keys(vec![stream.clone()]);
     let proxy = switchyard_tests::Proxy::start("127.0.0.1:6379").await;
-    let text = proxy.through(&header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\nclaim_idle_ms = 500\n")))
+    let text = proxy.through(&on_stream(&stream, "claim_idle_ms = 500\n"))
         + &plugin_table(
             "misbehave",
             "misbehave.wasm",
@@ -517,8 +520,8 @@ async fn a_stream_consumer_that_cannot_start_says_why_in_the_readiness_answer_un
     let mut conn = redis().await;
     // A key of another type under the stream's name: the consumer group cannot be created.
     let () = conn.set(&stream, "not a stream").await.unwrap();
-    let text = header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\n"))
-        + &plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n");
+    let text =
+        on_stream(&stream, "") + &plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n");
     let t = TestRouter::start(&text).await;
     let not_ready = not_ready_reason(&t, "redis").await;
     let expected = format!("not connected: redis (stream {stream} (group switchyard.misbehave): \"WRONGTYPE\"");
@@ -545,8 +548,8 @@ async fn a_stream_consumer_that_cannot_start_says_why_in_the_readiness_answer_un
 async fn an_idle_stream_consumer_keeps_its_connection() {
     let stream = unique("idle");
     let _keys = Keys(vec![stream.clone()]);
-    let text = header(&format!("[redis.streams]\nstreams = [\"{stream}\"]\n"))
-        + &plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n");
+    let text =
+        on_stream(&stream, "") + &plugin_table("misbehave", "misbehave.wasm", "publishes = [\"chaos.published\"]\n");
     let t = TestRouter::start(&text).await;
     connected(&t).await;
     let mut conn = redis().await;

@@ -2,13 +2,14 @@
 //! instance policies, publishing, deduplication, refused plugin files, a plugin of the contract's
 //! first release, and plugins' log lines.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use switchyard::config::Config;
 use switchyard::event::Millis;
 use switchyard::router::Router;
 use switchyard_tests::{TestRouter, eventually, plugin_table};
+use tracing_subscriber::fmt::MakeWriter;
 
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -198,28 +199,10 @@ async fn a_plugin_built_against_the_first_contract_release_still_runs() {
 /// The router's log in this process, kept in memory, filtered as a router logging at `warn`
 /// with plugins' lines at `info` (installed once: the subscriber is the process's).
 fn plugin_log() -> String {
-    static LOG: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
-    let log = LOG.get_or_init(|| {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        switchyard::telemetry::init_with_writer("warn,plugin=info", move || LogWriter(sink.clone()));
-        log
-    });
-    String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
-}
-
-/// Appends what the subscriber writes to the shared log.
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| switchyard::telemetry::init_with_writer("warn,plugin=info", || LOG.make_writer()));
+    String::from_utf8_lossy(&LOG.lock().unwrap()).into_owned()
 }
 
 #[tokio::test]
