@@ -114,14 +114,13 @@ fn change_for(event: &Event) -> Result<Change> {
 }
 
 /// Upserts `doc`, keeping the stored token when `doc` carries none; returns whether it was written.
-fn upsert(mut doc: UserDoc) -> Result<bool> {
-    let key = doc.user_id.clone();
+fn upsert(doc: &mut UserDoc) -> Result<bool> {
     if doc.token.is_none()
-        && let Some(stored) = USER_TOKENS.get(&key)?
+        && let Some(stored) = USER_TOKENS.get(&doc.user_id)?
     {
         doc.token = stored.token;
     }
-    USER_REFS.put_if_newer(&key, &doc, doc.updated_at)
+    USER_REFS.put_if_newer(&doc.user_id, doc, doc.updated_at)
 }
 
 /// The plugin.
@@ -137,9 +136,9 @@ impl Plugin for UserReplica {
 
     fn handle(event: Event) -> Result<()> {
         let (key, outcome) = match change_for(&event)? {
-            Change::Upsert(doc) => {
-                let key = doc.user_id.clone();
-                (key, if upsert(doc)? { "upserted" } else { "not upserted: a newer version is stored" })
+            Change::Upsert(mut doc) => {
+                let written = upsert(&mut doc)?;
+                (doc.user_id, if written { "upserted" } else { "not upserted: a newer version is stored" })
             }
             Change::Delete(key) => {
                 let deleted = USER_REFS.delete_if_newer(&key, event.occurred_at)?;
