@@ -127,6 +127,7 @@ pub fn open_writer(data_dir: &Path, synchronous: Synchronous) -> Result<Connecti
     conn.set_prepared_statement_cache_capacity(64);
     conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
     conn.execute_batch(SCHEMA)?;
+    drop_shared_indexes(&conn)?;
     Ok(conn)
 }
 
@@ -139,17 +140,64 @@ pub fn path(data_dir: &Path) -> PathBuf {
     data_dir.join(FILE_NAME)
 }
 
-/// SQL name of the expression index that serves `lookup` on `field`.
-pub fn index_name(field: &str) -> String {
-    format!("documents_by_{field}")
+/// The index that serves `lookup` on one top-level field of one plugin's collection. It is
+/// partial, holding that collection's live documents alone, so that no other plugin's or
+/// collection's write maintains it, and it is keyed by the field's value, then the key.
+#[derive(Debug, Clone, Copy)]
+pub struct FieldIndex<'a> {
+    pub plugin: &'a str,
+    pub collection: &'a str,
+    /// Validated by [`valid_field`].
+    pub field: &'a str,
 }
 
-/// DDL for the index on a top-level field; `field` must be validated as `[A-Za-z0-9_]+`.
-pub fn index_ddl(field: &str) -> String {
-    format!(
-        "CREATE INDEX IF NOT EXISTS {} ON documents (plugin, collection, json_extract(body, '$.{field}'), key) WHERE body IS NOT NULL",
-        index_name(field)
-    )
+impl FieldIndex<'_> {
+    /// The index's name, quoted for SQL.
+    fn name(&self) -> String {
+        let name = format!("documents:{}:{}:{}", self.plugin, self.collection, self.field);
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+
+    /// The rows the index holds, as the condition a query repeats term for term to use it.
+    fn rows(&self) -> String {
+        let literal = |s: &str| format!("'{}'", s.replace('\'', "''"));
+        format!("plugin = {} AND collection = {} AND body IS NOT NULL", literal(self.plugin), literal(self.collection))
+    }
+
+    fn value(&self) -> String {
+        debug_assert!(valid_field(self.field));
+        format!("json_extract(body, '$.{}')", self.field)
+    }
+
+    /// DDL that creates the index if it does not exist.
+    pub fn ddl(&self) -> String {
+        format!("CREATE INDEX IF NOT EXISTS {} ON documents ({}, key) WHERE {}", self.name(), self.value(), self.rows())
+    }
+
+    /// A page of the live documents whose field equals `?1`, key > `?2`, by key, at most `?3`.
+    fn lookup(&self) -> String {
+        format!(
+            "SELECT key, body, version, rev FROM documents INDEXED BY {}
+             WHERE {} AND {} = ?1 AND key > ?2 ORDER BY key LIMIT ?3",
+            self.name(),
+            self.rows(),
+            self.value()
+        )
+    }
+}
+
+/// Drops the indexes of earlier versions, named `documents_by_<field>`: each served every
+/// plugin's collections at once, so every document write maintained all of them. The plugins
+/// create their own [`FieldIndex`]es as they load.
+fn drop_shared_indexes(conn: &Connection) -> rusqlite::Result<()> {
+    let shared: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND name GLOB 'documents_by_*'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for name in shared {
+        conn.execute_batch(&format!("DROP INDEX \"{}\"", name.replace('"', "\"\"")))?;
+    }
+    Ok(())
 }
 
 /// Whether `field` can be indexed (and safely named in SQL).
@@ -370,26 +418,18 @@ impl Readers {
         })
     }
 
-    /// Live documents whose indexed `field` equals `value`, key > `after`, by key.
+    /// Live documents whose indexed field equals `value`, key > `after`, by key.
     pub fn lookup(
         &self,
-        plugin: &str,
-        collection: &str,
-        field: &str,
+        index: FieldIndex<'_>,
         value: &FieldValue,
         after: &str,
         limit: usize,
     ) -> Result<Vec<Row>, DbError> {
-        debug_assert!(valid_field(field));
-        let sql = format!(
-            "SELECT key, body, version, rev FROM documents INDEXED BY {}
-             WHERE plugin = ?1 AND collection = ?2 AND json_extract(body, '$.{field}') = ?3 AND body IS NOT NULL
-               AND key > ?4 ORDER BY key LIMIT ?5",
-            index_name(field)
-        );
+        let sql = index.lookup();
         self.with(|c| {
             let mut stmt = c.prepare_cached(&sql)?;
-            let rows = stmt.query_map(params![plugin, collection, value.to_sql(), after, limit as i64], row)?;
+            let rows = stmt.query_map(params![value.to_sql(), after, limit as i64], row)?;
             rows.collect()
         })
     }
@@ -635,6 +675,57 @@ mod tests {
             snapshot.committed();
         }
         assert!(processed("e"), "committed before this read");
+    }
+
+    #[test]
+    fn a_field_index_serves_one_plugins_collection_and_replaces_the_shared_ones_of_earlier_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = open_writer(dir.path(), Synchronous::Full).unwrap();
+        writer
+            .execute_batch(
+                "CREATE INDEX documents_by_email ON documents (plugin, collection, json_extract(body, '$.email'), key)
+                 WHERE body IS NOT NULL",
+            )
+            .unwrap();
+        let users = FieldIndex { plugin: "it's", collection: "user \"refs\"", field: "email" };
+        writer.execute_batch(&users.ddl()).unwrap();
+        let documents = [
+            (users.plugin, users.collection, "a", Some(r#"{"email":"x@y"}"#)),
+            (users.plugin, users.collection, "b", Some(r#"{"email":"z@y"}"#)),
+            (users.plugin, users.collection, "c", None),
+            (users.plugin, "other", "d", Some(r#"{"email":"x@y"}"#)),
+            ("other", users.collection, "e", Some(r#"{"email":"x@y"}"#)),
+            (users.plugin, users.collection, "f", Some(r#"{"email":"x@y"}"#)),
+        ];
+        for (plugin, collection, key, body) in documents {
+            writer
+                .execute(
+                    "INSERT INTO documents (plugin, collection, key, body, rev) VALUES (?1, ?2, ?3, ?4, 1)",
+                    params![plugin, collection, key, body],
+                )
+                .unwrap();
+        }
+        let readers = Readers::new(dir.path());
+        let x = FieldValue::Text("x@y".into());
+        let keys = |rows: Vec<Row>| rows.into_iter().map(|r| r.key).collect::<Vec<_>>();
+        assert_eq!(keys(readers.lookup(users, &x, "", 10).unwrap()), ["a", "f"]);
+        assert_eq!(keys(readers.lookup(users, &x, "a", 10).unwrap()), ["f"]);
+        let others = FieldIndex { plugin: "other", ..users };
+        let err = writer.prepare(&others.lookup().replacen(&others.name(), &users.name(), 1)).unwrap_err();
+        assert!(err.to_string().contains("no query solution"), "another plugin's documents are not in it: {err}");
+
+        drop(writer);
+        let writer = open_writer(dir.path(), Synchronous::Full).unwrap();
+        let indexes: Vec<String> = writer
+            .prepare(
+                "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'documents' AND sql IS NOT NULL",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(indexes, ["documents:it's:user \"refs\":email"], "the shared index is dropped as the store opens");
     }
 
     #[test]

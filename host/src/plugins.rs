@@ -332,7 +332,8 @@ impl Control {
         for (collection, field) in &plugin.indexes {
             let failed =
                 |reason: String| ControlError::Index { collection: collection.clone(), field: field.clone(), reason };
-            match self.writer.execute(db::index_ddl(field)).await {
+            let index = db::FieldIndex { plugin: plugin.name.as_str(), collection, field };
+            match self.writer.execute(index.ddl()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(failed(e)),
                 Err(e) => return Err(failed(e.to_string())),

@@ -33,7 +33,7 @@ use upload::Upload;
 pub use upload::UploadSettings;
 
 use crate::config::{PluginName, Secret};
-use crate::db::{FieldValue, Readers};
+use crate::db::{FieldIndex, FieldValue, Readers};
 use crate::dispatch::{Dispatch, Inbound};
 use crate::envelope::{self, HeaderValue, NAME_HEADER, Transport};
 use crate::event::Millis;
@@ -578,7 +578,8 @@ async fn list_documents(
                     )));
                 }
             };
-            state.readers.lookup(&name, &collection, field, &value, &after, limit + 1)
+            let index = FieldIndex { plugin: &name, collection: &collection, field };
+            state.readers.lookup(index, &value, &after, limit + 1)
         }
         _ => return Err(AdminError::BadRequest("field and value go together".into())),
     }

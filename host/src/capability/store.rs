@@ -219,7 +219,7 @@ impl Session {
                 .unwrap_or(false)
         };
         self.page(collection, limit, cursor, &matches, &|after, n| {
-            readers.lookup(plugin, collection, field, &value, after, n)
+            readers.lookup(db::FieldIndex { plugin, collection, field }, &value, after, n)
         })
     }
 }
@@ -312,7 +312,8 @@ mod tests {
     async fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let writer = Writer::start(dir.path(), &StoreConfig::default()).unwrap();
-        writer.execute(db::index_ddl("followed_id")).await.unwrap().unwrap();
+        let index = db::FieldIndex { plugin: "p", collection: "follows", field: "followed_id" };
+        writer.execute(index.ddl()).await.unwrap().unwrap();
         let readers = Readers::new(dir.path());
         Fixture { _dir: dir, writer, readers }
     }

@@ -295,9 +295,9 @@ impl Runtime {
             .collect::<Result<Vec<_>, _>>()?;
         let mut indexes = Vec::new();
         for index in &metadata.indexes {
-            if index.collection.is_empty() || !db::valid_field(&index.field) {
+            if index.collection.is_empty() || index.collection.contains('\0') || !db::valid_field(&index.field) {
                 return Err(LoadError::InvalidMetadata(format!(
-                    "index {}.{}: the collection must be non-empty and the field 1-64 of [A-Za-z0-9_]",
+                    "index {}.{}: the collection must be non-empty without NUL, and the field 1-64 of [A-Za-z0-9_]",
                     index.collection, index.field
                 )));
             }
