@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS processed (
     plugin TEXT NOT NULL,
     event_id TEXT NOT NULL,
     processed_at INTEGER NOT NULL,
-    PRIMARY KEY (plugin, event_id)
+    PRIMARY KEY (event_id, plugin)  -- the id first: a look-up tells keys apart by their first column
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS processed_by_age ON processed (processed_at);
 CREATE TABLE IF NOT EXISTS outbox (
