@@ -496,8 +496,7 @@ fn apply_batch(
                     if deleted == 0 {
                         continue;
                     }
-                    tx.prepare_cached("DELETE FROM processed WHERE plugin = ?1 AND event_id = ?2")?
-                        .execute(params![row.plugin, row.event_id])?;
+                    tx.prepare_cached(UNMARK)?.execute(params![row.plugin, row.event_id])?;
                     park(&tx, row)?;
                     replayed.push(*dead_letter);
                 }
@@ -544,7 +543,7 @@ impl<'c> CommitStatements<'c> {
     fn prepare(c: &'c Connection) -> rusqlite::Result<Self> {
         Ok(CommitStatements {
             mark: c.prepare_cached(MARK)?,
-            unmark: c.prepare_cached("DELETE FROM processed WHERE plugin = ?1 AND event_id = ?2")?,
+            unmark: c.prepare_cached(UNMARK)?,
             rev: c.prepare_cached("SELECT rev FROM documents WHERE plugin = ?1 AND collection = ?2 AND key = ?3")?,
             put: c.prepare_cached(
                 "INSERT INTO documents (plugin, collection, key, body, version, rev) VALUES (?1, ?2, ?3, ?4, ?5, 1)
@@ -650,6 +649,8 @@ impl<'c> CommitStatements<'c> {
 
 /// Writes a processed-marker, unless the (plugin, event id) has one.
 const MARK: &str = "INSERT OR IGNORE INTO processed (plugin, event_id, processed_at) VALUES (?1, ?2, ?3)";
+/// Deletes a processed-marker.
+const UNMARK: &str = "DELETE FROM processed WHERE plugin = ?1 AND event_id = ?2";
 
 fn park(c: &Connection, row: &ParkedRow) -> rusqlite::Result<()> {
     match row.seq {

@@ -154,8 +154,7 @@ pub struct FieldIndex<'a> {
 impl FieldIndex<'_> {
     /// The index's name, quoted for SQL.
     fn name(&self) -> String {
-        let name = format!("documents:{}:{}:{}", self.plugin, self.collection, self.field);
-        format!("\"{}\"", name.replace('"', "\"\""))
+        identifier(&format!("documents:{}:{}:{}", self.plugin, self.collection, self.field))
     }
 
     /// The rows the index holds, as the condition a query repeats term for term to use it.
@@ -186,6 +185,11 @@ impl FieldIndex<'_> {
     }
 }
 
+/// `name` quoted as an SQL identifier.
+fn identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// Drops the indexes of earlier versions, named `documents_by_<field>`: each served every
 /// plugin's collections at once, so every document write maintained all of them. The plugins
 /// create their own [`FieldIndex`]es as they load.
@@ -195,7 +199,7 @@ fn drop_shared_indexes(conn: &Connection) -> rusqlite::Result<()> {
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for name in shared {
-        conn.execute_batch(&format!("DROP INDEX \"{}\"", name.replace('"', "\"\"")))?;
+        conn.execute_batch(&format!("DROP INDEX {}", identifier(&name)))?;
     }
     Ok(())
 }
