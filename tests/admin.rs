@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
-use switchyard_tests::{ADMIN_TOKEN as TOKEN, Rabbit, TestRouter, config, eventually, plugin_table};
+use switchyard_tests::{ADMIN_TOKEN as TOKEN, Rabbit, TestRouter, config, eventually, eventually_async, plugin_table};
 
 async fn router() -> TestRouter {
     let text = "[router]\ndata_dir = \"{data_dir}\"\nlog = \"warn\"\n".to_string()
@@ -277,6 +277,42 @@ async fn a_plugin_added_over_the_api_runs_comes_back_after_a_restart_and_is_remo
     let (_, plugins) = call(&t, "GET", "/v1/plugins", Some(TOKEN), "").await;
     let names: Vec<&str> = plugins.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["user-replica"], "the registry forgot the removed plugin");
+}
+
+#[tokio::test]
+async fn a_plugin_whose_lanes_do_not_fit_the_instance_pool_is_refused_and_changes_nothing() {
+    let toml = "[router]\ndata_dir = \"{data_dir}\"\nlog = \"warn\"\nmax_instances = 10\n".to_string()
+        + &plugin_table("user-replica", "user_replica.wasm", "concurrency = 8");
+    let t = TestRouter::start(&toml).await;
+    let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=3", wasm("stamp_v1.wasm")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("the plugin's 3 lanes need an instance each, and 8 of router.max_instances = 10"),
+        "{body}"
+    );
+    let (_, plugins) = call(&t, "GET", "/v1/plugins", Some(TOKEN), "").await;
+    assert_eq!(plugins.as_array().unwrap().len(), 1, "not added: {plugins}");
+    let event = json!({ "pattern": "stamp.it", "data": {}, "id": "refused" }).to_string();
+    let (_, body) = call(&t, "POST", "/v1/events", Some(TOKEN), &event).await;
+    assert_eq!(body["plugins"], json!([]), "nothing subscribed for it");
+
+    let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=2", wasm("stamp_v1.wasm")).await;
+    assert_eq!(status, StatusCode::CREATED, "two lanes fit: {body}");
+    assert_eq!(stamped_by(&t, "fits").await, 1);
+    let (status, body) = call(&t, "DELETE", "/v1/plugins/user-replica", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The removed plugin's lanes give their instances back once they have stopped.
+    let (status, body) =
+        eventually_async("the removed plugin's instances back in the pool", Duration::from_secs(10), async || {
+            let reply = put(&t, "/v1/plugins/user-replica?concurrency=8", wasm("user_replica.wasm")).await;
+            (reply.0 != StatusCode::CONFLICT).then_some(reply)
+        })
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=2", wasm("stamp_v2.wasm")).await;
+    assert_eq!(status, StatusCode::OK, "a swap keeps the lanes it has: {body}");
+    assert_eq!(stamped_by(&t, "swapped").await, 2);
 }
 
 #[tokio::test]

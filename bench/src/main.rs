@@ -786,7 +786,7 @@ async fn wasm_overhead(calls: usize) -> anyhow::Result<Overhead> {
     let dir = tempfile::tempdir()?;
     let readers = Readers::new(dir.path());
     switchyard::commit::Writer::start(dir.path(), &Default::default())?;
-    let runtime = Runtime::new(readers)?;
+    let runtime = Runtime::new(readers, switchyard::config::RouterConfig::default().max_instances)?;
     let load = async |name: &str, file: &str| -> anyhow::Result<Arc<switchyard::runtime::LoadedPlugin>> {
         let bytes = std::fs::read(plugin(file)?)?;
         let name = PluginName::parse(name).map_err(anyhow::Error::msg)?;

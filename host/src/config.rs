@@ -73,6 +73,10 @@ pub struct RouterConfig {
     /// Threads that run the sources, the lanes and the plugins' calls (the async runtime's
     /// workers; the store's writer has its own). Default: one per core.
     pub worker_threads: Option<usize>,
+    /// Plugin instances the engine's pool holds: each lane of each running plugin holds one,
+    /// reserved when the plugin starts; a plugin whose lanes do not fit is refused.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
 }
 
 impl RouterConfig {
@@ -99,6 +103,10 @@ pub enum SinkChoice {
     Redis,
 }
 
+fn default_max_instances() -> u32 {
+    512
+}
+
 fn default_data_dir() -> PathBuf {
     PathBuf::from(".switchyard")
 }
@@ -118,6 +126,7 @@ impl Default for RouterConfig {
             drain_timeout_ms: default_drain_timeout_ms(),
             publish_timeout_ms: default_publish_timeout_ms(),
             worker_threads: None,
+            max_instances: default_max_instances(),
         }
     }
 }
@@ -810,6 +819,16 @@ impl Config {
         if self.router.worker_threads.is_some_and(|n| !(1..=1024).contains(&n)) {
             problems.push("router.worker_threads: must be between 1 and 1024".into());
         }
+        let lanes: usize = self.plugins.iter().map(|p| p.concurrency).sum();
+        if !(1..=4096).contains(&self.router.max_instances) {
+            problems.push("router.max_instances: must be between 1 and 4096".into());
+        } else if lanes > self.router.max_instances as usize {
+            problems.push(format!(
+                "router.max_instances: the plugins configured have {lanes} lanes in all, each holding an \
+                 instance, more than the {} the pool holds",
+                self.router.max_instances
+            ));
+        }
         if self.router.publish_timeout_ms == 0 {
             problems.push("router.publish_timeout_ms: must be at least 1".into());
         }
@@ -959,6 +978,17 @@ mod tests {
     }
 
     #[test]
+    fn plugins_whose_lanes_outnumber_the_instance_pool_are_refused() {
+        let plugin = |name: &str, lanes: usize| {
+            format!("[[plugin]]\nname = \"{name}\"\npath = \"p.wasm\"\nconcurrency = {lanes}\n")
+        };
+        let e = error(&format!("[router]\nmax_instances = 20\n{}{}", plugin("a", 8), plugin("b", 13)));
+        assert!(e.contains("router.max_instances: the plugins configured have 21 lanes in all"), "{e}");
+        let e = error(&format!("[router]\nmax_instances = 21\n{}{}", plugin("a", 8), plugin("b", 13)));
+        assert!(!e.contains("max_instances"), "{e}");
+    }
+
+    #[test]
     fn invalid_patterns_and_names_are_refused_on_parse() {
         let e = error("[[plugin]]\nname = \"p\"\npath = \"p.wasm\"\nsubscriptions = [\"a..b\"]\n");
         assert!(e.contains("plugin[0].subscriptions[0]") && e.contains("empty word"), "{e}");
@@ -968,7 +998,7 @@ mod tests {
 
     #[test]
     fn all_cross_field_problems_are_reported_at_once() {
-        let text = "[router]\npublish_timeout_ms = 0\nworker_threads = 0\n[rabbitmq]\nurl = \"http://x\"\nprefetch = 0\n\
+        let text = "[router]\npublish_timeout_ms = 0\nworker_threads = 0\nmax_instances = 0\n[rabbitmq]\nurl = \"http://x\"\nprefetch = 0\n\
             [redis]\nurl = \"redis://x\"\n[redis.pubsub]\nbuffer = 0\n\
             [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\nconcurrency = 0\nprefetch = 0\n[plugin.config]\nkey = { env = \"NOPE\" }\n\
             [[plugin]]\nname = \"a\"\npath = \"missing.wasm\"\n";
@@ -976,6 +1006,7 @@ mod tests {
         for expected in [
             "router.publish_timeout_ms: must be at least 1",
             "router.worker_threads: must be between 1 and 1024",
+            "router.max_instances: must be between 1 and 4096",
             "rabbitmq.url: must start with amqp://",
             "rabbitmq.prefetch: must be at least 1",
             "redis.pubsub.buffer: must be at least 1",

@@ -16,7 +16,7 @@ use crate::db::{self, Readers};
 use crate::dispatch::{Dispatch, PluginSlot};
 use crate::retry::Retrier;
 use crate::runtime::registry::{Registry, Which};
-use crate::runtime::{LoadError, LoadedPlugin, Overrides, Runtime};
+use crate::runtime::{LoadError, LoadedPlugin, Overrides, PoolFull, Runtime, Slots};
 use crate::source::rabbitmq::{Deleted, Deleting, RabbitMqSource, delete_queue, rebind};
 use crate::source::redis::{LeftGroups, destroy_groups, left_groups};
 use crate::source::{Health, InFlight};
@@ -251,6 +251,8 @@ pub enum ControlError {
     Broker { queue: String, reason: String },
     #[error("Redis: {0}")]
     Redis(String),
+    #[error(transparent)]
+    PoolFull(#[from] PoolFull),
     /// What a name that is not running could have left, and did not: `looked` says where.
     #[error("no plugin named {name:?} is running, and nothing is left by one: {looked}")]
     NothingLeft { name: String, looked: String },
@@ -306,9 +308,9 @@ impl Control {
         }
     }
 
-    /// Create a loaded plugin's indexes and start its lanes and its retrier; it is not in the
-    /// set yet.
-    pub async fn install(&self, plugin: LoadedPlugin) -> Result<Dispatch, ControlError> {
+    /// Create a loaded plugin's indexes and start its lanes, one per instance `slots` holds
+    /// (see [`LoadedPlugin::reserve_lanes`]), and its retrier; it is not in the set yet.
+    pub async fn install(&self, plugin: LoadedPlugin, slots: Slots) -> Result<Dispatch, ControlError> {
         self.create_indexes(&plugin).await?;
         tracing::info!(
             plugin = %plugin.name,
@@ -317,7 +319,8 @@ impl Control {
             subscriptions = ?plugin.settings.subscriptions.0.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
             "plugin loaded"
         );
-        let dispatch = Dispatch::start(Arc::new(PluginSlot::new(plugin)), self.writer.clone(), self.readers.clone());
+        let dispatch =
+            Dispatch::start(Arc::new(PluginSlot::new(plugin)), slots, self.writer.clone(), self.readers.clone());
         let retrier = Retrier {
             dispatch: dispatch.clone(),
             readers: self.readers.clone(),
@@ -350,10 +353,12 @@ impl Control {
         if self.plugins.get(&name).is_some() {
             return Err(AlreadyRunning(name).into());
         }
+        // Before anything is bound or kept: a plugin that does not fit the pool changes nothing.
+        let slots = plugin.reserve_lanes()?;
         self.bind(&name, &pattern_names(&plugin), &[]).await?;
         self.registry.save(&name, &plugin.entry(), None)?;
         let change = Change { version: plugin.version.clone(), digest: plugin.digest.clone(), previous_digest: None };
-        let dispatch = self.install(plugin).await?;
+        let dispatch = self.install(plugin, slots).await?;
         if let Err(e) = self.plugins.add(dispatch.clone()) {
             dispatch.close();
             return Err(e.into());

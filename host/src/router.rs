@@ -90,7 +90,9 @@ impl Router {
         let writer = Writer::start(data_dir, &config.store)
             .with_context(|| format!("opening the store under {}", data_dir.display()))?;
         let readers = writer.readers();
-        let runtime = Arc::new(Runtime::new(readers.clone()).context("starting the WebAssembly runtime")?);
+        let runtime = Arc::new(
+            Runtime::new(readers.clone(), config.router.max_instances).context("starting the WebAssembly runtime")?,
+        );
         let registry = Registry::new(data_dir);
         let in_flight = Arc::new(InFlight::default());
         let plugins = PluginSet::new(Vec::new());
@@ -125,9 +127,7 @@ impl Router {
 
         for plugin_config in &config.plugins {
             let plugin = load(&runtime, &registry, plugin_config).await?;
-            let name = plugin.name.to_string();
-            let dispatch = control.install(plugin).await.with_context(|| format!("installing plugin {name}"))?;
-            plugins.add(dispatch)?;
+            plugins.add(install(control, plugin).await?)?;
         }
         // Plugins added over the admin API that router.toml does not name.
         for name in registry.names().context("listing the plugin registry")? {
@@ -135,8 +135,7 @@ impl Router {
                 continue;
             }
             let plugin = load_uploaded(&runtime, &registry, &name).await?;
-            let dispatch = control.install(plugin).await.with_context(|| format!("installing plugin {name}"))?;
-            plugins.add(dispatch)?;
+            plugins.add(install(control, plugin).await?)?;
         }
         telemetry::prometheus();
 
@@ -290,6 +289,13 @@ impl Drop for Router {
 
 /// Load a configured plugin: the version uploaded over the admin API if the registry has one
 /// (it wins), else the file `router.toml` names.
+/// Start a plugin loaded at startup: its lanes' instances reserved, then its lanes.
+async fn install(control: &Control, plugin: LoadedPlugin) -> anyhow::Result<Dispatch> {
+    let name = plugin.name.to_string();
+    let slots = plugin.reserve_lanes().with_context(|| format!("starting plugin {name}"))?;
+    control.install(plugin, slots).await.with_context(|| format!("installing plugin {name}"))
+}
+
 async fn load(runtime: &Runtime, registry: &Registry, config: &PluginConfig) -> anyhow::Result<LoadedPlugin> {
     let mut overrides = Overrides::configured(config);
     let uploaded = registry

@@ -24,7 +24,7 @@ use crate::commit::{DeadLetter, Outcome, PendingCommit, Writer, WriterGone};
 use crate::db::{ParkedRow, Readers};
 use crate::event::{Event, Millis};
 use crate::retry::{Origin, Parking, random_fraction};
-use crate::runtime::{Instance, InvokeError, LoadedPlugin};
+use crate::runtime::{Instance, InvokeError, LoadedPlugin, Slots};
 use crate::source::{Ack, Received};
 use crate::telemetry::{Counters, Outcome as Counted};
 
@@ -192,13 +192,14 @@ impl Drop for Feeder {
 }
 
 impl Dispatch {
-    /// Start the lanes of a plugin.
-    pub fn start(slot: Arc<PluginSlot>, writer: Writer, readers: Readers) -> Self {
+    /// Start the lanes of a plugin, one per instance `slots` holds.
+    pub fn start(slot: Arc<PluginSlot>, slots: Slots, writer: Writer, readers: Readers) -> Self {
         let plugin = slot.current();
         let name: Arc<str> = Arc::from(plugin.name.as_str());
         let pending = Arc::new(Pending::default());
         let parking = Arc::new(Parking::load(&readers, &name));
-        let lanes = plugin.settings.concurrency.max(1);
+        let lanes = slots.lanes();
+        let slots = Arc::new(slots);
         let queue = Arc::new(Queue::new(lanes, lanes * LANE_DEPTH));
         for index in 0..lanes {
             let lane = Lane {
@@ -211,6 +212,7 @@ impl Dispatch {
                 instance: None,
                 pending: pending.clone(),
                 parking: parking.clone(),
+                _slots: slots.clone(),
             };
             // At `debug`, like the event's span (see `event_span`): a span enabled at `info`
             // is entered and left on every poll of the lane, which cost about 0.3 µs per event
@@ -340,6 +342,9 @@ struct Lane {
     instance: Option<Instance>,
     pending: Arc<Pending>,
     parking: Arc<Parking>,
+    /// The engine's instances the plugin's lanes hold; declared after `instance`, so given
+    /// back after it is dropped.
+    _slots: Arc<Slots>,
 }
 
 /// How one event ended in a lane.

@@ -7,6 +7,7 @@
 
 pub mod bindings;
 pub mod instance;
+pub mod pool;
 pub mod registry;
 pub mod state;
 
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, StoreLimitsBuilder};
 
 use crate::capability::PluginContext;
 use crate::config::{AllowedHost, ConfigValue, InstancePolicy, Limits, PluginConfig, PluginName, RetryPolicy, Secret};
@@ -26,6 +27,7 @@ use crate::db::{self, Readers};
 use crate::route::{Pattern, Subscriptions};
 
 pub use instance::{Instance, InvokeError};
+pub use pool::{InstancePool, PoolFull, Slots};
 use state::HostState;
 
 /// How often the engine's epoch advances: the granularity of timeouts and of yielding to
@@ -41,6 +43,10 @@ pub enum LoadError {
     NotAComponent(String),
     #[error("component does not fit the switchyard:plugin world: {0}")]
     Incompatible(String),
+    /// The component does not fit the engine's instance pool (more memories, tables or core
+    /// instances than a slot holds), or the pool's loading slots are all in use.
+    #[error("cannot instantiate the component: {0}")]
+    Instantiate(String),
     #[error("the plugin's metadata call failed: {0}")]
     Metadata(String),
     #[error("invalid metadata: {0}")]
@@ -206,12 +212,18 @@ pub struct LoadedPlugin {
     pre: bindings::PluginPre<HostState>,
     context: Arc<PluginContext>,
     engine: Engine,
+    pool: Arc<InstancePool>,
 }
 
 impl LoadedPlugin {
     /// This version as the registry keeps it.
     pub fn entry(&self) -> registry::Entry {
         registry::Entry { bytes: self.bytes.as_ref().clone(), settings: self.settings.stored() }
+    }
+
+    /// An instance of the engine's pool for each of the lanes this version starts with.
+    pub fn reserve_lanes(&self) -> Result<Slots, PoolFull> {
+        self.pool.reserve(self.settings.concurrency.max(1))
     }
 
     fn store_limits(&self) -> wasmtime::StoreLimits {
@@ -226,6 +238,7 @@ pub struct Runtime {
     linker: Linker<HostState>,
     readers: Readers,
     ticking: Arc<AtomicBool>,
+    pool: Arc<InstancePool>,
 }
 
 impl Drop for Runtime {
@@ -235,12 +248,13 @@ impl Drop for Runtime {
 }
 
 impl Runtime {
-    /// An engine with epoch interruption, and a linker offering exactly the plugin world's
-    /// imports plus the WASI interfaces Rust's standard library needs (sandboxed by
-    /// [`HostState`]).
-    pub fn new(readers: Readers) -> anyhow::Result<Self> {
+    /// An engine with epoch interruption and a pool of `max_instances` instances for the
+    /// plugins' lanes, and a linker offering exactly the plugin world's imports plus the WASI
+    /// interfaces Rust's standard library needs (sandboxed by [`HostState`]).
+    pub fn new(readers: Readers, max_instances: u32) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.wasm_component_model(true).epoch_interruption(true);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(InstancePool::allocation(max_instances)));
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -258,7 +272,7 @@ impl Runtime {
                 }
             }
         })?;
-        Ok(Runtime { engine, linker, readers, ticking })
+        Ok(Runtime { engine, linker, readers, ticking, pool: InstancePool::new(max_instances) })
     }
 
     /// Compile, link and describe a plugin; nothing of the running router changes.
@@ -336,6 +350,7 @@ impl Runtime {
             pre,
             context,
             engine: self.engine.clone(),
+            pool: self.pool.clone(),
         })
     }
 }
@@ -360,11 +375,15 @@ async fn describe(
     // Bounded like an invocation, also while the plugin waits in a host call.
     let timeout = Duration::from_millis(limits.timeout_ms) + EPOCH_TICK;
     let describe = async {
-        let plugin = pre.instantiate_async(&mut store).await?;
-        plugin.switchyard_plugin_handler().call_metadata(&mut store).await
+        let plugin = pre.instantiate_async(&mut store).await.map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
+        plugin
+            .switchyard_plugin_handler()
+            .call_metadata(&mut store)
+            .await
+            .map_err(|e| LoadError::Metadata(format!("{e:#}")))
     };
     match tokio::time::timeout(timeout, describe).await {
-        Ok(result) => result.map_err(|e| LoadError::Metadata(format!("{e:#}"))),
+        Ok(result) => result,
         Err(_) => Err(LoadError::Metadata(format!("no answer within {} ms", limits.timeout_ms))),
     }
 }

@@ -1,0 +1,120 @@
+//! The engine's instance pool. wasmtime's pooling allocator maps memory, tables and stacks
+//! for a fixed number of instances once, when the engine starts, and resets a slot when its
+//! instance is dropped: a fresh instance then costs a few microseconds instead of mapping
+//! and unmapping its memory. The price is a bound on live instances, so each plugin's lanes
+//! reserve their slots (one instance each) when the plugin starts: a plugin that would not
+//! fit is refused then, with the reason, instead of failing its events later.
+
+use std::sync::{Arc, Mutex};
+
+use wasmtime::{Enabled, PoolingAllocationConfig};
+
+/// Slots beyond `max_instances` that no lane reserves: the one instance each plugin load
+/// creates to ask the plugin for its metadata, for loads running at once.
+const LOADING_SLOTS: u32 = 16;
+/// Linear memories one component may have: two leave room for a component whose adapter
+/// keeps its own. Each is 4 GiB of address space and a guard, so this doubles the pool's.
+const MEMORIES_PER_COMPONENT: u32 = 2;
+/// Core instances and tables one component may have (every plugin in `plugins/` fits).
+const CORE_INSTANCES_PER_COMPONENT: u32 = 32;
+const TABLES_PER_COMPONENT: u32 = 32;
+/// Memory a freed slot keeps mapped, reset with `memset` rather than handed back to the
+/// kernel: the pages a small plugin touches per event, which its next instance would
+/// otherwise fault in again.
+const KEEP_RESIDENT: usize = 1 << 20;
+
+/// A pool of `capacity` instances no lane has reserved yet is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the instance pool is full: the plugin's {wanted} lanes need an instance each, and {reserved} \
+     of router.max_instances = {capacity} are held by the lanes of running plugins; raise \
+     router.max_instances or lower the plugin's concurrency"
+)]
+pub struct PoolFull {
+    pub wanted: usize,
+    pub reserved: usize,
+    pub capacity: usize,
+}
+
+/// How many instances the lanes of running plugins hold, out of how many.
+#[derive(Debug)]
+pub struct InstancePool {
+    capacity: usize,
+    reserved: Mutex<usize>,
+}
+
+impl InstancePool {
+    pub fn new(max_instances: u32) -> Arc<Self> {
+        Arc::new(InstancePool { capacity: max_instances as usize, reserved: Mutex::new(0) })
+    }
+
+    /// wasmtime's pool for `max_instances` instances and the loading slots, every per-kind
+    /// total sized so that instances run out first.
+    pub fn allocation(max_instances: u32) -> PoolingAllocationConfig {
+        let instances = max_instances.saturating_add(LOADING_SLOTS);
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(instances)
+            .total_stacks(instances)
+            .max_memories_per_component(MEMORIES_PER_COMPONENT)
+            .total_memories(instances.saturating_mul(MEMORIES_PER_COMPONENT))
+            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+            .total_core_instances(instances.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+            .max_tables_per_component(TABLES_PER_COMPONENT)
+            .total_tables(instances.saturating_mul(TABLES_PER_COMPONENT))
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT)
+            .pagemap_scan(Enabled::Auto);
+        pool
+    }
+
+    /// Hold `lanes` instances until the returned [`Slots`] is dropped.
+    pub fn reserve(self: &Arc<Self>, lanes: usize) -> Result<Slots, PoolFull> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *reserved + lanes > self.capacity {
+            return Err(PoolFull { wanted: lanes, reserved: *reserved, capacity: self.capacity });
+        }
+        *reserved += lanes;
+        Ok(Slots { pool: self.clone(), lanes })
+    }
+}
+
+/// The instances one plugin's lanes hold; given back when dropped, after the last lane has
+/// stopped and dropped its instance.
+#[derive(Debug)]
+pub struct Slots {
+    pool: Arc<InstancePool>,
+    lanes: usize,
+}
+
+impl Slots {
+    /// How many instances: one per lane.
+    pub fn lanes(&self) -> usize {
+        self.lanes
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        let mut reserved = self.pool.reserved.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *reserved -= self.lanes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_reserve_instances_until_their_slots_are_dropped() {
+        let pool = InstancePool::new(10);
+        let first = pool.reserve(8).unwrap();
+        assert_eq!(pool.reserve(3).unwrap_err(), PoolFull { wanted: 3, reserved: 8, capacity: 10 });
+        let second = pool.reserve(2).unwrap();
+        assert_eq!(pool.reserve(1).unwrap_err(), PoolFull { wanted: 1, reserved: 10, capacity: 10 });
+        drop(first);
+        assert_eq!(pool.reserve(9).unwrap_err(), PoolFull { wanted: 9, reserved: 2, capacity: 10 });
+        let third = pool.reserve(8).unwrap();
+        drop((second, third));
+        assert!(pool.reserve(10).is_ok());
+    }
+}
