@@ -1,7 +1,7 @@
 //! The engine's instance pool. wasmtime's pooling allocator maps memory, tables and stacks
 //! for a fixed number of instances once, when the engine starts, and resets a slot when its
-//! instance is dropped: a fresh instance then costs a few microseconds instead of mapping
-//! and unmapping its memory. The price is a bound on live instances, so each plugin's lanes
+//! instance is dropped: a fresh instance then costs a quarter of what mapping and unmapping
+//! its memory did (BENCHMARKS.md). The price is a bound on live instances, so each plugin's lanes
 //! reserve their slots (one instance each) when the plugin starts: a plugin that would not
 //! fit is refused then, with the reason, instead of failing its events later.
 
@@ -23,7 +23,7 @@ const TABLES_PER_COMPONENT: u32 = 32;
 /// otherwise fault in again.
 const KEEP_RESIDENT: usize = 1 << 20;
 
-/// A pool of `capacity` instances no lane has reserved yet is refused.
+/// Lanes the pool cannot hold: those of running plugins hold `reserved` of its `capacity`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "the instance pool is full: the plugin's {wanted} lanes need an instance each, and {reserved} \
