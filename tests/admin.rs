@@ -288,7 +288,7 @@ async fn a_plugin_whose_lanes_do_not_fit_the_instance_pool_is_refused_and_change
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
-        message.contains("the plugin's 3 lanes need an instance each, and 8 of router.max_instances = 10"),
+        message.contains("the plugin's lanes need 3 more (an instance each), and 8 of router.max_instances = 10"),
         "{body}"
     );
     let (_, plugins) = call(&t, "GET", "/v1/plugins", Some(TOKEN), "").await;
@@ -310,7 +310,11 @@ async fn a_plugin_whose_lanes_do_not_fit_the_instance_pool_is_refused_and_change
         })
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=2", wasm("stamp_v2.wasm")).await;
+    let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=3", wasm("stamp_v2.wasm")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "three lanes would not fit at the next start: {body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("lanes need 1 more"), "{body}");
+    assert_eq!(stamped_by(&t, "kept").await, 1, "the running version keeps running");
+    let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=1", wasm("stamp_v2.wasm")).await;
     assert_eq!(status, StatusCode::OK, "a swap keeps the lanes it has: {body}");
     assert_eq!(stamped_by(&t, "swapped").await, 2);
 }

@@ -380,6 +380,8 @@ impl Control {
     async fn swap_now(&self, plugin: LoadedPlugin) -> Result<Change, ControlError> {
         let name = plugin.name.to_string();
         let dispatch = self.plugins.get(&name).ok_or_else(|| ControlError::NotFound(name.clone()))?;
+        // The lanes stay; a larger `concurrency` starts at the next start, which must not fail.
+        plugin.check_lanes(dispatch.lanes())?;
         let current = dispatch.slot().current();
         self.create_indexes(&plugin).await?;
         let (old, new) = (pattern_names(&current), pattern_names(&plugin));

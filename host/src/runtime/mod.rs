@@ -223,7 +223,22 @@ impl LoadedPlugin {
 
     /// An instance of the engine's pool for each of the lanes this version starts with.
     pub fn reserve_lanes(&self) -> Result<Slots, PoolFull> {
-        self.pool.reserve(self.settings.concurrency.max(1))
+        self.pool.reserve(self.lanes())
+    }
+
+    /// Whether this version, replacing one that runs `running` lanes, would fit the pool when
+    /// it starts with its own (at the router's next start): the instances it adds must be free
+    /// now.
+    pub fn check_lanes(&self, running: usize) -> Result<(), PoolFull> {
+        match self.lanes().saturating_sub(running) {
+            0 => Ok(()),
+            more => self.pool.check(more),
+        }
+    }
+
+    /// The lanes this version starts with: its `concurrency`.
+    fn lanes(&self) -> usize {
+        self.settings.concurrency.max(1)
     }
 
     fn store_limits(&self) -> wasmtime::StoreLimits {
