@@ -12,8 +12,9 @@ use wasmtime::{Enabled, PoolingAllocationConfig};
 /// Slots beyond `max_instances` that no lane reserves: the one instance each plugin load
 /// creates to ask the plugin for its metadata, for loads running at once.
 const LOADING_SLOTS: u32 = 16;
-/// Linear memories one component may have: two leave room for a component whose adapter
-/// keeps its own. Each is 4 GiB of address space and a guard, so this doubles the pool's.
+/// Linear memories one component may have: every plugin in `plugins/` has one, and two leave
+/// room for a component with a second. Each is 4 GiB of address space and a guard, so this
+/// doubles the pool's.
 const MEMORIES_PER_COMPONENT: u32 = 2;
 /// Core instances and tables one component may have (every plugin in `plugins/` fits).
 const CORE_INSTANCES_PER_COMPONENT: u32 = 32;
