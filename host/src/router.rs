@@ -287,8 +287,6 @@ impl Drop for Router {
     }
 }
 
-/// Load a configured plugin: the version uploaded over the admin API if the registry has one
-/// (it wins), else the file `router.toml` names.
 /// Start a plugin loaded at startup: its lanes' instances reserved, then its lanes.
 async fn install(control: &Control, plugin: LoadedPlugin) -> anyhow::Result<Dispatch> {
     let name = plugin.name.to_string();
@@ -296,6 +294,8 @@ async fn install(control: &Control, plugin: LoadedPlugin) -> anyhow::Result<Disp
     control.install(plugin, slots).await.with_context(|| format!("installing plugin {name}"))
 }
 
+/// Load a configured plugin: the version uploaded over the admin API if the registry has one
+/// (it wins), else the file `router.toml` names.
 async fn load(runtime: &Runtime, registry: &Registry, config: &PluginConfig) -> anyhow::Result<LoadedPlugin> {
     let mut overrides = Overrides::configured(config);
     let uploaded = registry
