@@ -394,6 +394,7 @@ impl Changed {
         (status = 200, description = "swapped", body = Changed),
         (status = 201, description = "added", body = Changed),
         (status = 400, description = "not a component, or bad settings", body = ErrorBody),
+        (status = 409, description = "its lanes do not fit the instance pool (router.max_instances)", body = ErrorBody),
         (status = 422, description = "a component that does not fit the plugin world", body = ErrorBody),
         (status = 503, description = "the broker could not bind the plugin's queue", body = ErrorBody),
 ))]
@@ -481,7 +482,7 @@ async fn delete_plugin(
 #[utoipa::path(post, path = "/v1/plugins/{name}/rollback", tag = "admin", security(("bearer" = [])), params(("name" = String, Path)), responses(
     (status = 200, body = Changed),
     (status = 404, body = ErrorBody),
-    (status = 409, description = "no previous version", body = ErrorBody),
+    (status = 409, description = "no previous version, or its lanes do not fit the instance pool", body = ErrorBody),
 ))]
 async fn rollback(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<Changed>, AdminError> {
     let change = state.control.rollback(&name).await?;

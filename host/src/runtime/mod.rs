@@ -43,8 +43,8 @@ pub enum LoadError {
     NotAComponent(String),
     #[error("component does not fit the switchyard:plugin world: {0}")]
     Incompatible(String),
-    /// The component does not fit the engine's instance pool (more memories, tables or core
-    /// instances than a slot holds), or the pool's loading slots are all in use.
+    /// The component's instantiation failed: its start trapped, or the instance pool's
+    /// loading slots are all in use.
     #[error("cannot instantiate the component: {0}")]
     Instantiate(String),
     #[error("the plugin's metadata call failed: {0}")]

@@ -1,13 +1,13 @@
 //! The engine's instance pool. wasmtime's pooling allocator maps memory, tables and stacks
 //! for a fixed number of instances once, when the engine starts, and resets a slot when its
-//! instance is dropped: a fresh instance then costs a quarter of what mapping and unmapping
-//! its memory did (BENCHMARKS.md). The price is a bound on live instances, so each plugin's lanes
+//! instance is dropped: a fresh instance then costs half of what mapping and unmapping its
+//! memory did (BENCHMARKS.md). The price is a bound on live instances, so each plugin's lanes
 //! reserve their slots (one instance each) when the plugin starts: a plugin that would not
 //! fit is refused then, with the reason, instead of failing its events later.
 
 use std::sync::{Arc, Mutex};
 
-use wasmtime::{Enabled, PoolingAllocationConfig};
+use wasmtime::PoolingAllocationConfig;
 
 /// Slots beyond `max_instances` that no lane reserves: the one instance each plugin load
 /// creates to ask the plugin for its metadata, for loads running at once.
@@ -19,10 +19,6 @@ const MEMORIES_PER_COMPONENT: u32 = 2;
 /// Core instances and tables one component may have (every plugin in `plugins/` fits).
 const CORE_INSTANCES_PER_COMPONENT: u32 = 32;
 const TABLES_PER_COMPONENT: u32 = 32;
-/// Memory a freed slot keeps mapped, reset with `memset` rather than handed back to the
-/// kernel: the pages a small plugin touches per event, which its next instance would
-/// otherwise fault in again.
-const KEEP_RESIDENT: usize = 1 << 20;
 
 /// Lanes the pool cannot hold: those of running plugins hold `reserved` of its `capacity`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,10 +57,11 @@ impl InstancePool {
             .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
             .total_core_instances(instances.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
             .max_tables_per_component(TABLES_PER_COMPONENT)
-            .total_tables(instances.saturating_mul(TABLES_PER_COMPONENT))
-            .linear_memory_keep_resident(KEEP_RESIDENT)
-            .table_keep_resident(KEEP_RESIDENT)
-            .pagemap_scan(Enabled::Auto);
+            .total_tables(instances.saturating_mul(TABLES_PER_COMPONENT));
+        // A freed slot's memory goes back to the kernel (`madvise`), so the next instance
+        // starts from zeroed pages and the component's image. Keeping pages resident and
+        // resetting them with `memset` is faster only with the pagemap scan, which skips a
+        // written page that is swapped out: a fresh instance could read the last one's data.
         pool
     }
 
