@@ -302,17 +302,25 @@ async fn a_plugin_whose_lanes_do_not_fit_the_instance_pool_is_refused_and_change
     assert_eq!(stamped_by(&t, "fits").await, 1);
     let (status, body) = call(&t, "DELETE", "/v1/plugins/user-replica", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    // The removed plugin's lanes give their instances back once they have stopped.
+    // The removed plugin's lanes give their instances back once they have stopped; its
+    // router.toml entry still counts, for it comes back at the next start.
     let (status, body) =
         eventually_async("the removed plugin's instances back in the pool", Duration::from_secs(10), async || {
-            let reply = put(&t, "/v1/plugins/user-replica?concurrency=8", wasm("user_replica.wasm")).await;
-            (reply.0 != StatusCode::CONFLICT).then_some(reply)
+            let reply = put(&t, "/v1/plugins/welcome?concurrency=1", wasm("welcome.wasm")).await;
+            let held = reply.1["error"]["message"].as_str().is_some_and(|m| m.contains("instance pool is full"));
+            (!held).then_some(reply)
         })
         .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().starts_with("at the next start the plugins would need 11 instances"),
+        "{body}"
+    );
+    let (status, body) = put(&t, "/v1/plugins/user-replica?concurrency=8", wasm("user_replica.wasm")).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=3", wasm("stamp_v2.wasm")).await;
     assert_eq!(status, StatusCode::CONFLICT, "three lanes would not fit at the next start: {body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("lanes need 1 more"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("would need 11 instances"), "{body}");
     assert_eq!(stamped_by(&t, "kept").await, 1, "the running version keeps running");
     let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=1", wasm("stamp_v2.wasm")).await;
     assert_eq!(status, StatusCode::OK, "a swap keeps the lanes it has: {body}");

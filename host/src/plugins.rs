@@ -253,6 +253,13 @@ pub enum ControlError {
     Redis(String),
     #[error(transparent)]
     PoolFull(#[from] PoolFull),
+    /// What the next start would reserve, were the change made.
+    #[error(
+        "at the next start the plugins would need {demand} instances, one per lane (router.toml's \
+         plugins, running or not, and those added over the API, with this change), more than \
+         router.max_instances = {capacity}; raise it or lower a concurrency"
+    )]
+    NextStart { demand: usize, capacity: usize },
     /// What a name that is not running could have left, and did not: `looked` says where.
     #[error("no plugin named {name:?} is running, and nothing is left by one: {looked}")]
     NothingLeft { name: String, looked: String },
@@ -331,6 +338,27 @@ impl Control {
         Ok(dispatch)
     }
 
+    /// Whether the next start, which reserves every lane of the plugins it loads (those
+    /// running, with their current settings, and `router.toml`'s that are not), fits the
+    /// instance pool with `plugin` in place of its name's current version.
+    fn fits_next_start(&self, plugin: &LoadedPlugin) -> Result<(), ControlError> {
+        let name = plugin.name.as_str();
+        let running = self.plugins.snapshot();
+        let is_running = |other: &str| running.plugins.iter().any(|d| d.name() == other);
+        let others_running = running.plugins.iter().filter(|d| d.name() != name).map(|d| d.slot().current().lanes());
+        let configured_stopped = self
+            .configured
+            .iter()
+            .filter(|c| c.name.as_str() != name && !is_running(c.name.as_str()))
+            .map(|c| c.concurrency.max(1));
+        let demand = plugin.lanes() + others_running.sum::<usize>() + configured_stopped.sum::<usize>();
+        let capacity = self.runtime.max_instances();
+        if demand > capacity {
+            return Err(ControlError::NextStart { demand, capacity });
+        }
+        Ok(())
+    }
+
     async fn create_indexes(&self, plugin: &LoadedPlugin) -> Result<(), ControlError> {
         for (collection, field) in &plugin.indexes {
             let failed =
@@ -355,6 +383,7 @@ impl Control {
         }
         // Before anything is bound or kept: a plugin that does not fit the pool changes nothing.
         let slots = plugin.reserve_lanes()?;
+        self.fits_next_start(&plugin)?;
         self.bind(&name, &pattern_names(&plugin), &[]).await?;
         self.registry.save(&name, &plugin.entry(), None)?;
         let change = Change { version: plugin.version.clone(), digest: plugin.digest.clone(), previous_digest: None };
@@ -381,7 +410,7 @@ impl Control {
         let name = plugin.name.to_string();
         let dispatch = self.plugins.get(&name).ok_or_else(|| ControlError::NotFound(name.clone()))?;
         // The lanes stay; a larger `concurrency` starts at the next start, which must not fail.
-        plugin.check_lanes(dispatch.lanes())?;
+        self.fits_next_start(&plugin)?;
         let current = dispatch.slot().current();
         self.create_indexes(&plugin).await?;
         let (old, new) = (pattern_names(&current), pattern_names(&plugin));

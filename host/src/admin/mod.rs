@@ -81,7 +81,7 @@ impl From<ControlError> for AdminError {
             ControlError::Load(_) => AdminError::Unprocessable(e.to_string()),
             ControlError::Broker { .. } | ControlError::Redis(_) => AdminError::Unavailable(e.to_string()),
             ControlError::NothingLeft { .. } => AdminError::NotFound(e.to_string()),
-            ControlError::PoolFull(_) => AdminError::Conflict(e.to_string()),
+            ControlError::PoolFull(_) | ControlError::NextStart { .. } => AdminError::Conflict(e.to_string()),
             ControlError::QueueInUse(_) | ControlError::IngressQueue(_) | ControlError::GroupInUse { .. } => {
                 AdminError::Conflict(e.to_string())
             }

@@ -175,8 +175,6 @@ impl Drop for Entered {
 #[derive(Clone)]
 pub struct Dispatch {
     name: Arc<str>,
-    /// How many lanes it started with.
-    lanes: usize,
     slot: Arc<PluginSlot>,
     feeder: Arc<Feeder>,
     pending: Arc<Pending>,
@@ -223,7 +221,7 @@ impl Dispatch {
             let span = tracing::debug_span!("lane", plugin = %name, index);
             tokio::spawn(lane.run().instrument(span));
         }
-        Dispatch { name, lanes, slot, feeder: Arc::new(Feeder(queue)), pending, parking }
+        Dispatch { name, slot, feeder: Arc::new(Feeder(queue)), pending, parking }
     }
 
     /// What its lanes and its retrier share about its parked events.
@@ -238,11 +236,6 @@ impl Dispatch {
 
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    /// The lanes it runs, one instance each; a swap keeps them.
-    pub fn lanes(&self) -> usize {
-        self.lanes
     }
 
     pub fn slot(&self) -> &Arc<PluginSlot> {

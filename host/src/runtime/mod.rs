@@ -226,18 +226,8 @@ impl LoadedPlugin {
         self.pool.reserve(self.lanes())
     }
 
-    /// Whether this version, replacing one that runs `running` lanes, would fit the pool when
-    /// it starts with its own (at the router's next start): the instances it adds must be free
-    /// now.
-    pub fn check_lanes(&self, running: usize) -> Result<(), PoolFull> {
-        match self.lanes().saturating_sub(running) {
-            0 => Ok(()),
-            more => self.pool.check(more),
-        }
-    }
-
     /// The lanes this version starts with: its `concurrency`.
-    fn lanes(&self) -> usize {
+    pub fn lanes(&self) -> usize {
         self.settings.concurrency.max(1)
     }
 
@@ -288,6 +278,11 @@ impl Runtime {
             }
         })?;
         Ok(Runtime { engine, linker, readers, ticking, pool: InstancePool::new(max_instances) })
+    }
+
+    /// Instances the pool holds for the plugins' lanes: `router.max_instances`.
+    pub fn max_instances(&self) -> usize {
+        self.pool.capacity()
     }
 
     /// Compile, link and describe a plugin; nothing of the running router changes.

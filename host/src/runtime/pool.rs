@@ -68,22 +68,16 @@ impl InstancePool {
     /// Hold `lanes` instances until the returned [`Slots`] is dropped.
     pub fn reserve(self: &Arc<Self>, lanes: usize) -> Result<Slots, PoolFull> {
         let mut reserved = self.reserved.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.room_for(*reserved, lanes)?;
+        if *reserved + lanes > self.capacity {
+            return Err(PoolFull { wanted: lanes, reserved: *reserved, capacity: self.capacity });
+        }
         *reserved += lanes;
         Ok(Slots { pool: self.clone(), lanes })
     }
 
-    /// Whether `lanes` more instances fit now, holding none.
-    pub fn check(&self, lanes: usize) -> Result<(), PoolFull> {
-        let reserved = *self.reserved.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.room_for(reserved, lanes)
-    }
-
-    fn room_for(&self, reserved: usize, lanes: usize) -> Result<(), PoolFull> {
-        if reserved + lanes > self.capacity {
-            return Err(PoolFull { wanted: lanes, reserved, capacity: self.capacity });
-        }
-        Ok(())
+    /// Instances it holds for lanes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 }
 
@@ -122,9 +116,7 @@ mod tests {
         assert_eq!(pool.reserve(1).unwrap_err(), PoolFull { wanted: 1, reserved: 10, capacity: 10 });
         drop(first);
         assert_eq!(pool.reserve(9).unwrap_err(), PoolFull { wanted: 9, reserved: 2, capacity: 10 });
-        assert_eq!(pool.check(8), Ok(()));
         let third = pool.reserve(8).unwrap();
-        assert_eq!(pool.check(1).unwrap_err(), PoolFull { wanted: 1, reserved: 10, capacity: 10 });
         drop((second, third));
         assert!(pool.reserve(10).is_ok());
     }
