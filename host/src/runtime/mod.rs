@@ -27,7 +27,7 @@ use crate::db::{self, Readers};
 use crate::route::{Pattern, Subscriptions};
 
 pub use instance::{Instance, InvokeError};
-pub use pool::{InstancePool, PoolFull, Slots};
+pub use pool::{InstancePool, LoadingSlot, PoolFull, Slots};
 use state::HostState;
 
 /// How often the engine's epoch advances: the granularity of timeouts and of yielding to
@@ -43,8 +43,7 @@ pub enum LoadError {
     NotAComponent(String),
     #[error("component does not fit the switchyard:plugin world: {0}")]
     Incompatible(String),
-    /// The component's instantiation failed: its start trapped, or the instance pool's
-    /// loading slots are all in use.
+    /// The component's instantiation failed: its start trapped.
     #[error("cannot instantiate the component: {0}")]
     Instantiate(String),
     #[error("the plugin's metadata call failed: {0}")]
@@ -308,7 +307,8 @@ impl Runtime {
             allowed_hosts: overrides.allowed_hosts.iter().cloned().collect(),
             publishes: Subscriptions(overrides.publishes.clone()),
         });
-        let metadata = describe(&self.engine, &pre, context.clone(), overrides.limits).await?;
+        let loading = self.pool.loading().await;
+        let metadata = describe(&self.engine, &pre, context.clone(), overrides.limits, loading).await?;
         if metadata.name != name.as_str() {
             return Err(LoadError::NameMismatch { configured: name.to_string(), reported: metadata.name });
         }
@@ -372,12 +372,14 @@ fn contract_of(component: &Component, engine: &Engine) -> Option<String> {
     ty.exports(engine).find_map(|(name, _)| name.strip_prefix("switchyard:plugin/handler@").map(str::to_string))
 }
 
-/// Instantiate once and ask the plugin who it is.
+/// Instantiate once, in a loading slot of the pool (held until the instance is dropped), and
+/// ask the plugin who it is.
 async fn describe(
     engine: &Engine,
     pre: &bindings::PluginPre<HostState>,
     context: Arc<PluginContext>,
     limits: Limits,
+    _loading: LoadingSlot,
 ) -> Result<bindings::Metadata, LoadError> {
     let bytes = usize::try_from(limits.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
     let store_limits = StoreLimitsBuilder::new().memory_size(bytes).trap_on_grow_failure(true).build();

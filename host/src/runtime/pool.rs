@@ -3,10 +3,12 @@
 //! instance is dropped: a fresh instance then costs half of what mapping and unmapping its
 //! memory did (BENCHMARKS.md). The price is a bound on live instances, so each plugin's lanes
 //! reserve their slots (one instance each) when the plugin starts: a plugin that would not
-//! fit is refused then, with the reason, instead of failing its events later.
+//! fit is refused then, with the reason, instead of failing its events later. Loads take
+//! one of a few slots of their own, waiting for one while all are in use.
 
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::PoolingAllocationConfig;
 
 /// Slots beyond `max_instances` that no lane reserves: the one instance each plugin load
@@ -33,16 +35,22 @@ pub struct PoolFull {
     pub capacity: usize,
 }
 
-/// How many instances the lanes of running plugins hold, out of how many.
+/// How many instances the lanes of running plugins hold, out of how many, and the loads'
+/// slots beyond them.
 #[derive(Debug)]
 pub struct InstancePool {
     capacity: usize,
     reserved: Mutex<usize>,
+    loading: Arc<Semaphore>,
 }
 
 impl InstancePool {
     pub fn new(max_instances: u32) -> Arc<Self> {
-        Arc::new(InstancePool { capacity: max_instances as usize, reserved: Mutex::new(0) })
+        Arc::new(InstancePool {
+            capacity: max_instances as usize,
+            reserved: Mutex::new(0),
+            loading: Arc::new(Semaphore::new(LOADING_SLOTS as usize)),
+        })
     }
 
     /// wasmtime's pool for `max_instances` instances and the loading slots, every per-kind
@@ -79,6 +87,19 @@ impl InstancePool {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+
+    /// One of the loading slots, for a load's metadata instance; waits while every one is
+    /// taken, so that loads never take the instances lanes reserved.
+    pub async fn loading(&self) -> LoadingSlot {
+        // The semaphore is never closed, so the wait ends with a permit.
+        LoadingSlot { _permit: self.loading.clone().acquire_owned().await.ok() }
+    }
+}
+
+/// A loading slot, free again when dropped (after the load's instance).
+#[derive(Debug)]
+pub struct LoadingSlot {
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// The instances one plugin's lanes hold; given back when dropped, after the last lane has
@@ -119,5 +140,18 @@ mod tests {
         let third = pool.reserve(8).unwrap();
         drop((second, third));
         assert!(pool.reserve(10).is_ok());
+    }
+
+    #[test]
+    fn loads_wait_for_a_loading_slot_when_all_are_taken() {
+        use futures::FutureExt;
+        let pool = InstancePool::new(1);
+        let mut taken: Vec<LoadingSlot> =
+            (0..LOADING_SLOTS).map(|_| pool.loading().now_or_never().expect("a free slot")).collect();
+        let mut waiting = Box::pin(pool.loading());
+        assert!((&mut waiting).now_or_never().is_none(), "a seventeenth load waits");
+        assert!(pool.reserve(1).is_ok(), "lanes do not share the loading slots");
+        drop(taken.pop());
+        assert!(waiting.now_or_never().is_some(), "a freed slot goes to the waiting load");
     }
 }
