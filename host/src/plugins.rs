@@ -290,8 +290,9 @@ pub struct Change {
 /// How a removal ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Removal {
-    /// Whether every event the plugin had taken settled within the deadline; those that did
-    /// not are still handled, or given back to the broker.
+    /// Whether every event the plugin had taken settled, and its lanes stopped (their
+    /// instances back in the pool), within the deadline; events that did not settle are still
+    /// handled, or given back to the broker.
     pub drained: bool,
     /// Whether its queue (or consumer groups) and their events were discarded.
     pub discarded: bool,
@@ -448,8 +449,9 @@ impl Control {
     }
 
     /// Remove a plugin: it takes no more events, its consumers stop, the invocations under way
-    /// finish and are acknowledged (within `drain_timeout`), and the events it had queued but
-    /// not started go back to the broker. Its queue is unbound but keeps
+    /// finish and are acknowledged and its lanes stop, giving their instances back to the pool
+    /// (within `drain_timeout`), and the events it had queued but not started go back to the
+    /// broker. Its queue is unbound but keeps
     /// what is in it, for when the plugin comes back, unless `discard` deletes the queue (and
     /// the Redis consumer groups) with their events. The registry forgets it; a plugin that
     /// `router.toml` names comes back from there at the next start.
@@ -468,7 +470,12 @@ impl Control {
         };
         self.bind(name, &[], &pattern_names(&dispatch.slot().current())).await?;
         let Some(dispatch) = self.plugins.remove(name) else { return Err(ControlError::NotFound(name.to_string())) };
-        let drained = tokio::time::timeout(drain_timeout, dispatch.drained()).await.is_ok();
+        // Settled, and the lanes stopped: their instances are back in the pool when this replies.
+        let settle = async {
+            dispatch.drained().await;
+            dispatch.stopped().await;
+        };
+        let drained = tokio::time::timeout(drain_timeout, settle).await.is_ok();
         if !drained {
             tracing::warn!(plugin = %name, pending = dispatch.pending(), "removed plugin still has events under way");
         }

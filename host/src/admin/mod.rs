@@ -433,7 +433,8 @@ pub struct DeleteQuery {
 #[derive(Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Removed {
     pub name: String,
-    /// Whether every event the plugin had taken was handled before the reply.
+    /// Whether every event the plugin had taken was handled, and its lanes stopped (their
+    /// instances back in the pool), before the reply.
     pub drained: bool,
     /// Whether its queue and the events in it were deleted.
     pub discarded_queue: bool,

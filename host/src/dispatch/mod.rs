@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, OptionFuture};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt};
 
@@ -160,6 +160,12 @@ impl Pending {
             self.settled.notify_waiters();
         }
     }
+
+    /// Closed with nothing left to settle: no event will come (an [`enter`](Self::enter)
+    /// after the close sees it), so the lanes may stop.
+    fn is_finished(&self) -> bool {
+        self.closed.load(Ordering::SeqCst) && self.count.load(Ordering::SeqCst) == 0
+    }
 }
 
 /// One pending event; dropping it settles the count.
@@ -179,6 +185,21 @@ pub struct Dispatch {
     feeder: Arc<Feeder>,
     pending: Arc<Pending>,
     parking: Arc<Parking>,
+    stopped: CancellationToken,
+}
+
+/// What the lanes of a plugin hold together: the engine's instances, given back when the last
+/// lane has stopped (and dropped its instance), which then says it has.
+struct Held {
+    slots: Option<Slots>,
+    stopped: CancellationToken,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.slots.take());
+        self.stopped.cancel();
+    }
 }
 
 /// What feeds the lanes; when the last [`Dispatch`] holding it is dropped, no more events
@@ -199,7 +220,8 @@ impl Dispatch {
         let pending = Arc::new(Pending::default());
         let parking = Arc::new(Parking::load(&readers, &name));
         let lanes = slots.lanes();
-        let slots = Arc::new(slots);
+        let stopped = CancellationToken::new();
+        let held = Arc::new(Held { slots: Some(slots), stopped: stopped.clone() });
         let queue = Arc::new(Queue::new(lanes, lanes * LANE_DEPTH));
         for index in 0..lanes {
             let lane = Lane {
@@ -212,7 +234,7 @@ impl Dispatch {
                 instance: None,
                 pending: pending.clone(),
                 parking: parking.clone(),
-                _slots: slots.clone(),
+                _held: held.clone(),
             };
             // At `debug`, like the event's span (see `event_span`): a span enabled at `info`
             // is entered and left on every poll of the lane, which cost about 0.3 µs per event
@@ -221,7 +243,7 @@ impl Dispatch {
             let span = tracing::debug_span!("lane", plugin = %name, index);
             tokio::spawn(lane.run().instrument(span));
         }
-        Dispatch { name, slot, feeder: Arc::new(Feeder(queue)), pending, parking }
+        Dispatch { name, slot, feeder: Arc::new(Feeder(queue)), pending, parking, stopped }
     }
 
     /// What its lanes and its retrier share about its parked events.
@@ -280,6 +302,13 @@ impl Dispatch {
             }
             settled.await;
         }
+    }
+
+    /// Wait until every lane has stopped and the plugin's instances are back in the engine's
+    /// pool: after [`drained`](Self::drained) of a closed plugin, or once the last
+    /// [`Dispatch`] is dropped and its events are settled.
+    pub async fn stopped(&self) {
+        self.stopped.cancelled().await;
     }
 }
 
@@ -344,7 +373,7 @@ struct Lane {
     parking: Arc<Parking>,
     /// The engine's instances the plugin's lanes hold; declared after `instance`, so given
     /// back after it is dropped.
-    _slots: Arc<Slots>,
+    _held: Arc<Held>,
 }
 
 /// How one event ended in a lane.
@@ -514,7 +543,9 @@ impl Lane {
                 }
                 continue;
             }
-            if pipeline.is_empty() && self.queue.is_done() {
+            // Created before the check, so that the last event settling after it wakes the lane.
+            let settled = stopping.then(|| self.pending.settled.notified());
+            if pipeline.is_empty() && (self.queue.is_done() || self.pending.is_finished()) {
                 return;
             }
             tokio::select! {
@@ -527,6 +558,8 @@ impl Lane {
                 _ = self.queue.woken(self.index) => {}
                 _ = self.slot.wait_running(), if paused && !stopping => {}
                 _ = closing.cancelled(), if !stopping => {}
+                // Removed: the lanes stop once every event it took is settled.
+                _ = OptionFuture::from(settled), if stopping => {}
             }
         }
     }
