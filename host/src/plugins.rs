@@ -477,7 +477,11 @@ impl Control {
         };
         let drained = tokio::time::timeout(drain_timeout, settle).await.is_ok();
         if !drained {
-            tracing::warn!(plugin = %name, pending = dispatch.pending(), "removed plugin still has events under way");
+            tracing::warn!(
+                plugin = %name,
+                pending = dispatch.pending(),
+                "removed plugin still has events under way, or lanes finishing them"
+            );
         }
         self.registry.remove(name)?;
         let removal = if discard {

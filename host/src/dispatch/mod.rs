@@ -305,8 +305,9 @@ impl Dispatch {
     }
 
     /// Wait until every lane has stopped and the plugin's instances are back in the engine's
-    /// pool: after [`drained`](Self::drained) of a closed plugin, or once the last
-    /// [`Dispatch`] is dropped and its events are settled.
+    /// pool: meant after [`close`](Self::close), which the lanes follow once every event the
+    /// plugin took is settled (a plugin that is not closed stops only when its last
+    /// [`Dispatch`] is dropped).
     pub async fn stopped(&self) {
         self.stopped.cancelled().await;
     }

@@ -43,7 +43,8 @@ pub enum LoadError {
     NotAComponent(String),
     #[error("component does not fit the switchyard:plugin world: {0}")]
     Incompatible(String),
-    /// The component's instantiation failed: its start trapped.
+    /// The component could not be instantiated: its start trapped, or its initial memory is
+    /// larger than the plugin's `memory_mb`.
     #[error("cannot instantiate the component: {0}")]
     Instantiate(String),
     #[error("the plugin's metadata call failed: {0}")]
