@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
-use switchyard_tests::{ADMIN_TOKEN as TOKEN, Rabbit, TestRouter, config, eventually, plugin_table};
+use switchyard_tests::{ADMIN_TOKEN as TOKEN, Rabbit, TestRouter, config, eventually, eventually_async, plugin_table};
 
 async fn router() -> TestRouter {
     let text = "[router]\ndata_dir = \"{data_dir}\"\nlog = \"warn\"\n".to_string()
@@ -279,11 +279,25 @@ async fn a_plugin_added_over_the_api_runs_comes_back_after_a_restart_and_is_remo
     assert_eq!(names, ["user-replica"], "the registry forgot the removed plugin");
 }
 
+/// Wait until `/metrics` shows the instance pool's gauges at these values. Every router of this
+/// process sets the same unlabelled gauges when it is scraped, so a scrape may show another
+/// test's router's: asked again until this one's appear.
+async fn pool_gauges(t: &TestRouter, reserved: usize, max: usize) {
+    let wanted = [format!("switchyard_instances_reserved {reserved}\n"), format!("switchyard_instances_max {max}\n")];
+    eventually_async("the instance pool's gauges", Duration::from_secs(10), async || {
+        let (_, metrics) = call(t, "GET", "/metrics", Some(TOKEN), "").await;
+        let text = metrics.as_str()?.to_string();
+        wanted.iter().all(|line| text.contains(line.as_str())).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_plugin_whose_lanes_do_not_fit_the_instance_pool_is_refused_and_changes_nothing() {
     let toml = "[router]\ndata_dir = \"{data_dir}\"\nlog = \"warn\"\nmax_instances = 10\n".to_string()
         + &plugin_table("user-replica", "user_replica.wasm", "concurrency = 8");
     let t = TestRouter::start(&toml).await;
+    pool_gauges(&t, 8, 10).await;
     let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=3", wasm("stamp_v1.wasm")).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
@@ -300,6 +314,7 @@ async fn a_plugin_whose_lanes_do_not_fit_the_instance_pool_is_refused_and_change
     let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=2", wasm("stamp_v1.wasm")).await;
     assert_eq!(status, StatusCode::CREATED, "two lanes fit: {body}");
     assert_eq!(stamped_by(&t, "fits").await, 1);
+    pool_gauges(&t, 10, 10).await;
     // Held the way a source holds the plugins it still drains: the lanes stop all the same.
     let still_held = t.router.plugins.get("user-replica").expect("running");
     let (status, body) = call(&t, "DELETE", "/v1/plugins/user-replica", Some(TOKEN), "").await;
@@ -311,6 +326,7 @@ async fn a_plugin_whose_lanes_do_not_fit_the_instance_pool_is_refused_and_change
     );
     // Its instances are back in the pool when DELETE replies; its router.toml entry still
     // counts, for it comes back at the next start.
+    pool_gauges(&t, 2, 10).await;
     let (status, body) = put(&t, "/v1/plugins/welcome?concurrency=1", wasm("welcome.wasm")).await;
     drop(still_held);
     assert_eq!(status, StatusCode::CONFLICT, "{body}");

@@ -685,6 +685,10 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         metrics::gauge!("switchyard_source_connected", "source" => s.source).set(up);
     }
     metrics::gauge!("switchyard_in_flight").set(state.in_flight.get() as f64);
+    // How full the instance pool is: an addition whose lanes do not fit gets 409.
+    let runtime = &state.control.runtime;
+    metrics::gauge!("switchyard_instances_reserved").set(runtime.instances_reserved() as f64);
+    metrics::gauge!("switchyard_instances_max").set(runtime.max_instances() as f64);
     // Consumer lag, where the broker tells it.
     if let Some(rabbit) = &state.control.rabbitmq {
         let queues: Vec<String> = plugins.iter().map(|p| RabbitMqSource::queue_name(rabbit, p)).collect();

@@ -285,6 +285,11 @@ impl Runtime {
         self.pool.capacity()
     }
 
+    /// Instances the lanes of running plugins hold now, of [`max_instances`](Self::max_instances).
+    pub fn instances_reserved(&self) -> usize {
+        self.pool.reserved()
+    }
+
     /// Compile, link and describe a plugin; nothing of the running router changes.
     pub async fn load(&self, name: &PluginName, bytes: &[u8], overrides: Overrides) -> Result<LoadedPlugin, LoadError> {
         let mut config = BTreeMap::new();

@@ -88,6 +88,11 @@ impl InstancePool {
         self.capacity
     }
 
+    /// Instances the lanes of running plugins hold now.
+    pub fn reserved(&self) -> usize {
+        *self.reserved.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// One of the loading slots, for a load's metadata instance; waits while every one is
     /// taken, so that loads never take the instances lanes reserved.
     pub async fn loading(&self) -> LoadingSlot {
@@ -132,6 +137,7 @@ mod tests {
     fn lanes_reserve_instances_until_their_slots_are_dropped() {
         let pool = InstancePool::new(10);
         let first = pool.reserve(8).unwrap();
+        assert_eq!(pool.reserved(), 8);
         assert_eq!(pool.reserve(3).unwrap_err(), PoolFull { wanted: 3, reserved: 8, capacity: 10 });
         let second = pool.reserve(2).unwrap();
         assert_eq!(pool.reserve(1).unwrap_err(), PoolFull { wanted: 1, reserved: 10, capacity: 10 });
@@ -139,6 +145,7 @@ mod tests {
         assert_eq!(pool.reserve(9).unwrap_err(), PoolFull { wanted: 9, reserved: 2, capacity: 10 });
         let third = pool.reserve(8).unwrap();
         drop((second, third));
+        assert_eq!(pool.reserved(), 0);
         assert!(pool.reserve(10).is_ok());
     }
 
