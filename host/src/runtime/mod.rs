@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, StoreLimits, StoreLimitsBuilder};
 
 use crate::capability::PluginContext;
 use crate::config::{AllowedHost, ConfigValue, InstancePolicy, Limits, PluginConfig, PluginName, RetryPolicy, Secret};
@@ -231,10 +231,16 @@ impl LoadedPlugin {
         self.settings.concurrency.max(1)
     }
 
-    fn store_limits(&self) -> wasmtime::StoreLimits {
-        let bytes = usize::try_from(self.settings.limits.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
-        StoreLimitsBuilder::new().memory_size(bytes).trap_on_grow_failure(true).build()
+    fn store_limits(&self) -> StoreLimits {
+        store_limits(self.settings.limits)
     }
+}
+
+/// A store's limits under a plugin's `limits`: its memory capped at `memory_mb`, a growth past
+/// it a trap.
+fn store_limits(limits: Limits) -> StoreLimits {
+    let bytes = usize::try_from(limits.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+    StoreLimitsBuilder::new().memory_size(bytes).trap_on_grow_failure(true).build()
 }
 
 /// The wasmtime engine shared by every plugin, with its epoch ticker.
@@ -387,9 +393,7 @@ async fn describe(
     limits: Limits,
     _loading: LoadingSlot,
 ) -> Result<bindings::Metadata, LoadError> {
-    let bytes = usize::try_from(limits.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
-    let store_limits = StoreLimitsBuilder::new().memory_size(bytes).trap_on_grow_failure(true).build();
-    let mut store = instance::new_store(engine, HostState::new(context, store_limits), limits.timeout_ms);
+    let mut store = instance::new_store(engine, HostState::new(context, store_limits(limits)), limits.timeout_ms);
     // Bounded like an invocation, also while the plugin waits in a host call.
     let timeout = Duration::from_millis(limits.timeout_ms) + EPOCH_TICK;
     let describe = async {
