@@ -470,6 +470,13 @@ pub struct PluginConfig {
     pub publishes: Vec<Pattern>,
 }
 
+impl PluginConfig {
+    /// The lanes the plugin starts with, each holding an instance of the engine's pool.
+    pub fn lanes(&self) -> usize {
+        self.concurrency.max(1)
+    }
+}
+
 /// One entry of a plugin's `allowed_hosts`: a host name or IP, optionally with a port; a
 /// leading `*.` matches any subdomain (not the domain itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -819,7 +826,7 @@ impl Config {
         if self.router.worker_threads.is_some_and(|n| !(1..=1024).contains(&n)) {
             problems.push("router.worker_threads: must be between 1 and 1024".into());
         }
-        let lanes: usize = self.plugins.iter().map(|p| p.concurrency).sum();
+        let lanes: usize = self.plugins.iter().map(PluginConfig::lanes).sum();
         if !(1..=4096).contains(&self.router.max_instances) {
             problems.push("router.max_instances: must be between 1 and 4096".into());
         } else if lanes > self.router.max_instances as usize {

@@ -351,7 +351,7 @@ impl Control {
             .configured
             .iter()
             .filter(|c| c.name.as_str() != name && !is_running(c.name.as_str()))
-            .map(|c| c.concurrency.max(1));
+            .map(PluginConfig::lanes);
         let demand = plugin.lanes() + others_running.sum::<usize>() + configured_stopped.sum::<usize>();
         let capacity = self.runtime.max_instances();
         if demand > capacity {
@@ -470,12 +470,9 @@ impl Control {
         };
         self.bind(name, &[], &pattern_names(&dispatch.slot().current())).await?;
         let Some(dispatch) = self.plugins.remove(name) else { return Err(ControlError::NotFound(name.to_string())) };
-        // Settled, and the lanes stopped: their instances are back in the pool when this replies.
-        let settle = async {
-            dispatch.drained().await;
-            dispatch.stopped().await;
-        };
-        let drained = tokio::time::timeout(drain_timeout, settle).await.is_ok();
+        // A closed plugin's lanes stop once every event it took is settled: when they have,
+        // it is drained and its instances are back in the pool.
+        let drained = tokio::time::timeout(drain_timeout, dispatch.stopped()).await.is_ok();
         if !drained {
             tracing::warn!(
                 plugin = %name,
