@@ -279,6 +279,34 @@ async fn a_plugin_added_over_the_api_runs_comes_back_after_a_restart_and_is_remo
     assert_eq!(names, ["user-replica"], "the registry forgot the removed plugin");
 }
 
+#[tokio::test]
+async fn an_addition_that_fails_creating_its_index_is_not_kept_for_the_next_start() {
+    let toml = stamp_router_toml("");
+    let t = TestRouter::start(&toml).await;
+    // A table by the name of the index `user-replica` declares: creating the index fails, as
+    // it would on a store error.
+    let drop_blocker = {
+        let db = rusqlite::Connection::open(t.dir.path().join(switchyard::db::FILE_NAME)).unwrap();
+        let blocker = "\"documents:user-replica:user_refs:email\"";
+        db.execute_batch(&format!("CREATE TABLE {blocker} (x)")).unwrap();
+        move || db.execute_batch(&format!("DROP TABLE {blocker}")).unwrap()
+    };
+    let (status, body) = put(&t, "/v1/plugins/user-replica", wasm("user_replica.wasm")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body["error"]["message"], "internal error", "the reason goes to the router's log only: {body}");
+    let (status, _) = call(&t, "GET", "/v1/plugins/user-replica", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let dir = t.stop().await;
+    drop_blocker();
+
+    let t = TestRouter::start_in(&toml, dir).await;
+    let (_, plugins) = call(&t, "GET", "/v1/plugins", Some(TOKEN), "").await;
+    let names: Vec<&str> = plugins.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["stamp"], "the registry kept nothing of the failed addition");
+    let (status, body) = put(&t, "/v1/plugins/user-replica", wasm("user_replica.wasm")).await;
+    assert_eq!(status, StatusCode::CREATED, "once the index can be created, the addition works: {body}");
+}
+
 /// Wait until `/metrics` shows the instance pool's gauges at these values. Every router of this
 /// process sets the same unlabelled gauges when it is scraped, so a scrape may show another
 /// test's router's: asked again until this one's appear.

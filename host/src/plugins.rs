@@ -375,7 +375,9 @@ impl Control {
     }
 
     /// Start a plugin that is not running: its queue is declared and bound first, so that no
-    /// event published from now on misses it, then it is kept in the registry and added.
+    /// event published from now on misses it, then its indexes are created and its lanes
+    /// started, and only then is it kept in the registry and added: a failed addition leaves
+    /// no registry entry for the next start to load.
     pub async fn add(&self, plugin: LoadedPlugin) -> Result<Change, ControlError> {
         let _one_at_a_time = self.changing.lock().await;
         let name = plugin.name.to_string();
@@ -386,9 +388,14 @@ impl Control {
         let slots = plugin.reserve_lanes()?;
         self.fits_next_start(&plugin)?;
         self.bind(&name, &pattern_names(&plugin), &[]).await?;
-        self.registry.save(&name, &plugin.entry(), None)?;
+        let entry = plugin.entry();
         let change = Change { version: plugin.version.clone(), digest: plugin.digest.clone(), previous_digest: None };
         let dispatch = self.install(plugin, slots).await?;
+        // A closed dispatch that took no event stops its lanes at once, giving their instances back.
+        if let Err(e) = self.registry.save(&name, &entry, None) {
+            dispatch.close();
+            return Err(e.into());
+        }
         if let Err(e) = self.plugins.add(dispatch.clone()) {
             dispatch.close();
             return Err(e.into());
