@@ -59,7 +59,7 @@ fn answer(order: &flows::orders::OrderRef, reservation: &Reservation) -> Result<
     .map(drop)
 }
 
-fn reserve(event: &Event) -> Result<String> {
+fn reserve(event: &Event) -> Result<()> {
     let command: Reserve = event.json()?;
     let order = OrderRef::new(&command.order_id);
     let key = command.order_id.to_string();
@@ -71,7 +71,8 @@ fn reserve(event: &Event) -> Result<String> {
         };
         let reservation = if existing.state == Held::Released { refusal } else { existing };
         answer(&order, &reservation)?;
-        return Ok(format!("order {key}: repeated reserve answered {:?}", reservation.state));
+        log::debug!("order {key}: repeated reserve answered {:?}", reservation.state);
+        return Ok(());
     }
     let mut wanted = BTreeMap::new();
     for item in &command.items {
@@ -96,10 +97,11 @@ fn reserve(event: &Event) -> Result<String> {
     };
     RESERVATIONS.put(&key, &reservation)?;
     answer(&order, &reservation)?;
-    Ok(format!("order {key}: {:?}", reservation.state))
+    log::debug!("order {key}: {:?}", reservation.state);
+    Ok(())
 }
 
-fn release(event: &Event) -> Result<String> {
+fn release(event: &Event) -> Result<()> {
     let command: OrderRef = event.json()?;
     let key = command.order_id.to_string();
     let reservation = match RESERVATIONS.get(&key)? {
@@ -115,7 +117,8 @@ fn release(event: &Event) -> Result<String> {
     };
     RESERVATIONS.put(&key, &reservation)?;
     answer(&OrderRef::new(&command.order_id), &reservation)?;
-    Ok(format!("order {key}: released"))
+    log::debug!("order {key}: released");
+    Ok(())
 }
 
 struct Inventory;
@@ -127,13 +130,11 @@ impl Plugin for Inventory {
     }
 
     fn handle(event: Event) -> Result<()> {
-        let line = match event.name.as_str() {
-            INVENTORY_RESERVE => reserve(&event)?,
-            INVENTORY_RELEASE => release(&event)?,
-            other => return Err(Error::reject(format!("no handler for {other}"))),
-        };
-        log::debug(&line);
-        Ok(())
+        match event.name.as_str() {
+            INVENTORY_RESERVE => reserve(&event),
+            INVENTORY_RELEASE => release(&event),
+            other => Err(Error::reject(format!("no handler for {other}"))),
+        }
     }
 }
 
