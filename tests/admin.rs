@@ -24,6 +24,11 @@ async fn call(t: &TestRouter, method: &str, path: &str, token: Option<&str>, bod
     t.admin_request(request.body(Body::from(body.to_string())).unwrap()).await
 }
 
+/// The message of an error reply (`{"error": {"code", "message"}}`); empty for any other body.
+fn error_message(body: &Value) -> &str {
+    body["error"]["message"].as_str().unwrap_or_default()
+}
+
 fn login(id: &str, email: &str) -> String {
     json!({ "pattern": "auth.tokenGenerated", "data": { "user": { "user_id": id, "name": id, "email": email }, "token": "t" } }).to_string()
 }
@@ -44,7 +49,7 @@ async fn every_route_but_health_needs_the_token_and_errors_have_one_shape() {
     }
     let (status, body) = call(&t, "GET", "/v1/plugins/nope", Some(TOKEN), "").await;
     assert_eq!((status, &body["error"]["code"]), (StatusCode::NOT_FOUND, &json!("not_found")));
-    assert_eq!(body["error"]["message"], "no plugin named \"nope\"");
+    assert_eq!(error_message(&body), "no plugin named \"nope\"");
 }
 
 #[tokio::test]
@@ -70,10 +75,10 @@ async fn posted_events_are_handled_before_the_reply_and_the_store_can_be_inspect
     let (status, body) =
         call(&t, "GET", "/v1/plugins/user-replica/store/user_refs?field=name&value=u1", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(body["error"]["message"], "user_refs.name is not an indexed field of plugin user-replica");
+    assert_eq!(error_message(&body), "user_refs.name is not an indexed field of plugin user-replica");
     let (status, body) = call(&t, "POST", "/v1/events", Some(TOKEN), "{\"pattern\":").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["error"]["message"].as_str().unwrap().starts_with("body is not JSON"), "{body}");
+    assert!(error_message(&body).starts_with("body is not JSON"), "{body}");
     let (status, _) = call(&t, "GET", "/v1/plugins/user-replica/store/user_refs/none", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, body) = call(&t, "GET", "/v1/plugins/user-replica/store/user_refs?limit=many", Some(TOKEN), "").await;
@@ -162,22 +167,16 @@ async fn bad_uploads_are_refused_with_the_reason_and_the_old_version_keeps_runni
     let (_, before) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
     let (status, body) = put(&t, "/v1/plugins/stamp", b"\0asm not really".to_vec()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().starts_with("not a WebAssembly component"), "{body}");
+    assert!(error_message(&body).starts_with("not a WebAssembly component"), "{body}");
     let (status, body) = put(&t, "/v1/plugins/stamp", wasm("misbehave.wasm")).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    assert_eq!(
-        body["error"]["message"],
-        "config names the plugin \"stamp\" but the component says it is \"misbehave\""
-    );
+    assert_eq!(error_message(&body), "config names the plugin \"stamp\" but the component says it is \"misbehave\"");
     let (status, body) = put(&t, "/v1/plugins/stamp", wasm("not_a_plugin.wasm")).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    assert!(
-        body["error"]["message"].as_str().unwrap().starts_with("component does not fit the switchyard:plugin world"),
-        "{body}"
-    );
+    assert!(error_message(&body).starts_with("component does not fit the switchyard:plugin world"), "{body}");
     let (status, body) = put(&t, "/v1/plugins/overreach", wasm("overreach.wasm")).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    let message = body["error"]["message"].as_str().unwrap();
+    let message = error_message(&body);
     assert!(
         message.starts_with("component does not fit the switchyard:plugin world")
             && message.contains("fixture:overreach/escape"),
@@ -293,7 +292,7 @@ async fn an_addition_that_fails_creating_its_index_is_not_kept_for_the_next_star
     };
     let (status, body) = put(&t, "/v1/plugins/user-replica", wasm("user_replica.wasm")).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
-    assert_eq!(body["error"]["message"], "internal error", "the reason goes to the router's log only: {body}");
+    assert_eq!(error_message(&body), "internal error", "the reason goes to the router's log only: {body}");
     let (status, _) = call(&t, "GET", "/v1/plugins/user-replica", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let dir = t.stop().await;
@@ -328,7 +327,7 @@ async fn a_plugin_whose_lanes_do_not_fit_the_instance_pool_is_refused_and_change
     pool_gauges(&t, 8, 10).await;
     let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=3", wasm("stamp_v1.wasm")).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    let message = body["error"]["message"].as_str().unwrap();
+    let message = error_message(&body);
     assert!(
         message.contains("the plugin's lanes need 3 more (an instance each), and 8 of router.max_instances = 10"),
         "{body}"
@@ -358,15 +357,12 @@ async fn a_plugin_whose_lanes_do_not_fit_the_instance_pool_is_refused_and_change
     let (status, body) = put(&t, "/v1/plugins/welcome?concurrency=1", wasm("welcome.wasm")).await;
     drop(still_held);
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(
-        body["error"]["message"].as_str().unwrap().starts_with("at the next start the plugins would need 11 instances"),
-        "{body}"
-    );
+    assert!(error_message(&body).starts_with("at the next start the plugins would need 11 instances"), "{body}");
     let (status, body) = put(&t, "/v1/plugins/user-replica?concurrency=8", wasm("user_replica.wasm")).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=3", wasm("stamp_v2.wasm")).await;
     assert_eq!(status, StatusCode::CONFLICT, "three lanes would not fit at the next start: {body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("would need 11 instances"), "{body}");
+    assert!(error_message(&body).contains("would need 11 instances"), "{body}");
     assert_eq!(stamped_by(&t, "kept").await, 1, "the running version keeps running");
     let (status, body) = put(&t, "/v1/plugins/stamp?concurrency=1", wasm("stamp_v2.wasm")).await;
     assert_eq!(status, StatusCode::OK, "a swap keeps the lanes it has: {body}");
@@ -468,7 +464,7 @@ async fn the_openapi_description_matches_the_real_routes() {
         for (method, operation) in item.as_object().unwrap() {
             let (status, body) = call(&t, &method.to_uppercase(), &concrete, Some(TOKEN), "").await;
             assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
-            assert_ne!(body["error"]["message"], "no such route", "{method} {path} is described but not served");
+            assert_ne!(error_message(&body), "no such route", "{method} {path} is described but not served");
             let secured = operation.get("security").is_some();
             assert_eq!(secured, path != "/v1/health", "{method} {path}: only health is open");
         }
@@ -631,7 +627,7 @@ async fn discard_queue_deletes_the_queue_a_failed_addition_left_unless_it_is_con
     assert_eq!(switchyard::router::queue_depth(&url, &leftover).await, None, "the leftover queue is deleted");
     let (status, body) = call(&t, "DELETE", "/v1/plugins/leftover?discard_queue=true", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("has no queue"), "{body}");
+    assert!(error_message(&body).contains("has no queue"), "{body}");
 
     // A queue something consumes from may be a plugin of that name on another router: kept.
     let elsewhere = declare("elsewhere").await;
@@ -640,7 +636,7 @@ async fn discard_queue_deletes_the_queue_a_failed_addition_left_unless_it_is_con
     let _consumer = consumer.await.expect("consume");
     let (status, body) = call(&t, "DELETE", "/v1/plugins/elsewhere?discard_queue=true", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("has a consumer"), "{body}");
+    assert!(error_message(&body).contains("has a consumer"), "{body}");
     assert_eq!(switchyard::router::queue_depth(&url, &elsewhere).await, Some(0), "a consumed queue is kept");
 
     // The ingress queue is named like a plugin's queue here (`{prefix}ingress`), and is never
@@ -650,7 +646,7 @@ async fn discard_queue_deletes_the_queue_a_failed_addition_left_unless_it_is_con
     switchyard_tests::eventually_async("the ingress queue declared", Duration::from_secs(30), ingress).await;
     let (status, body) = call(&t, "DELETE", "/v1/plugins/ingress?discard_queue=true", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("ingress_queues"), "{body}");
+    assert!(error_message(&body).contains("ingress_queues"), "{body}");
     assert!(switchyard::router::queue_depth(&url, &rabbit.ingress).await.is_some(), "the ingress queue is kept");
     drop(t.stop().await);
 }
