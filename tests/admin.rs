@@ -7,7 +7,9 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
-use switchyard_tests::{ADMIN_TOKEN as TOKEN, Rabbit, TestRouter, config, eventually, eventually_async, plugin_table};
+use switchyard_tests::{
+    ADMIN_TOKEN as TOKEN, Rabbit, TestRouter, config, error_message, eventually, eventually_async, plugin_table,
+};
 
 async fn router() -> TestRouter {
     let text = "[router]\ndata_dir = \"{data_dir}\"\nlog = \"warn\"\n".to_string()
@@ -22,11 +24,6 @@ async fn call(t: &TestRouter, method: &str, path: &str, token: Option<&str>, bod
         request = request.header("authorization", format!("Bearer {token}"));
     }
     t.admin_request(request.body(Body::from(body.to_string())).unwrap()).await
-}
-
-/// The message of an error reply (`{"error": {"code", "message"}}`); empty for any other body.
-fn error_message(body: &Value) -> &str {
-    body["error"]["message"].as_str().unwrap_or_default()
 }
 
 fn login(id: &str, email: &str) -> String {
@@ -589,7 +586,7 @@ async fn over_rabbitmq_an_added_plugin_misses_nothing_and_pause_and_delete_keep_
 }
 
 #[tokio::test]
-async fn discard_queue_deletes_the_queue_a_failed_addition_left_unless_it_is_consumed_or_an_ingress_queue() {
+async fn discard_queue_deletes_a_plugins_queue_unless_another_router_consumes_it_or_it_is_an_ingress_queue() {
     let rabbit = Rabbit::new().await;
     rabbit.track_plugin("leftover");
     rabbit.track_plugin("elsewhere");
@@ -629,24 +626,47 @@ async fn discard_queue_deletes_the_queue_a_failed_addition_left_unless_it_is_con
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert!(error_message(&body).contains("has no queue"), "{body}");
 
+    // Another router's consumer on a queue, and a discard that must be refused: its message.
+    let other_router = async |queue: &str| {
+        let consumer = rabbit.channel.basic_consume(queue.into(), "".into(), Default::default(), Default::default());
+        consumer.await.expect("consume")
+    };
+    let refused = async |plugin: &str| {
+        let (status, body) =
+            call(&t, "DELETE", &format!("/v1/plugins/{plugin}?discard_queue=true"), Some(TOKEN), "").await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        error_message(&body).to_string()
+    };
+
     // A queue something consumes from may be a plugin of that name on another router: kept.
     let elsewhere = declare("elsewhere").await;
-    let consumer =
-        rabbit.channel.basic_consume(elsewhere.as_str().into(), "".into(), Default::default(), Default::default());
-    let _consumer = consumer.await.expect("consume");
-    let (status, body) = call(&t, "DELETE", "/v1/plugins/elsewhere?discard_queue=true", Some(TOKEN), "").await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(error_message(&body).contains("has a consumer"), "{body}");
+    let _consumer = other_router(&elsewhere).await;
+    let message = refused("elsewhere").await;
+    assert!(message.contains("has a consumer of another router"), "{message}");
     assert_eq!(switchyard::router::queue_depth(&url, &elsewhere).await, Some(0), "a consumed queue is kept");
+
+    // A running plugin's queue: this router's consumer is one of its consumers; another's
+    // refuses the discard, and the plugin keeps running.
+    let replica = format!("{}user-replica", rabbit.prefix);
+    let other_router = other_router(&replica).await;
+    let message = refused("user-replica").await;
+    assert!(message.contains("nothing is removed or deleted"), "{message}");
+    assert!(t.router.plugins.get("user-replica").is_some(), "the plugin still runs");
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let kept = rabbit.channel.queue_declare(replica.as_str().into(), passive, Default::default()).await;
+    assert_eq!(kept.expect("the queue is kept").consumer_count(), 2, "this router's consumer and the other's");
+    rabbit.channel.basic_cancel(other_router.tag(), Default::default()).await.expect("cancel");
+    let (status, body) = call(&t, "DELETE", "/v1/plugins/user-replica?discard_queue=true", Some(TOKEN), "").await;
+    assert_eq!((status, body["discarded_queue"].as_bool()), (StatusCode::OK, Some(true)), "{body}");
+    assert_eq!(switchyard::router::queue_depth(&url, &replica).await, None, "alone on its queue, it is deleted");
 
     // The ingress queue is named like a plugin's queue here (`{prefix}ingress`), and is never
     // a plugin's to delete.
     assert_eq!(rabbit.ingress, format!("{}ingress", rabbit.prefix));
     let ingress = async || switchyard::router::queue_depth(&url, &rabbit.ingress).await;
     switchyard_tests::eventually_async("the ingress queue declared", Duration::from_secs(30), ingress).await;
-    let (status, body) = call(&t, "DELETE", "/v1/plugins/ingress?discard_queue=true", Some(TOKEN), "").await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(error_message(&body).contains("ingress_queues"), "{body}");
+    let message = refused("ingress").await;
+    assert!(message.contains("ingress_queues"), "{message}");
     assert!(switchyard::router::queue_depth(&url, &rabbit.ingress).await.is_some(), "the ingress queue is kept");
     drop(t.stop().await);
 }
@@ -735,7 +755,7 @@ async fn config_values_come_in_a_multipart_settings_part_and_secrets_stay_refere
         let (content_type, body) = multipart(wasm("stamp_v2.wasm"), settings);
         let (status, reply) = t.admin("PUT", "/v1/plugins/stamp", &content_type, body).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
-        let text = reply["error"]["message"].as_str().unwrap();
+        let text = error_message(&reply);
         assert!(text.starts_with(message), "{text}");
     }
     let (status, reply) = t.admin("PUT", "/v1/plugins/stamp?config=x", "application/wasm", wasm("stamp_v2.wasm")).await;

@@ -9,7 +9,7 @@ use switchyard::commit::{Effects, OutboxRow, Writer};
 use switchyard::config::StoreConfig;
 use switchyard::router;
 use switchyard_tests::{
-    Rabbit, SETTLE, TestRouter, amqp_url, config, connected, eventually, not_ready_reason, settle,
+    Rabbit, SETTLE, TestRouter, amqp_url, config, connected, error_message, eventually, not_ready_reason, settle,
     stop_and_assert_acked,
 };
 
@@ -498,7 +498,7 @@ async fn a_broker_outage_mid_stream_reports_not_ready_holds_the_outbox_and_loses
     eventually("the router to report the outage", SETTLE, || (!t.router.is_connected()).then_some(())).await;
     let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
     assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
+    let message = error_message(&body);
     assert!(message.starts_with("not connected: rabbitmq ("), "{body}");
     assert_ne!(message, "not connected: rabbitmq (connecting)", "the outage's reason, not the first connection's");
     // Handled during the outage (through the HTTP source): its published event waits in the outbox.

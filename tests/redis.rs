@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde_json::json;
-use switchyard_tests::{TestRouter, eventually, eventually_async, not_ready_reason, plugin_table, unique};
+use switchyard_tests::{
+    TestRouter, error_message, eventually, eventually_async, not_ready_reason, plugin_table, unique,
+};
 
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -417,7 +419,7 @@ async fn discard_queue_deletes_a_plugins_consumer_groups_running_or_left_behind_
     assert!(!groups(&mut conn).await.contains(&"switchyard.stamp".to_string()), "the group is deleted");
     let (status, body) = t.admin("DELETE", "/v1/plugins/stamp?discard_queue=true", "application/json", "").await;
     assert_eq!(status, axum::http::StatusCode::NOT_FOUND, "{body}");
-    let message = body["error"]["message"].as_str().unwrap();
+    let message = error_message(&body);
     assert!(message.contains("Redis has no consumer group switchyard.stamp"), "{body}");
 
     // A group another router's consumer reads from is that router's plugin: kept. (Before
@@ -428,7 +430,7 @@ async fn discard_queue_deletes_a_plugins_consumer_groups_running_or_left_behind_
     let _: redis::streams::StreamReadReply = conn.xread_options(&[&stream], &[">"], &options).await.unwrap();
     let (status, body) = t.admin("DELETE", "/v1/plugins/elsewhere?discard_queue=true", "application/json", "").await;
     assert_eq!(status, axum::http::StatusCode::CONFLICT, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("is read by another router"), "{body}");
+    assert!(error_message(&body).contains("is read by another router"), "{body}");
     assert!(groups(&mut conn).await.contains(&"switchyard.elsewhere".to_string()), "a group in use is kept");
 
     // Another router runs a plugin of the name on the stream: its reading connection is named
@@ -446,6 +448,14 @@ async fn discard_queue_deletes_a_plugins_consumer_groups_running_or_left_behind_
     let (status, body) = t.admin("DELETE", "/v1/plugins/stamp?discard_queue=true", "application/json", "").await;
     assert_eq!(status, axum::http::StatusCode::CONFLICT, "{body}");
     assert!(groups(&mut conn).await.contains(&"switchyard.stamp".to_string()), "router b's group is kept");
+    // Running on both routers: the discard is refused, and the plugin keeps running here.
+    add(&mut conn).await;
+    let (status, body) = t.admin("DELETE", "/v1/plugins/stamp?discard_queue=true", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::CONFLICT, "{body}");
+    assert!(error_message(&body).contains("nothing is removed or deleted"), "{body}");
+    assert!(t.router.plugins.get("stamp").is_some(), "the plugin still runs");
+    let (status, body) = t.admin("DELETE", "/v1/plugins/stamp", "application/json", "").await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
     drop(b.stop().await);
 
     // The name alone shows a reader: a group no consumer has joined, with a connection named
@@ -493,7 +503,7 @@ async fn a_redis_outage_mid_stream_reports_not_ready_and_loses_nothing() {
     eventually("the router to report the outage", SETTLE, || (!t.router.is_connected()).then_some(())).await;
     let (status, body) = t.admin("GET", "/v1/ready", "application/json", "").await;
     assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
+    let message = error_message(&body);
     assert!(message.starts_with(&format!("not connected: redis (stream {stream} (group ")), "{body}");
 
     proxy.up();

@@ -17,7 +17,7 @@ use crate::dispatch::{Dispatch, PluginSlot};
 use crate::retry::Retrier;
 use crate::runtime::registry::{Registry, Which};
 use crate::runtime::{LoadError, LoadedPlugin, Overrides, PoolFull, Runtime, Slots};
-use crate::source::rabbitmq::{Deleted, Deleting, RabbitMqSource, delete_queue, rebind};
+use crate::source::rabbitmq::{Deleted, RabbitMqSource, consumer_count, delete_unused_queue, rebind};
 use crate::source::redis::{LeftGroups, destroy_groups, left_groups};
 use crate::source::{Health, InFlight};
 
@@ -161,6 +161,14 @@ pub struct Consumers<T> {
     running: HashMap<String, Consumer<T>>,
 }
 
+/// What [`Consumers::follow`] changed.
+pub struct Followed<'a, T> {
+    /// The plugins that have no consumers yet: the source starts theirs.
+    pub missing: Vec<&'a Dispatch>,
+    /// What the source kept with the consumers it just stopped.
+    pub stopped: Vec<T>,
+}
+
 struct Consumer<T> {
     /// Which plugin they feed: a plugin removed and added again under the same name is another.
     slot: Arc<PluginSlot>,
@@ -175,17 +183,20 @@ impl<T> Default for Consumers<T> {
 }
 
 impl<T> Consumers<T> {
-    /// Stop the consumers of plugins no longer in `plugins`, and return those of `plugins`
-    /// that have none yet.
-    pub fn follow<'a>(&mut self, plugins: &'a [Dispatch]) -> Vec<&'a Dispatch> {
-        self.running.retain(|name, consumer| {
-            let kept = plugins.iter().any(|d| d.name() == name && Arc::ptr_eq(d.slot(), &consumer.slot));
-            if !kept {
-                consumer.stop.cancel();
-            }
-            kept
+    /// Stop the consumers of plugins no longer in `plugins`; returns what was kept with them,
+    /// and the plugins of `plugins` that have no consumers yet.
+    pub fn follow<'a>(&mut self, plugins: &'a [Dispatch]) -> Followed<'a, T> {
+        let gone = self.running.extract_if(|name, consumer| {
+            !plugins.iter().any(|d| d.name() == name && Arc::ptr_eq(d.slot(), &consumer.slot))
         });
-        plugins.iter().filter(|d| !self.running.contains_key(d.name())).collect()
+        let stopped = gone
+            .map(|(_, consumer)| {
+                consumer.stop.cancel();
+                consumer.kept
+            })
+            .collect();
+        let missing = plugins.iter().filter(|d| !self.running.contains_key(d.name())).collect();
+        Followed { missing, stopped }
     }
 
     /// Record the consumers started for `dispatch`, which `stop` ends.
@@ -264,8 +275,8 @@ pub enum ControlError {
     #[error("no plugin named {name:?} is running, and nothing is left by one: {looked}")]
     NothingLeft { name: String, looked: String },
     #[error(
-        "queue {0} has a consumer: a plugin of that name runs on another router with the same \
-         rabbitmq.queue_prefix; the queue is kept"
+        "queue {0} has a consumer of another router: a plugin of that name runs there with the \
+         same rabbitmq.queue_prefix; nothing is removed or deleted"
     )]
     QueueInUse(String),
     #[error("queue {0} is one of rabbitmq.ingress_queues, not a plugin's; it is kept")]
@@ -273,9 +284,18 @@ pub enum ControlError {
     #[error(
         "Redis consumer group {group} on stream {stream} is read by another router (a connection \
          of its is named for the group, or its consumer read in the last 30 s): a plugin of that \
-         name runs there with the same redis.streams.group_prefix; nothing is discarded"
+         name runs there with the same redis.streams.group_prefix; nothing is removed or deleted"
     )]
     GroupInUse { group: String, stream: String },
+}
+
+/// Whether this router consumes from the queue a discard would delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Consuming {
+    /// The plugin runs here: one consumer on its queue is this router's.
+    Here,
+    /// The plugin does not run here: every consumer on its queue is another router's.
+    Elsewhere,
 }
 
 /// A version change of a plugin: what runs now and what it replaced.
@@ -458,9 +478,10 @@ impl Control {
     /// Remove a plugin: it takes no more events, its consumers stop, the invocations under way
     /// finish and are acknowledged and its lanes stop, giving their instances back to the pool
     /// (within `drain_timeout`), and the events it had queued but not started go back to the
-    /// broker. Its queue is unbound but keeps
-    /// what is in it, for when the plugin comes back, unless `discard` deletes the queue (and
-    /// the Redis consumer groups) with their events. The registry forgets it; a plugin that
+    /// broker. Its queue is unbound but keeps what is in it, for when the plugin comes back,
+    /// unless `discard` deletes the queue (and the Redis consumer groups) with their events:
+    /// refused, with nothing changed, when another router consumes from the queue or reads
+    /// the groups, or the queue is an ingress queue. The registry forgets it; a plugin that
     /// `router.toml` names comes back from there at the next start.
     ///
     /// For a name that is not running, `discard` deletes the RabbitMQ queue it left behind
@@ -475,6 +496,9 @@ impl Control {
                 Err(ControlError::NotFound(name.to_string()))
             };
         };
+        if discard {
+            self.discardable(name, Consuming::Here).await?;
+        }
         self.bind(name, &[], &pattern_names(&dispatch.slot().current())).await?;
         let Some(dispatch) = self.plugins.remove(name) else { return Err(ControlError::NotFound(name.to_string())) };
         // A closed plugin's lanes stop once every event it took is settled: when they have,
@@ -489,6 +513,8 @@ impl Control {
         }
         self.registry.remove(name)?;
         let removal = if discard {
+            // Once the sources have followed the removal, this router's consumer is off the queue.
+            self.settle(name).await;
             self.discard(name, drained).await?
         } else {
             Removal { drained, discarded: false, discarded_events: None, discarded_groups: None }
@@ -497,32 +523,47 @@ impl Control {
         Ok(removal)
     }
 
-    /// Delete what `name` left behind (kept at its removal, or left by a failed addition): its
-    /// RabbitMQ queue with its events, unless something consumes from it or it is an ingress
-    /// queue (an empty `queue_prefix` can make a plugin's queue name one), and its Redis
-    /// consumer groups, unless another router reads from them. Both are checked before either
-    /// is deleted.
-    async fn discard_leftover(&self, name: &str) -> Result<Removal, ControlError> {
-        let not_found = || ControlError::NotFound(name.to_string());
-        PluginName::parse(name).map_err(|_| not_found())?;
+    /// Refuse to discard what `name` has on the brokers when it may not be its alone: its
+    /// RabbitMQ queue is an ingress queue (an empty `queue_prefix` can make a plugin's queue
+    /// name one) or has a consumer that is not this router's, or another router reads its
+    /// Redis consumer groups (a plugin of that name runs there). Returns its groups.
+    async fn discardable(&self, name: &str, consuming: Consuming) -> Result<Option<LeftGroups>, ControlError> {
         let groups = match &self.redis {
             Some(redis) => on_redis(left_groups(redis, name)).await?,
             None => None,
         };
-        if self.rabbitmq.is_none() && groups.is_none() {
-            return Err(not_found());
-        }
         if let Some(LeftGroups { group, read_elsewhere: Some(stream), .. }) = &groups {
             return Err(ControlError::GroupInUse { group: group.clone(), stream: stream.clone() });
         }
-        let mut looked = Vec::new();
-        let mut discarded_events = None;
         if let Some(rabbit) = &self.rabbitmq {
             let queue = RabbitMqSource::queue_name(rabbit, name);
             if rabbit.ingress_queues.contains(&queue) {
                 return Err(ControlError::IngressQueue(queue));
             }
-            match on_broker(&queue, delete_queue(rabbit, &queue, Deleting::Unused)).await? {
+            // This router runs one consumer per plugin it runs.
+            let own = u32::from(consuming == Consuming::Here);
+            if on_broker(&queue, consumer_count(rabbit, &queue)).await?.is_some_and(|n| n > own) {
+                return Err(ControlError::QueueInUse(queue));
+            }
+        }
+        Ok(groups)
+    }
+
+    /// Delete what `name` left behind (kept at its removal, or left by a failed addition): its
+    /// RabbitMQ queue with its events and its Redis consumer groups, unless another router
+    /// uses either. Both are checked before either is deleted.
+    async fn discard_leftover(&self, name: &str) -> Result<Removal, ControlError> {
+        let not_found = || ControlError::NotFound(name.to_string());
+        PluginName::parse(name).map_err(|_| not_found())?;
+        let groups = self.discardable(name, Consuming::Elsewhere).await?;
+        if self.rabbitmq.is_none() && groups.is_none() {
+            return Err(not_found());
+        }
+        let mut looked = Vec::new();
+        let mut discarded_events = None;
+        if let Some(rabbit) = &self.rabbitmq {
+            let queue = RabbitMqSource::queue_name(rabbit, name);
+            match on_broker(&queue, delete_unused_queue(rabbit, &queue)).await? {
                 Deleted::Messages(events) => discarded_events = Some(events),
                 Deleted::Missing => looked.push(format!("RabbitMQ has no queue {queue}")),
                 Deleted::InUse => return Err(ControlError::QueueInUse(queue)),
@@ -563,12 +604,20 @@ impl Control {
 
     /// Delete a removed plugin's queue and consumer groups with the events they hold; the
     /// removal says how many events its RabbitMQ queue held and how many groups were deleted.
+    /// A consumer that took up the queue since [`discardable`](Self::discardable) checked it
+    /// (another router's: this router's is off it once the sources followed the removal)
+    /// keeps both, and the removal says nothing was discarded.
     async fn discard(&self, name: &str, drained: bool) -> Result<Removal, ControlError> {
         let mut events = None;
         if let Some(rabbit) = &self.rabbitmq {
             let queue = RabbitMqSource::queue_name(rabbit, name);
-            if let Deleted::Messages(n) = on_broker(&queue, delete_queue(rabbit, &queue, Deleting::Any)).await? {
-                events = Some(n);
+            match on_broker(&queue, delete_unused_queue(rabbit, &queue)).await? {
+                Deleted::Messages(n) => events = Some(n),
+                Deleted::Missing => {}
+                Deleted::InUse => {
+                    tracing::warn!(plugin = %name, %queue, "another router consumes from the removed plugin's queue: the queue and the Redis consumer groups are kept");
+                    return Ok(Removal { drained, discarded: false, discarded_events: None, discarded_groups: None });
+                }
             }
         }
         let mut groups = None;

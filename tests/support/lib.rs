@@ -471,3 +471,9 @@ pub async fn stop_and_assert_acked(t: TestRouter, queues: &[String]) {
 pub async fn connected(t: &TestRouter) {
     eventually("the sources to connect", SETTLE, || t.router.is_connected().then_some(())).await;
 }
+
+/// The message of an admin error reply (`{"error": {"code", "message"}}`); empty for any
+/// other body.
+pub fn error_message(body: &serde_json::Value) -> &str {
+    body["error"]["message"].as_str().unwrap_or_default()
+}

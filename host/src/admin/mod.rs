@@ -421,10 +421,11 @@ async fn put_plugin(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
-    /// Also delete the plugin's queue (and Redis consumer groups) with the events in it;
-    /// by default they are kept for when the plugin comes back. For a name that is not
-    /// running: delete the RabbitMQ queue and the Redis consumer groups it left behind (kept
-    /// at its removal, or left by a failed addition), unless another router uses them.
+    /// Also delete the plugin's queue (and Redis consumer groups) with the events in it,
+    /// unless another router uses them; by default they are kept for when the plugin comes
+    /// back. For a name that is not running: delete the RabbitMQ queue and the Redis consumer
+    /// groups it left behind (kept at its removal, or left by a failed addition), unless
+    /// another router uses them.
     #[serde(default)]
     pub discard_queue: bool,
 }
@@ -436,7 +437,9 @@ pub struct Removed {
     /// Whether every event the plugin had taken was handled, and its lanes stopped (their
     /// instances back in the pool), before the reply.
     pub drained: bool,
-    /// Whether its queue and the events in it were deleted.
+    /// Whether its queue and the events in it were deleted: false without `discard_queue`,
+    /// and when another router's consumer took up the queue during the removal (the queue
+    /// and the consumer groups are then kept).
     pub discarded_queue: bool,
     /// How many events the deleted RabbitMQ queue held (absent when none was deleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -451,16 +454,17 @@ pub struct Removed {
 /// its queue is unbound (and kept, with its events, unless `discard_queue`), and the registry
 /// forgets it. A plugin `router.toml` names comes back at the next start. With `discard_queue`,
 /// a name that is not running has the RabbitMQ queue and the Redis consumer groups it left
-/// behind deleted (kept at its removal, or left by a failed addition), unless something
-/// consumes from the queue (409), it is an ingress queue (409), or another router reads the
-/// groups (409: a connection of its is named for them, or its consumer read in the last 30 s);
-/// then nothing is deleted.
+/// behind deleted (kept at its removal, or left by a failed addition). Whether the name runs
+/// or not, `discard_queue` is refused with 409, and nothing is removed or deleted, when
+/// another router consumes from the queue (a consumer that is not this router's), when it is
+/// an ingress queue, or when another router reads the groups (a connection of its is named
+/// for them, or its consumer read in the last 30 s).
 #[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "admin", security(("bearer" = [])),
     params(("name" = String, Path), DeleteQuery),
     responses(
         (status = 200, body = Removed),
         (status = 404, body = ErrorBody),
-        (status = 409, description = "the queue to discard has a consumer or is an ingress queue, or another router reads from the consumer groups", body = ErrorBody),
+        (status = 409, description = "the queue to discard has another router's consumer or is an ingress queue, or another router reads from the consumer groups", body = ErrorBody),
         (status = 503, description = "the broker could not unbind the plugin's queue, or Redis did not answer", body = ErrorBody),
 ))]
 async fn delete_plugin(

@@ -20,7 +20,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::commit::{JournalEntry, JournalOp, Writer};
 use crate::config::{QueueType, RabbitMqConfig};
@@ -198,18 +198,21 @@ impl RabbitMqSource {
     }
 
     /// Start a consumer for each plugin of `plugins` that has none, and stop the consumers of
-    /// plugins no longer in it (each drains its plugin's events before closing its channel).
-    /// A plugin whose queue the broker refuses gets no consumer and is returned: its events
-    /// wait in its queue, and the other plugins' consumers run.
+    /// plugins no longer in it (each drains its plugin's events before closing its channel),
+    /// returning once the broker has cancelled them: a removal that discards the queue then
+    /// finds none of this router's consumers on it. A plugin whose queue the broker refuses
+    /// gets no consumer and is returned: its events wait in its queue, and the other plugins'
+    /// consumers run.
     async fn follow(
         &self,
         conn: &Connection,
         plugins: &[Dispatch],
-        consumers: &mut Consumers<()>,
+        consumers: &mut Consumers<Detached>,
         tasks: &mut JoinSet<Option<SessionEnd>>,
     ) -> Result<Refused, SessionEnd> {
         let mut refused = Refused::default();
-        for dispatch in consumers.follow(plugins) {
+        let followed = consumers.follow(plugins);
+        for dispatch in followed.missing {
             let plugin = dispatch.slot().current();
             let prefetch = plugin.settings.prefetch.unwrap_or(self.config.prefetch);
             let queue = Self::queue_name(&self.config, dispatch.name());
@@ -239,7 +242,7 @@ impl RabbitMqSource {
                 .basic_qos(prefetch, BasicQosOptions::default())
                 .await
                 .map_err(|error| SessionEnd::Topology { what: format!("prefetch of {queue}"), error })?;
-            let stop = CancellationToken::new();
+            let (stop, detached) = (CancellationToken::new(), Detached::default());
             let consumer = PluginConsumer {
                 queue,
                 origin: format!("amqp:{}", self.config.exchange),
@@ -248,13 +251,24 @@ impl RabbitMqSource {
                 in_flight: self.in_flight.clone(),
                 prefetch,
                 stop: stop.clone(),
+                detached: detached.0.clone().drop_guard(),
             };
             tasks.spawn(consumer.run(channel));
-            consumers.started(dispatch, stop, ());
+            consumers.started(dispatch, stop, detached);
+        }
+        for detached in followed.stopped {
+            if tokio::time::timeout(ANSWER_TIMEOUT, detached.0.cancelled()).await.is_err() {
+                tracing::warn!("the broker has not cancelled a removed plugin's consumer yet");
+            }
         }
         Ok(refused)
     }
 }
+
+/// Cancelled once a plugin's consumer is off its queue: the broker answered its cancel, or
+/// its channel or connection is gone.
+#[derive(Default)]
+struct Detached(CancellationToken);
 
 /// The plugins whose queue the broker refused, each with the reason.
 #[derive(Default)]
@@ -403,6 +417,8 @@ struct PluginConsumer {
     prefetch: u16,
     /// Cancelled when the plugin is removed.
     stop: CancellationToken,
+    /// Dropped once the consumer is off the queue.
+    detached: DropGuard,
 }
 
 impl PluginConsumer {
@@ -446,6 +462,7 @@ impl PluginConsumer {
         if let Err(e) = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await {
             tracing::warn!(queue = %self.queue, error = %e, "cancelling the consumer failed");
         }
+        drop(self.detached);
         self.dispatch.drained().await;
         close_within("a removed plugin's channel", channel.close(200, "plugin removed".into())).await;
         tracing::info!(queue = %self.queue, "consumer stopped: plugin removed");
@@ -663,11 +680,9 @@ pub async fn rebind(
     bind: &[String],
     unbind: &[String],
 ) -> Result<(), RebindError> {
-    let conn = Connection::connect(config.url.expose(), ConnectionProperties::default()).await?;
-    let changed = async {
-        let channel = conn.create_channel().await?;
+    on_own_connection(config, "a rebind's connection", async |channel| {
         if !bind.is_empty() {
-            declare_plugin_queue(&channel, queue, config.queue_type).await?;
+            declare_plugin_queue(channel, queue, config.queue_type).await?;
         }
         for pattern in bind {
             let (q, x) = (queue.into(), config.exchange.as_str().into());
@@ -679,11 +694,40 @@ pub async fn rebind(
             let (q, x) = (queue.into(), config.exchange.as_str().into());
             channel.queue_unbind(q, x, pattern.as_str().into(), FieldTable::default()).await?;
         }
-        Ok::<_, RebindError>(())
+        Ok(())
+    })
+    .await
+}
+
+/// Run `work` on a channel of a short connection of its own, closed whether the work
+/// succeeded or not; `what` names the connection in the log if its close fails.
+async fn on_own_connection<T, E: From<lapin::Error>>(
+    config: &RabbitMqConfig,
+    what: &str,
+    work: impl AsyncFnOnce(&Channel) -> Result<T, E>,
+) -> Result<T, E> {
+    let conn = Connection::connect(config.url.expose(), ConnectionProperties::default()).await?;
+    let done = async { work(&conn.create_channel().await?).await }.await;
+    close_within(what, conn.close(200, "done".into())).await;
+    done
+}
+
+/// The queue as the broker has it, `None` when it has no such queue.
+async fn look_up_queue(channel: &Channel, queue: &str) -> Result<Option<lapin::Queue>, lapin::Error> {
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    match channel.queue_declare(queue.into(), passive, FieldTable::default()).await {
+        Ok(found) => Ok(Some(found)),
+        Err(error) if refused_with(&error, AMQPSoftError::NOTFOUND) => Ok(None),
+        Err(error) => Err(error),
     }
-    .await;
-    close_within("a rebind's connection", conn.close(200, "rebound".into())).await;
-    changed
+}
+
+/// How many consumers `queue` has, `None` when the broker has no such queue.
+pub async fn consumer_count(config: &RabbitMqConfig, queue: &str) -> Result<Option<u32>, lapin::Error> {
+    on_own_connection(config, "a queue look-up's connection", async |channel| {
+        Ok(look_up_queue(channel, queue).await?.map(|q| q.consumer_count()))
+    })
+    .await
 }
 
 /// Why a plugin's queue could not be declared or (un)bound.
@@ -695,54 +739,34 @@ pub enum RebindError {
     Broker(#[from] lapin::Error),
 }
 
-/// Which queue [`delete_queue`] deletes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Deleting {
-    /// The queue whatever consumes from it: a removed plugin's.
-    Any,
-    /// Only a queue that exists and has no consumer: one a name that is not running left
-    /// behind (kept at its removal, or left by a failed addition), which a plugin of the same
-    /// name may be consuming on another router.
-    Unused,
-}
-
 /// What a queue deletion did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deleted {
     /// Deleted with this many messages in it.
     Messages(u32),
-    /// Not deleted: the broker has no such queue ([`Deleting::Unused`] only).
+    /// Not deleted: the broker has no such queue.
     Missing,
-    /// Not deleted: something consumes from it ([`Deleting::Unused`] only).
+    /// Not deleted: something consumes from it.
     InUse,
 }
 
-/// Delete a queue with the messages in it, on a short connection of its own, closed whether
-/// the deletion succeeded or not.
-pub async fn delete_queue(config: &RabbitMqConfig, queue: &str, deleting: Deleting) -> Result<Deleted, lapin::Error> {
-    let conn = Connection::connect(config.url.expose(), ConnectionProperties::default()).await?;
-    let deleted = async {
-        let channel = conn.create_channel().await?;
-        if deleting == Deleting::Unused {
-            // The broker answers the deletion of a missing queue with success: ask first.
-            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-            match channel.queue_declare(queue.into(), passive, FieldTable::default()).await {
-                Ok(_) => {}
-                Err(error) if refused_with(&error, AMQPSoftError::NOTFOUND) => return Ok(Deleted::Missing),
-                Err(error) => return Err(error),
-            }
+/// Delete a queue with the messages in it, on a short connection of its own, unless something
+/// consumes from it: a plugin of that name on another router may.
+pub async fn delete_unused_queue(config: &RabbitMqConfig, queue: &str) -> Result<Deleted, lapin::Error> {
+    on_own_connection(config, "a queue deletion's connection", async |channel| {
+        // The broker answers the deletion of a missing queue with success: ask first.
+        if look_up_queue(channel, queue).await?.is_none() {
+            return Ok(Deleted::Missing);
         }
         // `if_unused`: the broker refuses to delete a queue something consumes from.
-        let options = QueueDeleteOptions { if_unused: deleting == Deleting::Unused, ..Default::default() };
+        let options = QueueDeleteOptions { if_unused: true, ..Default::default() };
         match channel.queue_delete(queue.into(), options).await {
             Ok(messages) => Ok(Deleted::Messages(messages)),
             Err(error) if refused_with(&error, AMQPSoftError::PRECONDITIONFAILED) => Ok(Deleted::InUse),
             Err(error) => Err(error),
         }
-    }
-    .await;
-    close_within("a queue deletion's connection", conn.close(200, "deleted".into())).await;
-    deleted
+    })
+    .await
 }
 
 /// Publish every non-empty line of a JSONL file (one envelope per line) to the exchange,

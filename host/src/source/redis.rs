@@ -111,7 +111,7 @@ impl RedisSource {
         shutdown: &CancellationToken,
     ) {
         let consumer_name = consumer_name(streams);
-        for dispatch in consumers.follow(plugins) {
+        for dispatch in consumers.follow(plugins).missing {
             let stop = shutdown.child_token();
             let mut healths = Vec::new();
             for stream in &streams.streams {
