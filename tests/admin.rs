@@ -179,6 +179,12 @@ async fn bad_uploads_are_refused_with_the_reason_and_the_old_version_keeps_runni
             && message.contains("fixture:overreach/escape"),
         "an import the host does not grant is named: {body}"
     );
+    // Components larger than a slot of the instance pool: wasmtime's reason names the limit.
+    for (memories, limit) in [(&[1, 1, 1][..], "3 Wasm linear memories"), (&[2][..], "memories count of 2")] {
+        let (status, body) = put(&t, "/v1/plugins/stamp", component_with_memories(memories)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{memories:?}: {body}");
+        assert!(error_message(&body).contains(limit), "{memories:?}: {body}");
+    }
     for query in ["subscriptions=a..b", "concurrency=0", "prefetch=0", "multiplier=0.5", "colour=blue"] {
         let (status, body) = put(&t, &format!("/v1/plugins/stamp?{query}"), wasm("stamp_v2.wasm")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
@@ -192,6 +198,32 @@ async fn bad_uploads_are_refused_with_the_reason_and_the_old_version_keeps_runni
     let (_, after) = call(&t, "GET", "/v1/plugins/stamp", Some(TOKEN), "").await;
     assert_eq!(after["digest"], before["digest"]);
     assert_eq!(after["version"], "1.0.0");
+}
+
+/// A component that instantiates one core module per entry of `memories`, each defining that
+/// many linear memories: nothing else, so only the instance pool's limits can refuse it.
+fn component_with_memories(memories: &[u32]) -> Vec<u8> {
+    use wasm_encoder::{Component, InstanceSection, MemorySection, MemoryType, Module, ModuleArg, ModuleSection};
+    let mut component = Component::new();
+    let mut instances = InstanceSection::new();
+    for (index, &count) in (0u32..).zip(memories) {
+        let mut section = MemorySection::new();
+        for _ in 0..count {
+            section.memory(MemoryType {
+                minimum: 1,
+                maximum: None,
+                memory64: false,
+                shared: false,
+                page_size_log2: None,
+            });
+        }
+        let mut module = Module::new();
+        module.section(&section);
+        component.section(&ModuleSection(&module));
+        instances.instantiate(index, Vec::<(&str, ModuleArg)>::new());
+    }
+    component.section(&instances);
+    component.finish()
 }
 
 /// The build of the stamp plugin that handles a posted `stamp.it` event with this id.

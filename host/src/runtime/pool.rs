@@ -54,7 +54,8 @@ impl InstancePool {
     }
 
     /// wasmtime's pool for `max_instances` instances and the loading slots, every per-kind
-    /// total sized so that instances run out first.
+    /// total sized so that instances run out first. Each core module keeps wasmtime's limits:
+    /// one memory, and one table of up to 20,000 entries.
     pub fn allocation(max_instances: u32) -> PoolingAllocationConfig {
         let instances = max_instances.saturating_add(LOADING_SLOTS);
         let mut pool = PoolingAllocationConfig::new();
