@@ -703,6 +703,35 @@ async fn discard_queue_deletes_a_plugins_queue_unless_another_router_consumes_it
     drop(t.stop().await);
 }
 
+#[tokio::test]
+async fn a_queue_another_router_takes_up_while_its_plugin_is_removed_is_kept() {
+    let rabbit = Rabbit::new().await;
+    let limits = "[plugin.limits]\ntimeout_ms = 60000\n";
+    let t = TestRouter::start(&config(&rabbit, false, &[("misbehave", "misbehave.wasm", limits)])).await;
+    eventually("RabbitMQ", Duration::from_secs(30), || t.router.is_connected().then_some(())).await;
+    let misbehave = t.router.plugins.get("misbehave").unwrap();
+    // An invocation that waits 5 s in a host call holds the removal in its drain, after the
+    // check that no other router consumes from the queue.
+    let sleep = json!({ "pattern": "chaos.sleep", "data": { "ms": 5000 } }).to_string().into_bytes();
+    rabbit.publish_many([("chaos.sleep".to_string(), sleep, lapin::BasicProperties::default())]).await;
+    eventually("the invocation to start", Duration::from_secs(30), || (misbehave.pending() == 1).then_some(())).await;
+    let queue = format!("{}misbehave", rabbit.prefix);
+    let removal = call(&t, "DELETE", "/v1/plugins/misbehave?discard_queue=true", Some(TOKEN), "");
+    let other_router = async {
+        let removed = || t.router.plugins.get("misbehave").is_none().then_some(());
+        eventually("the plugin to leave the set", Duration::from_secs(30), removed).await;
+        assert_eq!(misbehave.pending(), 1, "the removal still drains the invocation");
+        let consumer =
+            rabbit.channel.basic_consume(queue.as_str().into(), "".into(), Default::default(), Default::default());
+        consumer.await.expect("consume")
+    };
+    let ((status, body), _consumer) = tokio::join!(removal, other_router);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((body["drained"].as_bool(), body["discarded_queue"].as_bool()), (Some(true), Some(false)), "{body}");
+    let url = switchyard_tests::amqp_url();
+    assert_eq!(switchyard::router::queue_depth(&url, &queue).await, Some(0), "the other router's queue is kept");
+}
+
 /// A `multipart/form-data` body with a `component` part and, if given, a `settings` JSON part.
 fn multipart(component: Vec<u8>, settings: Option<&str>) -> (String, Vec<u8>) {
     let boundary = "switchyard-test-boundary";

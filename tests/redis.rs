@@ -476,6 +476,39 @@ async fn discard_queue_deletes_a_plugins_consumer_groups_running_or_left_behind_
 }
 
 #[tokio::test]
+async fn a_consumer_group_another_router_takes_up_while_its_plugin_is_removed_is_kept() {
+    let stream = unique("stream");
+    let _keys = Keys(vec![stream.clone()]);
+    let text =
+        on_stream(&stream, "") + &plugin_table("misbehave", "misbehave.wasm", "[plugin.limits]\ntimeout_ms = 60000\n");
+    let t = TestRouter::start(&text).await;
+    connected(&t).await;
+    let mut conn = redis().await;
+    let misbehave = t.router.plugins.get("misbehave").unwrap();
+    // An invocation that waits 5 s in a host call holds the removal in its drain, after the
+    // check that no other router reads the group.
+    let sleep = json!({ "pattern": "chaos.sleep", "data": { "ms": 5000 } }).to_string();
+    let _: String = conn.xadd(&stream, "*", &[("event", sleep.as_str())]).await.unwrap();
+    eventually("the invocation to start", SETTLE, || (misbehave.pending() == 1).then_some(())).await;
+    let removal = t.admin("DELETE", "/v1/plugins/misbehave?discard_queue=true", "application/json", "");
+    let other_router = async {
+        eventually("the plugin to leave the set", SETTLE, || t.router.plugins.get("misbehave").is_none().then_some(()))
+            .await;
+        assert_eq!(misbehave.pending(), 1, "the removal still drains the invocation");
+        let mut reader = redis().await;
+        let name = format!("switchyard.misbehave@{stream}@router-b");
+        let () = redis::cmd("CLIENT").arg("SETNAME").arg(&name).query_async(&mut reader).await.unwrap();
+        reader
+    };
+    let ((status, body), _reader) = tokio::join!(removal, other_router);
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    assert_eq!((body["drained"].as_bool(), body["discarded_queue"].as_bool()), (Some(true), Some(false)), "{body}");
+    assert!(body["discarded_groups"].is_null(), "{body}");
+    let info: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(&stream).await.unwrap();
+    assert!(info.groups.iter().any(|g| g.name == "switchyard.misbehave"), "router b's group is kept");
+}
+
+#[tokio::test]
 async fn a_redis_outage_mid_stream_reports_not_ready_and_loses_nothing() {
     let stream = unique("stream");
     let _keys = Keys(vec![stream.clone()]);

@@ -604,10 +604,24 @@ impl Control {
 
     /// Delete a removed plugin's queue and consumer groups with the events they hold; the
     /// removal says how many events its RabbitMQ queue held and how many groups were deleted.
-    /// A consumer that took up the queue since [`discardable`](Self::discardable) checked it
-    /// (another router's: this router's is off it once the sources followed the removal)
-    /// keeps both, and the removal says nothing was discarded.
+    /// Another router may have taken either up since [`discardable`](Self::discardable)
+    /// checked them (this router's consumer is off the queue once the sources followed the
+    /// removal): then both are kept, and the removal says nothing was discarded.
     async fn discard(&self, name: &str, drained: bool) -> Result<Removal, ControlError> {
+        let kept = Removal { drained, discarded: false, discarded_events: None, discarded_groups: None };
+        if let Some(redis) = &self.redis {
+            match left_groups(redis, name).await {
+                Ok(Some(LeftGroups { group, read_elsewhere: Some(stream), .. })) => {
+                    tracing::warn!(plugin = %name, %group, %stream, "another router reads the removed plugin's consumer group: the groups and the queue are kept");
+                    return Ok(kept);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(plugin = %name, error = %e, "could not look up the removed plugin's consumer groups: the groups and the queue are kept");
+                    return Ok(kept);
+                }
+            }
+        }
         let mut events = None;
         if let Some(rabbit) = &self.rabbitmq {
             let queue = RabbitMqSource::queue_name(rabbit, name);
@@ -615,8 +629,8 @@ impl Control {
                 Deleted::Messages(n) => events = Some(n),
                 Deleted::Missing => {}
                 Deleted::InUse => {
-                    tracing::warn!(plugin = %name, %queue, "another router consumes from the removed plugin's queue: the queue and the Redis consumer groups are kept");
-                    return Ok(Removal { drained, discarded: false, discarded_events: None, discarded_groups: None });
+                    tracing::warn!(plugin = %name, %queue, "another router consumes from the removed plugin's queue: the queue and the consumer groups are kept");
+                    return Ok(kept);
                 }
             }
         }

@@ -438,8 +438,8 @@ pub struct Removed {
     /// instances back in the pool), before the reply.
     pub drained: bool,
     /// Whether its queue and the events in it were deleted: false without `discard_queue`,
-    /// and when another router's consumer took up the queue during the removal (the queue
-    /// and the consumer groups are then kept).
+    /// and when another router took up the queue or the consumer groups during the removal
+    /// (both are then kept).
     pub discarded_queue: bool,
     /// How many events the deleted RabbitMQ queue held (absent when none was deleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
