@@ -294,7 +294,8 @@ pub enum ControlError {
 enum Consuming {
     /// The plugin runs here: one consumer on its queue is this router's.
     Here,
-    /// The plugin does not run here: every consumer on its queue is another router's.
+    /// The plugin does not run here: any consumer on its queue is another router's, which
+    /// the deletion itself refuses.
     Elsewhere,
 }
 
@@ -525,8 +526,9 @@ impl Control {
 
     /// Refuse to discard what `name` has on the brokers when it may not be its alone: its
     /// RabbitMQ queue is an ingress queue (an empty `queue_prefix` can make a plugin's queue
-    /// name one) or has a consumer that is not this router's, or another router reads its
-    /// Redis consumer groups (a plugin of that name runs there). Returns its groups.
+    /// name one) or, for a plugin running here, has a consumer besides this router's, or
+    /// another router reads its Redis consumer groups (a plugin of that name runs there).
+    /// Returns its groups.
     async fn discardable(&self, name: &str, consuming: Consuming) -> Result<Option<LeftGroups>, ControlError> {
         let groups = match &self.redis {
             Some(redis) => on_redis(left_groups(redis, name)).await?,
@@ -540,9 +542,12 @@ impl Control {
             if rabbit.ingress_queues.contains(&queue) {
                 return Err(ControlError::IngressQueue(queue));
             }
-            // This router runs one consumer per plugin it runs.
-            let own = u32::from(consuming == Consuming::Here);
-            if on_broker(&queue, consumer_count(rabbit, &queue)).await?.is_some_and(|n| n > own) {
+            // A running plugin's queue has this router's one consumer, which the deletion's
+            // `if_unused` cannot tell from another router's: count them first. A leftover
+            // queue's deletion refuses any consumer by itself.
+            if consuming == Consuming::Here
+                && on_broker(&queue, consumer_count(rabbit, &queue)).await?.is_some_and(|n| n > 1)
+            {
                 return Err(ControlError::QueueInUse(queue));
             }
         }
